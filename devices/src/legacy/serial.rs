@@ -1,0 +1,116 @@
+//! The 16550A UART on COM1, a bus adapter around vm-superio's serial state machine.
+
+use std::io::Write;
+
+use crate::bus::BusDevice;
+use crate::irq::IrqTrigger;
+
+/// COM1's I/O ports.
+pub const COM1_PORT_BASE: u16 = 0x3f8;
+/// Ports a 16550 decodes.
+pub const PORT_LEN: u16 = 8;
+/// COM1's legacy IRQ line.
+pub const COM1_IRQ: u32 = 4;
+
+type Uart = vm_superio::Serial<IrqTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>;
+
+/// The UART with its output sink; input arrives through [`Serial::enqueue_input`].
+pub struct Serial {
+    uart: Uart,
+    output_errors: u64,
+}
+
+impl Serial {
+    /// A UART that raises `irq` and writes what the guest transmits to `out`.
+    pub fn new(irq: IrqTrigger, out: Box<dyn Write + Send>) -> Self {
+        Self {
+            uart: vm_superio::Serial::new(irq, out),
+            output_errors: 0,
+        }
+    }
+
+    /// How many more input bytes the receive FIFO takes now.
+    pub fn input_capacity(&self) -> usize {
+        self.uart.fifo_capacity()
+    }
+
+    /// Queues bytes for the guest to receive; returns how many fitted in the FIFO.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        let n = bytes.len().min(self.uart.fifo_capacity());
+        if n == 0 {
+            return 0;
+        }
+        match self.uart.enqueue_raw_bytes(&bytes[..n]) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(error = ?e, "serial input interrupt failed");
+                n
+            }
+        }
+    }
+
+    /// Output writes that failed (for example a closed stdout); the guest never sees them.
+    pub fn output_errors(&self) -> u64 {
+        self.output_errors
+    }
+
+    /// Flushes buffered output.
+    pub fn flush(&mut self) {
+        let _ = self.uart.writer_mut().flush();
+    }
+}
+
+impl BusDevice for Serial {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if let Some(b) = data.first_mut() {
+            *b = self.uart.read(offset as u8);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let Some(&value) = data.first() {
+            if self.uart.write(offset as u8, value).is_err() {
+                self.output_errors += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn serial_transmit_reaches_sink_and_input_is_bounded_by_fifo() {
+        let sink = Sink::default();
+        let irq = IrqTrigger::new().unwrap();
+        let mut serial = Serial::new(irq, Box::new(sink.clone()));
+        for b in b"hi\n" {
+            serial.write(0, &[*b]);
+        }
+        assert_eq!(sink.0.lock().unwrap().as_slice(), b"hi\n");
+
+        let cap = serial.input_capacity();
+        let big = vec![b'x'; cap + 10];
+        assert_eq!(serial.enqueue_input(&big), cap);
+        assert_eq!(serial.enqueue_input(b"y"), 0);
+        let mut b = [0u8];
+        serial.read(0, &mut b);
+        assert_eq!(b[0], b'x');
+        assert_eq!(serial.input_capacity(), 1);
+    }
+}

@@ -1,0 +1,94 @@
+//! `podvm`: the VM pod launcher.
+
+mod cli;
+mod preflight;
+mod terminal;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+use vmm::config::{ConsoleConfig, VmConfig};
+use vmm::ExitReason;
+
+use crate::cli::{Cli, Command, Console, RunArgs};
+
+/// A failure that ends podvm with a non-zero exit.
+#[derive(Debug, thiserror::Error)]
+enum Error {
+    #[error(transparent)]
+    Preflight(#[from] preflight::PreflightError),
+    #[error(transparent)]
+    Build(#[from] vmm::builder::BuildError),
+    #[error(transparent)]
+    Run(#[from] vmm::RunError),
+    #[error("the VM stopped on an unrecoverable vCPU error (see the log above)")]
+    VcpuFailed,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("podvm: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PODVM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .without_time()
+        .init();
+}
+
+fn run(args: RunArgs) -> Result<(), Error> {
+    let config = VmConfig {
+        vcpus: args.cpus,
+        memory_mib: args.memory,
+        kernel: args.kernel,
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+        console: match args.console {
+            Console::Stdio => ConsoleConfig::Stdio,
+            Console::Off => ConsoleConfig::Off,
+        },
+    };
+    config.validate().map_err(vmm::builder::BuildError::from)?;
+    preflight::check_file("--kernel", &config.kernel)?;
+    if let Some(initrd) = &config.initrd {
+        preflight::check_file("--initrd", initrd)?;
+    }
+    if preflight::host_kvm_is_pvm() {
+        if !args.allow_pvm {
+            return Err(preflight::PreflightError::PvmHost.into());
+        }
+        tracing::warn!("host KVM is PVM: only PVM-enabled or tiny guest kernels will run");
+    }
+    let vm = vmm::builder::build(&config)?;
+    let raw = (config.console == ConsoleConfig::Stdio).then(terminal::RawMode::enter);
+    let reason = vm.run();
+    drop(raw);
+    match reason? {
+        ExitReason::PowerOff => {
+            tracing::info!("guest powered off; podvm exits");
+            Ok(())
+        }
+        ExitReason::Reset => {
+            tracing::info!("guest rebooted; podvm exits (a reboot ends the VM, as in a pod)");
+            Ok(())
+        }
+        ExitReason::Error => Err(Error::VcpuFailed),
+    }
+}

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+#
+# tests/guest/build.sh [OUTDIR]
+#
+# Builds the podvm test guest from Debian packages, without installing
+# anything into the host and without root:
+#
+#   OUTDIR/vmlinuz            the Debian cloud kernel (bzImage)
+#   OUTDIR/initramfs.cpio.gz  static busybox + /init + virtio/button modules
+#   OUTDIR/VERSIONS           package versions used and sha256 of both outputs
+#
+# OUTDIR defaults to target/guest/ in the repository. Packages are cached in
+# target/debs/ (PODVM_DEB_CACHE). When the outputs exist and match the inputs
+# recorded in VERSIONS (package versions, these scripts, the module list),
+# nothing is rebuilt. The contract of the image is in tests/guest/README.md.
+#
+# Environment:
+#   PODVM_GUEST_KERNEL_PKG     kernel package (see podvm_resolve_kernel in
+#                              lib.sh): metapackage, pkg, pkg=version or .deb
+#   PODVM_GUEST_EXTRA_MODULES  more module names to include (space-separated)
+#   PODVM_DEB_CACHE            package cache directory
+
+set -euo pipefail
+
+PODVM_LOG_TAG=guest-build
+# shellcheck source=tests/guest/lib.sh
+. "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
+
+here=$PODVM_ROOT/tests/guest
+outdir=${1:-$PODVM_ROOT/target/guest}
+mkdir -p -- "$outdir"
+outdir=$(cd -- "$outdir" && pwd)
+
+# The modules the guest loads, by name. Dependencies are added and ordered
+# automatically (virtio_ring before virtio, ...); ones built into the kernel or
+# absent from it are skipped. "button" is the ACPI power button driver.
+modules=(
+    virtio_ring virtio
+    virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
+    virtio_mmio
+    virtio_blk
+    failover net_failover virtio_net
+    button
+)
+read -r -a extra <<<"${PODVM_GUEST_EXTRA_MODULES:-}"
+modules+=("${extra[@]}")
+
+podvm_resolve_packages
+
+# Everything the outputs depend on; a change of any of it means a rebuild.
+inputs=$(podvm_inputs_hash \
+    "kernel $KERNEL_PKG=$KERNEL_VER" \
+    "kernel-deb ${KERNEL_DEB:+$(podvm_sha256 "$KERNEL_DEB")}" \
+    "busybox $PODVM_BUSYBOX_PKG=$BUSYBOX_VER" \
+    "modules ${modules[*]}" \
+    "$here/build.sh" "$here/lib.sh" "$here/init.sh" "$here/modload.sh")
+
+if podvm_outputs_current "$outdir/VERSIONS" "$inputs" \
+    vmlinuz_sha256="$outdir/vmlinuz" initramfs_sha256="$outdir/initramfs.cpio.gz"; then
+    podvm_log "up to date: $outdir ($KERNEL_PKG $KERNEL_VER)"
+    exit 0
+fi
+
+podvm_fetch_packages
+
+stage=$(mktemp -d "${TMPDIR:-/tmp}/podvm-guest.XXXXXX")
+trap 'rm -rf -- "$stage"' EXIT
+
+podvm_stage_base "$stage"
+podvm_stage_modules "$stage" "${modules[@]}"
+install -m 0755 -- "$here/init.sh" "$stage/init"
+install -m 0644 -- "$here/modload.sh" "$stage/lib/podvm/modload.sh"
+
+# Invalidate first, so an interrupted build is never taken as current.
+rm -f -- "$outdir/VERSIONS"
+podvm_mkcpio "$stage" "$outdir/initramfs.cpio.gz"
+cp -f -- "$VMLINUZ_SRC" "$outdir/vmlinuz.tmp"
+mv -f -- "$outdir/vmlinuz.tmp" "$outdir/vmlinuz"
+
+{
+    echo "# Written by tests/guest/build.sh; see tests/guest/README.md. Do not edit."
+    echo "kernel_package=$KERNEL_PKG"
+    echo "kernel_version=$KERNEL_VER"
+    echo "kernel_release=$KERNEL_RELEASE"
+    echo "kernel_deb_sha256=$(podvm_sha256 "$KERNEL_DEB")"
+    echo "busybox_package=$PODVM_BUSYBOX_PKG"
+    echo "busybox_version=$BUSYBOX_VER"
+    echo "busybox_deb_sha256=$(podvm_sha256 "$BUSYBOX_DEB")"
+    echo "modules_loaded=${PODVM_MODS_LOADED[*]}"
+    echo "modules_builtin=${PODVM_MODS_BUILTIN[*]}"
+    echo "modules_absent=${PODVM_MODS_MISSING[*]}"
+    echo "inputs_sha256=$inputs"
+    echo "vmlinuz_sha256=$(podvm_sha256 "$outdir/vmlinuz")"
+    echo "initramfs_sha256=$(podvm_sha256 "$outdir/initramfs.cpio.gz")"
+} >"$outdir/VERSIONS.tmp"
+mv -f -- "$outdir/VERSIONS.tmp" "$outdir/VERSIONS"
+
+podvm_log "built $outdir: $KERNEL_PKG $KERNEL_VER, modules: ${PODVM_MODS_LOADED[*]}"
+((${#PODVM_MODS_BUILTIN[@]} == 0)) || podvm_log "built into the kernel: ${PODVM_MODS_BUILTIN[*]}"
+((${#PODVM_MODS_MISSING[@]} == 0)) || podvm_log "not in this kernel: ${PODVM_MODS_MISSING[*]}"

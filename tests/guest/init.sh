@@ -1,0 +1,59 @@
+#!/bin/sh
+# shellcheck shell=sh
+#
+# /init of the podvm test guest (busybox sh; installed as /init by
+# tests/guest/build.sh). The contract is described in tests/guest/README.md:
+#
+#   - mounts proc, sysfs, devtmpfs (/dev), devpts and a tmpfs on /tmp;
+#   - loads the virtio and ACPI button modules listed in /etc/podvm/modules;
+#   - with podvm.exec=<base64 of a sh script> on the kernel command line:
+#     runs that script, prints "PODVM-EXIT <status>" on a line of its own and
+#     powers off;
+#   - without it: an interactive shell on the console, power-off on its exit.
+
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
+umask 022
+
+mount -t proc -o nosuid,nodev,noexec proc /proc
+mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
+mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev
+mkdir -p /dev/pts /dev/shm
+mount -t devpts -o nosuid,noexec,gid=5,mode=620,ptmxmode=666 devpts /dev/pts
+mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /tmp
+hostname podvm-guest
+
+# shellcheck source=tests/guest/modload.sh
+. /lib/podvm/modload.sh
+podvm_load_modules /etc/podvm/modules
+
+# The script to run: the value of podvm.exec= (standard base64 alphabet, '='
+# padding allowed; the kernel keeps dotted parameters out of init's argv and
+# environment but leaves them in /proc/cmdline).
+exec_b64=
+set -f
+# shellcheck disable=SC2013 # words, not lines, are wanted
+for word in $(cat /proc/cmdline); do
+    case $word in podvm.exec=*) exec_b64=${word#podvm.exec=} ;; esac
+done
+set +f
+
+if [ -n "$exec_b64" ]; then
+    if printf '%s' "$exec_b64" | base64 -d >/tmp/podvm-exec.sh 2>/dev/null; then
+        sh /tmp/podvm-exec.sh
+        status=$?
+    else
+        echo "podvm-init: podvm.exec= is not valid base64" >&2
+        status=126
+    fi
+    # The leading newline makes sure the marker starts a line even when the
+    # script's output did not end with one.
+    printf '\nPODVM-EXIT %d\n' "$status"
+else
+    echo "podvm-init: no podvm.exec= on the kernel command line; starting a shell (exit powers off)"
+    # setsid + cttyhack give the shell the console as controlling terminal,
+    # so job control and ^C work.
+    setsid cttyhack sh
+fi
+
+sync
+poweroff -f

@@ -1,0 +1,164 @@
+//! `VmConfig` → a VM ready to run, in the order the steps happen.
+
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+
+use devices::exit::ExitRequest;
+
+use crate::config::{ConfigError, VmConfig};
+use crate::device_manager::{DeviceError, DeviceManager};
+use crate::event_loop::{EventLoop, EventLoopError};
+use crate::memory::{self, GuestMemory, MemoryError};
+use crate::vcpu::{Vcpu, VcpuError};
+use crate::{acpi, boot, Vm};
+
+/// Where KVM keeps the TSS it needs for real-mode emulation on Intel (3 pages, in the MMIO
+/// hole, below the IOAPIC).
+const KVM_TSS_ADDR: usize = 0xfffb_d000;
+
+/// Building the VM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("/dev/kvm does not exist: this host has no KVM; run podvm on a host with hardware virtualization (kvm_intel or kvm_amd loaded), or inside the KVM sandbox (tests/sandbox/run)")]
+    KvmMissing,
+    #[error("permission denied opening /dev/kvm: add this user to the group that owns it (usually `kvm`), or in a pod request the devices.kubevirt.io/kvm resource")]
+    KvmPermission,
+    #[error("cannot open /dev/kvm: {0}")]
+    KvmOpen(#[source] kvm_ioctls::Error),
+    #[error("this host's KVM lacks {0}, which podvm needs")]
+    KvmCapability(&'static str),
+    #[error("KVM refused to {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    EventLoop(#[from] EventLoopError),
+    #[error("cannot create the VM exit eventfd: {0}")]
+    ExitEvent(#[source] std::io::Error),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BuildError {
+    move |source| BuildError::Kvm { what, source }
+}
+
+/// Opens `/dev/kvm`, with an actionable error when it is missing or not ours to use.
+pub fn open_kvm() -> Result<Kvm, BuildError> {
+    Kvm::new().map_err(|e| match e.errno() {
+        libc::ENOENT | libc::ENXIO | libc::ENODEV => BuildError::KvmMissing,
+        libc::EACCES | libc::EPERM => BuildError::KvmPermission,
+        _ => BuildError::KvmOpen(e),
+    })
+}
+
+/// Builds the VM described by `config`; nothing runs until [`Vm::run`].
+pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
+    // 1. The config itself.
+    config.validate()?;
+
+    // 2. KVM and the capabilities podvm relies on.
+    let kvm = open_kvm()?;
+    for (cap, name) in [
+        (Cap::Irqchip, "an in-kernel irqchip"),
+        (Cap::Irqfd, "irqfd"),
+        (Cap::Ioeventfd, "ioeventfd"),
+        (Cap::UserMemory, "user memory regions"),
+        (Cap::Pit2, "an in-kernel PIT"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(BuildError::KvmCapability(name));
+        }
+    }
+
+    // 3. The VM with its in-kernel interrupt controllers (PIC, IOAPIC, LAPICs) and PIT.
+    let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+    vm.set_tss_address(KVM_TSS_ADDR)
+        .map_err(kvm_err("set the TSS address"))?;
+    vm.create_irq_chip().map_err(kvm_err("create the irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
+
+    // 4. Guest RAM, registered with KVM slot by slot.
+    let mem = memory::create(config.memory_bytes())?;
+    register_memory(&vm, &mem)?;
+
+    // 5. Devices, reporting guest reset and power-off to one exit request.
+    let exit = ExitRequest::new().map_err(BuildError::ExitEvent)?;
+    let devices = DeviceManager::new(&vm, &config.console, &exit)?;
+
+    // 6. ACPI tables, then the kernel, initrd and command line.
+    let rsdp = acpi::write_tables(&mem, config.vcpus, &[])?;
+    let entry = boot::load(
+        &mem,
+        &config.kernel,
+        config.initrd.as_deref(),
+        &config.cmdline,
+        rsdp,
+    )?;
+
+    // 7. vCPUs: all get CPUID, MSRs, FPU and LAPIC; vCPU 0 gets the boot registers.
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("report supported CPUID"))?;
+    let buses = Arc::new(devices.buses);
+    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+    for id in 0..config.vcpus {
+        vcpus.push(Vcpu::new(&vm, id, config.vcpus, &supported, buses.clone(), exit.clone())?);
+    }
+    vcpus[0].setup_boot(&mem, entry)?;
+
+    // 8. The event loop, with console input when the console is stdio.
+    let mut event_loop = EventLoop::new(&exit)?;
+    if config.console == crate::config::ConsoleConfig::Stdio {
+        event_loop.add_stdin_console(devices.serial.clone())?;
+    }
+
+    Ok(Vm {
+        vcpus,
+        event_loop,
+        exit,
+        serial: devices.serial,
+        _vm: vm,
+        _mem: mem,
+    })
+}
+
+fn register_memory(vm: &VmFd, mem: &GuestMemory) -> Result<(), BuildError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|_| BuildError::KvmCapability("a host mapping for guest memory"))?;
+        let region_desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live anonymous mapping of exactly `memory_size` bytes owned
+        // by `mem`, which the returned `Vm` keeps alive as long as the VM fd; slots do not
+        // overlap because the regions come from one non-overlapping layout.
+        unsafe { vm.set_user_memory_region(region_desc) }
+            .map_err(kvm_err("register guest memory"))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,120 @@
+//! `VmConfig`: the one contract between the launcher and the VMM. Plain data plus `validate()`.
+
+use std::path::PathBuf;
+
+/// Most vCPUs a VM may have: APIC IDs and MADT UIDs are bytes, and 0xff is the broadcast ID.
+pub const MAX_VCPUS: u8 = 254;
+/// Least guest memory podvm accepts: the boot layout alone uses the first MiB, and no Linux
+/// kernel gets to userspace in less.
+pub const MIN_MEMORY_MIB: u64 = 32;
+/// Most guest memory podvm accepts (1 TiB).
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+/// Command line used when none is given: serial console, reboot through the i8042 reset line
+/// (which podvm turns into a clean exit), reboot at once on panic, and no PCI probing (podvm
+/// has no PCI bus; its devices are described in ACPI).
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+
+/// Where COM1 goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleConfig {
+    /// COM1 on podvm's own stdin/stdout (raw mode when stdin is a terminal).
+    Stdio,
+    /// COM1 output discarded and no input.
+    Off,
+}
+
+/// Everything needed to build and boot a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Kernel image: a bzImage, or an ELF vmlinux (PVH entry used when present).
+    pub kernel: PathBuf,
+    /// Optional initial ramdisk.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Where COM1 goes.
+    pub console: ConsoleConfig,
+}
+
+/// A `VmConfig` field that cannot work, with the fix.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("cpus: {0} is out of range; use a value from 1 to {MAX_VCPUS}")]
+    Vcpus(u8),
+    #[error(
+        "memory: {0} MiB is out of range; use a value from {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB} MiB"
+    )]
+    Memory(u64),
+    #[error("cmdline: the kernel command line contains a NUL or non-ASCII byte; use printable ASCII")]
+    Cmdline,
+}
+
+impl VmConfig {
+    /// A config with podvm's defaults: 1 vCPU, 256 MiB, the default command line, stdio console.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            vcpus: 1,
+            memory_mib: 256,
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: DEFAULT_CMDLINE.to_string(),
+            console: ConsoleConfig::Stdio,
+        }
+    }
+
+    /// Checks what can be checked without touching files or KVM.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::Vcpus(self.vcpus));
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(ConfigError::Memory(self.memory_mib));
+        }
+        if !self.cmdline.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            return Err(ConfigError::Cmdline);
+        }
+        Ok(())
+    }
+
+    /// Guest RAM in bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib << 20
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_defaults_are_valid() {
+        let cfg = VmConfig::new("/k");
+        assert_eq!(cfg.vcpus, 1);
+        assert_eq!(cfg.memory_mib, 256);
+        assert_eq!(cfg.validate(), Ok(()));
+    }
+
+    #[test]
+    fn config_rejects_zero_cpus_and_tiny_memory() {
+        let mut cfg = VmConfig::new("/k");
+        cfg.vcpus = 0;
+        assert_eq!(cfg.validate(), Err(ConfigError::Vcpus(0)));
+        cfg.vcpus = 255;
+        assert_eq!(cfg.validate(), Err(ConfigError::Vcpus(255)));
+        cfg.vcpus = 2;
+        cfg.memory_mib = 1;
+        assert_eq!(cfg.validate(), Err(ConfigError::Memory(1)));
+        assert!(ConfigError::Memory(1).to_string().contains("memory: 1 MiB"));
+    }
+
+    #[test]
+    fn config_rejects_control_bytes_in_cmdline() {
+        let mut cfg = VmConfig::new("/k");
+        cfg.cmdline = "console=ttyS0\nfoo".into();
+        assert_eq!(cfg.validate(), Err(ConfigError::Cmdline));
+    }
+}

@@ -1,0 +1,170 @@
+//! The device event loop: one thread, one epoll set (event-manager), named tokens.
+//!
+//! For now it carries the console input (stdin to the UART) and the "guest wants to end"
+//! eventfd; device queues join it as they land.
+
+use std::io::{self, Read};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use devices::exit::ExitRequest;
+use devices::legacy::Serial;
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::timerfd::TimerFd;
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// The event loop and the flag that ends it.
+pub struct EventLoop {
+    manager: EventManager<Subscriber>,
+    done: Arc<AtomicBool>,
+}
+
+/// The event loop could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum EventLoopError {
+    #[error("cannot create the event loop: {0}")]
+    Create(#[source] event_manager::Error),
+    #[error("cannot create the console retry timer: {0}")]
+    Timer(#[source] vmm_sys_util::errno::Error),
+}
+
+impl EventLoop {
+    /// A loop that ends when `exit` is requested.
+    pub fn new(exit: &ExitRequest) -> Result<Self, EventLoopError> {
+        let mut manager: EventManager<Subscriber> =
+            EventManager::new().map_err(EventLoopError::Create)?;
+        let done = Arc::new(AtomicBool::new(false));
+        let watcher: Subscriber = Arc::new(Mutex::new(ExitWatcher {
+            exit: exit.clone(),
+            done: done.clone(),
+        }));
+        manager.add_subscriber(watcher);
+        Ok(Self { manager, done })
+    }
+
+    /// Feeds podvm's stdin to the guest's UART.
+    pub fn add_stdin_console(&mut self, serial: Arc<Mutex<Serial>>) -> Result<(), EventLoopError> {
+        let retry = TimerFd::new().map_err(EventLoopError::Timer)?;
+        let console: Subscriber = Arc::new(Mutex::new(StdinConsole {
+            serial,
+            stdin: io::stdin(),
+            pending: Vec::new(),
+            retry,
+        }));
+        self.manager.add_subscriber(console);
+        Ok(())
+    }
+
+    /// Runs until the guest asks to end.
+    pub fn run(mut self) {
+        while !self.done.load(Ordering::Acquire) {
+            if let Err(e) = self.manager.run() {
+                tracing::error!(error = ?e, "event loop wait failed");
+                return;
+            }
+        }
+    }
+}
+
+struct ExitWatcher {
+    exit: ExitRequest,
+    done: Arc<AtomicBool>,
+}
+
+impl MutEventSubscriber for ExitWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.exit.eventfd(), EventSet::IN)) {
+            tracing::error!(error = ?e, "cannot watch the VM exit event");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.exit.eventfd().read();
+        self.done.store(true, Ordering::Release);
+    }
+}
+
+/// How long to wait before offering more input when the UART's FIFO is full.
+const INPUT_RETRY: Duration = Duration::from_millis(5);
+const INPUT_CHUNK: usize = 256;
+
+/// stdin → UART, with back-pressure: bytes the FIFO cannot take wait in `pending`, stdin is
+/// not read meanwhile, and a timer offers them again.
+struct StdinConsole {
+    serial: Arc<Mutex<Serial>>,
+    stdin: io::Stdin,
+    pending: Vec<u8>,
+    retry: TimerFd,
+}
+
+impl StdinConsole {
+    fn stdin_events(&self) -> Events {
+        Events::new(&self.stdin, EventSet::IN)
+    }
+
+    /// Offers pending bytes to the UART; true when all were taken.
+    fn flush_pending(&mut self) -> bool {
+        let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        let taken = serial.enqueue_input(&self.pending);
+        self.pending.drain(..taken);
+        self.pending.is_empty()
+    }
+
+    fn wait_for_room(&mut self, ops: &mut EventOps) {
+        let _ = ops.remove(self.stdin_events());
+        if let Err(e) = self.retry.reset(INPUT_RETRY, None) {
+            tracing::warn!(error = %e, "console retry timer failed; input stops");
+        }
+    }
+
+    fn read_stdin(&mut self, ops: &mut EventOps) {
+        let mut buf = [0u8; INPUT_CHUNK];
+        match self.stdin.lock().read(&mut buf) {
+            Ok(0) => {
+                // End of input: the guest keeps running, it just gets no more keys.
+                let _ = ops.remove(self.stdin_events());
+            }
+            Ok(n) => {
+                self.pending.extend_from_slice(&buf[..n]);
+                if !self.flush_pending() {
+                    self.wait_for_room(ops);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "reading stdin failed; console input stops");
+                let _ = ops.remove(self.stdin_events());
+            }
+        }
+    }
+}
+
+impl MutEventSubscriber for StdinConsole {
+    fn init(&mut self, ops: &mut EventOps) {
+        // epoll refuses regular files and /dev/null: then there is simply no input.
+        if let Err(e) = ops.add(self.stdin_events()) {
+            tracing::debug!(error = ?e, "stdin cannot be polled; console has no input");
+        }
+        if let Err(e) = ops.add(Events::new(&self.retry, EventSet::IN)) {
+            tracing::warn!(error = ?e, "cannot watch the console retry timer");
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.fd() == self.stdin.as_raw_fd() {
+            self.read_stdin(ops);
+        } else if events.fd() == self.retry.as_raw_fd() {
+            let _ = self.retry.wait();
+            if self.flush_pending() {
+                if let Err(e) = ops.add(self.stdin_events()) {
+                    tracing::debug!(error = ?e, "cannot resume watching stdin");
+                }
+            } else {
+                self.wait_for_room(ops);
+            }
+        }
+    }
+}

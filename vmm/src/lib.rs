@@ -1,0 +1,102 @@
+//! The podvm virtual machine monitor: KVM, guest memory, vCPUs, boot, ACPI and the event loop.
+//!
+//! The launcher hands over a [`config::VmConfig`]; [`builder::build`] turns it into a [`Vm`]
+//! in numbered steps, and [`Vm::run`] returns when the guest powers off or resets.
+
+pub mod acpi;
+pub mod boot;
+pub mod builder;
+pub mod config;
+pub mod device_manager;
+pub mod event_loop;
+pub mod memory;
+pub mod vcpu;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use devices::exit::ExitRequest;
+use devices::legacy::Serial;
+pub use devices::exit::ExitReason;
+use vmm_sys_util::signal::Killable;
+
+use crate::event_loop::EventLoop;
+use crate::vcpu::{Vcpu, VcpuError};
+
+/// A built VM, not yet running.
+pub struct Vm {
+    vcpus: Vec<Vcpu>,
+    event_loop: EventLoop,
+    exit: ExitRequest,
+    serial: Arc<Mutex<Serial>>,
+    // Dropped after the vCPUs have stopped: the VM fd, then guest memory.
+    _vm: kvm_ioctls::VmFd,
+    _mem: memory::GuestMemory,
+}
+
+/// Running the VM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("cannot start the event loop thread: {0}")]
+    EventLoopThread(#[source] std::io::Error),
+}
+
+/// How often a stopping vCPU is kicked until its thread ends.
+const KICK_INTERVAL: Duration = Duration::from_millis(10);
+
+impl Vm {
+    /// Runs the guest until it powers off, resets, or a vCPU fails; returns which.
+    pub fn run(self) -> Result<ExitReason, RunError> {
+        vcpu::register_kick_handler()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::with_capacity(self.vcpus.len());
+        for vcpu in self.vcpus {
+            match vcpu.spawn(stop.clone()) {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    stop_vcpus(&stop, threads);
+                    return Err(e.into());
+                }
+            }
+        }
+        tracing::info!(vcpus = threads.len(), "guest started");
+
+        let event_loop = self.event_loop;
+        let looper = std::thread::Builder::new()
+            .name("event-loop".into())
+            .spawn(move || event_loop.run());
+        match looper {
+            Ok(handle) => {
+                let _ = handle.join();
+            }
+            Err(e) => {
+                stop_vcpus(&stop, threads);
+                return Err(RunError::EventLoopThread(e));
+            }
+        }
+
+        stop_vcpus(&stop, threads);
+        self.serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .flush();
+        Ok(self.exit.reason().unwrap_or(ExitReason::Error))
+    }
+}
+
+/// Stops every vCPU thread: sets the flag, then kicks each thread out of `KVM_RUN` until it
+/// has ended (a kick that lands outside `KVM_RUN` is lost, hence the repeat).
+fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
+    stop.store(true, Ordering::Release);
+    for thread in threads {
+        while !thread.is_finished() {
+            let _ = thread.kill(vcpu::kick_signal());
+            std::thread::sleep(KICK_INTERVAL);
+        }
+        let _ = thread.join();
+    }
+}

@@ -1,0 +1,209 @@
+//! vCPUs: creation and architectural setup, and one thread per vCPU running `KVM_RUN`.
+//!
+//! A vCPU thread dispatches port I/O and MMIO exits to the device buses and stops when the
+//! shared `stop` flag is set. To stop a thread that is inside `KVM_RUN`, the VMM sends it the
+//! kick signal ([`kick_signal`]), whose handler does nothing: the signal alone makes `KVM_RUN`
+//! return `EINTR`.
+
+pub mod cpuid;
+pub mod regs;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use devices::bus::Bus;
+use devices::exit::{ExitReason, ExitRequest};
+use kvm_bindings::CpuId;
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+
+use crate::boot::KernelEntry;
+use crate::memory::GuestMemory;
+
+/// The buses a vCPU dispatches exits to.
+#[derive(Default)]
+pub struct Buses {
+    /// Port I/O.
+    pub pio: Bus,
+    /// Memory-mapped I/O.
+    pub mmio: Bus,
+}
+
+/// A vCPU failed to set up or to run.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("cannot create vCPU {id}: {source}")]
+    Create {
+        id: u8,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot set CPUID on vCPU {id}: {source}")]
+    Cpuid {
+        id: u8,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {id}: {source}")]
+    Regs {
+        id: u8,
+        #[source]
+        source: regs::RegsError,
+    },
+    #[error("cannot start the thread of vCPU {id}: {source}")]
+    Spawn {
+        id: u8,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    KickSignal(#[source] vmm_sys_util::errno::Error),
+}
+
+/// The signal used to kick a vCPU thread out of `KVM_RUN`.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) kick signal handler; call once before starting vCPU threads.
+pub fn register_kick_handler() -> Result<(), VcpuError> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick)
+        .map_err(VcpuError::KickSignal)
+}
+
+/// One vCPU, set up and ready to run.
+pub struct Vcpu {
+    id: u8,
+    fd: VcpuFd,
+    buses: Arc<Buses>,
+    exit: ExitRequest,
+}
+
+impl Vcpu {
+    /// Creates vCPU `id` of `count` with CPUID, MSRs, FPU and LAPIC set up.
+    pub fn new(
+        vm: &VmFd,
+        id: u8,
+        count: u8,
+        supported_cpuid: &CpuId,
+        buses: Arc<Buses>,
+        exit: ExitRequest,
+    ) -> Result<Self, VcpuError> {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(|source| VcpuError::Create { id, source })?;
+        let mut cpuid = supported_cpuid.clone();
+        cpuid::patch(&mut cpuid, id, count);
+        fd.set_cpuid2(&cpuid)
+            .map_err(|source| VcpuError::Cpuid { id, source })?;
+        let regs_err = |source| VcpuError::Regs { id, source };
+        regs::setup_msrs(&fd).map_err(regs_err)?;
+        regs::setup_fpu(&fd).map_err(regs_err)?;
+        regs::setup_lapic(&fd).map_err(regs_err)?;
+        Ok(Self {
+            id,
+            fd,
+            buses,
+            exit,
+        })
+    }
+
+    /// Makes this the boot vCPU: registers for `entry`, and the GDT and page tables it uses.
+    /// The others wait in KVM for the guest's INIT/SIPI.
+    pub fn setup_boot(&self, mem: &GuestMemory, entry: KernelEntry) -> Result<(), VcpuError> {
+        let regs_err = |source| VcpuError::Regs {
+            id: self.id,
+            source,
+        };
+        regs::write_boot_tables(mem, entry.mode).map_err(regs_err)?;
+        regs::setup_sregs(&self.fd, entry.mode).map_err(regs_err)?;
+        regs::setup_regs(&self.fd, entry).map_err(regs_err)
+    }
+
+    /// Starts the vCPU on its own thread, named `vcpu<N>`.
+    pub fn spawn(self, stop: Arc<AtomicBool>) -> Result<JoinHandle<()>, VcpuError> {
+        let id = self.id;
+        std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || self.run(&stop))
+            .map_err(|source| VcpuError::Spawn { id, source })
+    }
+
+    fn run(mut self, stop: &AtomicBool) {
+        // Once the guest has asked to end (on any vCPU), nothing it runs afterwards counts.
+        while !stop.load(Ordering::Acquire) && self.exit.reason().is_none() {
+            if let Some(reason) = self.run_once() {
+                self.exit.request(reason);
+                return;
+            }
+        }
+    }
+
+    /// Runs the guest until one exit; returns a reason when the VM must end.
+    fn run_once(&mut self) -> Option<ExitReason> {
+        match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !self.buses.pio.read(u64::from(port), data) {
+                    data.fill(0xff);
+                }
+                None
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                self.buses.pio.write(u64::from(port), data);
+                None
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !self.buses.mmio.read(addr, data) {
+                    data.fill(0xff);
+                }
+                None
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                self.buses.mmio.write(addr, data);
+                None
+            }
+            // With the in-kernel LAPIC a halted vCPU waits in KVM; an exit here is spurious.
+            Ok(VcpuExit::Hlt) => None,
+            // A triple fault: what a PC does is reset.
+            Ok(VcpuExit::Shutdown) => {
+                tracing::info!(vcpu = self.id, "guest triple-faulted");
+                Some(ExitReason::Reset)
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Some(ExitReason::PowerOff),
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET => Some(ExitReason::Reset),
+                other => {
+                    tracing::warn!(vcpu = self.id, event = other, "unhandled system event");
+                    None
+                }
+            },
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                tracing::error!(
+                    vcpu = self.id,
+                    reason = format_args!("{reason:#x}"),
+                    cpu,
+                    "KVM could not enter the guest"
+                );
+                Some(ExitReason::Error)
+            }
+            Ok(VcpuExit::InternalError) => {
+                tracing::error!(
+                    vcpu = self.id,
+                    "KVM internal error (the host's KVM could not emulate the guest)"
+                );
+                Some(ExitReason::Error)
+            }
+            Ok(other) => {
+                tracing::error!(vcpu = self.id, exit = ?other, "unexpected vCPU exit");
+                Some(ExitReason::Error)
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) => {
+                tracing::error!(vcpu = self.id, error = %e, "KVM_RUN failed");
+                Some(ExitReason::Error)
+            }
+        }
+    }
+}
