@@ -67,8 +67,10 @@ fn run(args: RunArgs) -> Result<(), Error> {
     };
     config.validate().map_err(vmm::builder::BuildError::from)?;
     preflight::check_file("--kernel", &config.kernel)?;
+    preflight::check_kernel_format(&config.kernel)?;
     if let Some(initrd) = &config.initrd {
         preflight::check_file("--initrd", initrd)?;
+        preflight::check_initrd_fits(initrd, config.memory_mib)?;
     }
     if preflight::host_kvm_is_pvm() {
         if !args.allow_pvm {

@@ -1,0 +1,230 @@
+//! Harness for podvm's integration tests: find the binary and the test guest, decide whether
+//! guests can boot here, run podvm with a time limit and collect what it printed.
+//!
+//! Guest-booting tests live in `tests/guest_*.rs`. On a host with hardware KVM they run
+//! directly; on a host whose KVM cannot run a stock kernel (PVM), cargo's runner
+//! (`tests/sandbox/cargo-runner`) ships the whole test binary into the KVM sandbox, where
+//! `PODVM_IN_SANDBOX=1` is set. Where neither works, tests skip loudly, and fail instead
+//! when `PODVM_REQUIRE_KVM=1`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+
+/// podvm's default kernel command line (kept equal to `vmm::config::DEFAULT_CMDLINE`).
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The `podvm` binary of the same build as this test binary (`target/<profile>/podvm`).
+pub fn podvm_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test>-<hash> -> target/<profile>/podvm
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("podvm"))
+        .expect("test binary lives in target/<profile>/deps");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first with `cargo build -p launcher` (tests/run.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// The test guest: a Debian cloud kernel and the busybox initramfs of `tests/guest/`.
+pub struct Guest {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+/// The test guest from `PODVM_GUEST_DIR`, or `target/guest` (built by `tests/guest/build.sh`).
+pub fn guest() -> Guest {
+    let dir = std::env::var_os("PODVM_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/guest"));
+    let g = Guest {
+        kernel: dir.join("vmlinuz"),
+        initrd: dir.join("initramfs.cpio.gz"),
+    };
+    assert!(
+        g.kernel.exists() && g.initrd.exists(),
+        "test guest missing in {}: run tests/guest/build.sh",
+        dir.display()
+    );
+    g
+}
+
+/// How guests boot here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvmKind {
+    /// The host's KVM is Intel or AMD hardware virtualization.
+    Hardware,
+    /// Inside the KVM sandbox (QEMU TCG with emulated SVM).
+    Sandbox,
+}
+
+fn host_kvm() -> Option<KvmKind> {
+    if !Path::new("/dev/kvm").exists() {
+        return None;
+    }
+    if std::env::var_os("PODVM_IN_SANDBOX").is_some() {
+        return Some(KvmKind::Sandbox);
+    }
+    let hw = ["kvm_intel", "kvm_amd"]
+        .iter()
+        .any(|m| Path::new("/sys/module").join(m).exists());
+    (hw && !Path::new("/sys/module/kvm_pvm").exists()).then_some(KvmKind::Hardware)
+}
+
+/// Whether guest tests can run here. Prints once how they run; when they cannot, prints a
+/// loud skip, or panics if `PODVM_REQUIRE_KVM=1`.
+pub fn kvm_available() -> bool {
+    static SAID: Once = Once::new();
+    let kind = host_kvm();
+    SAID.call_once(|| match kind {
+        Some(KvmKind::Hardware) => eprintln!("guest tests: running directly on hardware KVM"),
+        Some(KvmKind::Sandbox) => {
+            eprintln!("guest tests: running inside the KVM sandbox (QEMU TCG, emulated SVM)")
+        }
+        None => eprintln!(
+            "\n*** guest tests SKIPPED: no hardware KVM here and not inside the KVM sandbox \
+             (run through `cargo test`, whose runner uses tests/sandbox) ***\n"
+        ),
+    });
+    if kind.is_none() && std::env::var("PODVM_REQUIRE_KVM").as_deref() == Ok("1") {
+        panic!("PODVM_REQUIRE_KVM=1 but no guest can boot here (no hardware KVM, no sandbox)");
+    }
+    kind.is_some()
+}
+
+/// What a podvm run left behind.
+#[derive(Debug)]
+pub struct Outcome {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Outcome {
+    /// The status the guest's `podvm.exec` script exited with (its `PODVM-EXIT n` line).
+    pub fn script_status(&self) -> Option<i32> {
+        self.stdout
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("PODVM-EXIT "))
+            .filter_map(|s| s.trim().parse().ok())
+            .next_back()
+    }
+
+    /// The value of the first stdout line that starts with `key=`.
+    pub fn value(&self, key: &str) -> Option<String> {
+        let prefix = format!("{key}=");
+        self.stdout
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(&prefix).map(str::to_string))
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "podvm exited with {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Longest a single podvm run may take before the harness kills it (nested TCG is slow).
+fn run_timeout() -> Duration {
+    let secs = std::env::var("PODVM_TEST_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(600);
+    Duration::from_secs(secs)
+}
+
+/// Runs `podvm` with `args`, stdin closed, and waits for it (killing it after the timeout).
+pub fn run_podvm(args: &[&str]) -> Outcome {
+    let mut cmd = Command::new(podvm_bin());
+    cmd.args(args);
+    run_command(cmd)
+}
+
+/// Runs a prepared command with stdin closed and collects its output, killing it after the
+/// harness timeout.
+pub fn run_command(mut cmd: Command) -> Outcome {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn podvm");
+    let stdout = reader(child.stdout.take().expect("stdout"));
+    let stderr = reader(child.stderr.take().expect("stderr"));
+    let status = wait_with_timeout(&mut child, run_timeout());
+    let outcome = Outcome {
+        status: status.unwrap_or_else(|| {
+            let _ = child.kill();
+            child.wait().expect("wait after kill")
+        }),
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: stderr.join().expect("stderr reader"),
+    };
+    if status.is_none() {
+        panic!("podvm did not finish within {:?}; killed.\n{outcome}", run_timeout());
+    }
+    outcome
+}
+
+fn reader(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = pipe.read_to_end(&mut buf);
+        String::from_utf8_lossy(&buf).replace('\r', "")
+    })
+}
+
+fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// The kernel command line that makes the test guest run `script` and power off.
+pub fn exec_cmdline(script: &str) -> String {
+    let encoded = base64::engine::general_purpose::STANDARD.encode(script);
+    format!("{DEFAULT_CMDLINE} quiet podvm.exec={encoded}")
+}
+
+/// Boots the test guest with `extra` podvm arguments, runs `script` in it, and returns what
+/// happened.
+pub fn run_guest_script(script: &str, extra: &[&str]) -> Outcome {
+    let g = guest();
+    let cmdline = exec_cmdline(script);
+    let mut args = vec![
+        "run",
+        "--kernel",
+        g.kernel.to_str().expect("utf-8 path"),
+        "--initrd",
+        g.initrd.to_str().expect("utf-8 path"),
+        "--cmdline",
+        &cmdline,
+    ];
+    args.extend_from_slice(extra);
+    run_podvm(&args)
+}

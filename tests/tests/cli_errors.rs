@@ -1,0 +1,147 @@
+//! Bad user input: one clear error line naming the problem and a non-zero exit, never a panic.
+//! These need no guest to boot, so they run directly on any host.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use podvm_tests::{podvm_bin, run_command, run_podvm, Outcome};
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("podvm-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+    fn file(&self, name: &str, bytes: &[u8]) -> String {
+        let path = self.0.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path.to_str().unwrap().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A file that passes the kernel format sniff (an ELF header), for tests that fail later.
+fn elf_stub(dir: &TempDir) -> String {
+    dir.file("vmlinux", b"\x7fELF\x02\x01\x01\x00")
+}
+
+fn assert_one_clear_error(out: &Outcome, expected: &str) {
+    assert_eq!(out.status.code(), Some(1), "{out}");
+    let errors: Vec<&str> = out.stderr.lines().filter(|l| l.contains("error")).collect();
+    assert_eq!(errors.len(), 1, "exactly one error line expected\n{out}");
+    assert!(errors[0].starts_with("podvm: error: "), "{out}");
+    assert!(errors[0].contains(expected), "expected {expected:?}\n{out}");
+    assert!(!out.stderr.contains("panicked"), "{out}");
+}
+
+#[test]
+fn missing_kernel_is_named_in_the_error() {
+    let out = run_podvm(&["run", "--kernel", "/nonexistent/vmlinuz"]);
+    assert_one_clear_error(&out, "--kernel: /nonexistent/vmlinuz does not exist");
+}
+
+#[test]
+fn garbage_kernel_is_refused() {
+    let dir = TempDir::new("garbage");
+    let kernel = dir.file("vmlinuz", &[0x5a; 8192]);
+    let out = run_podvm(&["run", "--kernel", &kernel]);
+    assert_one_clear_error(&out, "is neither a bzImage nor an ELF kernel");
+}
+
+#[test]
+fn zero_cpus_is_refused() {
+    let dir = TempDir::new("cpus");
+    let out = run_podvm(&["run", "--kernel", &elf_stub(&dir), "--cpus", "0"]);
+    assert_one_clear_error(&out, "cpus: 0 is out of range; use a value from 1 to 254");
+}
+
+#[test]
+fn one_mib_of_memory_is_refused() {
+    let dir = TempDir::new("memory");
+    let out = run_podvm(&["run", "--kernel", &elf_stub(&dir), "--memory", "1"]);
+    assert_one_clear_error(&out, "memory: 1 MiB is out of range");
+}
+
+#[test]
+fn initrd_larger_than_memory_is_refused() {
+    let dir = TempDir::new("initrd");
+    let initrd = dir.0.join("initrd");
+    let f = std::fs::File::create(&initrd).unwrap();
+    f.set_len(64 << 20).unwrap(); // sparse
+    let out = run_podvm(&[
+        "run",
+        "--kernel",
+        &elf_stub(&dir),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--memory",
+        "32",
+    ]);
+    assert_one_clear_error(&out, "does not fit in the guest's 32 MiB of memory; raise --memory");
+}
+
+#[test]
+fn unknown_flag_is_a_usage_error() {
+    let out = run_podvm(&["run", "--kernel", "/k", "--cpuz", "2"]);
+    assert_eq!(out.status.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("--cpuz"), "{out}");
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn kvm_without_permission_says_how_to_get_it() {
+    if !is_root() || !have("setpriv") || !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("*** SKIPPED: needs root, setpriv and /dev/kvm to drop to a user without access ***");
+        return;
+    }
+    let dir = TempDir::new("kvmperm");
+    let kernel = elf_stub(&dir);
+    // World-readable so the unprivileged user can pass preflight.
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(podvm_bin())
+        .args(["run", "--kernel", &kernel, "--allow-pvm"]);
+    std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let meta = std::fs::metadata("/dev/kvm").unwrap();
+    if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o006 != 0 {
+        eprintln!("*** SKIPPED: /dev/kvm is world-accessible here ***");
+        return;
+    }
+    let out = run_command(cmd);
+    assert_one_clear_error(&out, "permission denied opening /dev/kvm");
+}
+
+#[test]
+fn missing_kvm_device_is_explained() {
+    if !is_root() || !have("unshare") {
+        eprintln!("*** SKIPPED: needs root and unshare to hide /dev/kvm in a mount namespace ***");
+        return;
+    }
+    let dir = TempDir::new("nokvm");
+    let kernel = elf_stub(&dir);
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--", "sh", "-c"])
+        .arg("mount -t tmpfs none /dev && exec \"$0\" run --kernel \"$1\" --allow-pvm")
+        .arg(podvm_bin())
+        .arg(&kernel);
+    let out = run_command(cmd);
+    assert_one_clear_error(&out, "/dev/kvm does not exist");
+}

@@ -1,0 +1,71 @@
+//! Booting the stock Debian cloud kernel: vCPUs, memory, the exec contract, power-off, reboot.
+
+use podvm_tests::{kvm_available, run_guest_script};
+
+const REPORT: &str = "echo CPUS=$(grep -c ^processor /proc/cpuinfo)\n\
+                      echo MEMTOTAL_KB=$(awk '/MemTotal/ {print $2}' /proc/meminfo)\n";
+
+fn boots_with(cpus: &str, memory_mib: u64) {
+    if !kvm_available() {
+        return;
+    }
+    let memory = memory_mib.to_string();
+    let out = run_guest_script(REPORT, &["--cpus", cpus, "--memory", &memory]);
+    assert!(out.status.success(), "{out}");
+    assert_eq!(out.value("CPUS").as_deref(), Some(cpus), "{out}");
+    let mem_kb: u64 = out
+        .value("MEMTOTAL_KB")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no MemTotal in output\n{out}"));
+    // MemTotal is RAM minus what the kernel reserves for itself (its image, page structs,
+    // crash kernel...): within 25% of the size asked for, and never more.
+    let asked_kb = memory_mib * 1024;
+    assert!(mem_kb <= asked_kb, "MemTotal {mem_kb} kB > {asked_kb} kB\n{out}");
+    assert!(mem_kb >= asked_kb * 3 / 4, "MemTotal {mem_kb} kB too small\n{out}");
+    assert_eq!(out.script_status(), Some(0), "{out}");
+}
+
+#[test]
+fn guest_boots_with_one_cpu_and_sees_its_memory() {
+    boots_with("1", 256);
+}
+
+#[test]
+fn guest_boots_with_two_cpus_and_sees_both() {
+    boots_with("2", 384);
+}
+
+#[test]
+fn guest_script_output_and_status_reach_stdout() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run_guest_script("echo hello-from-the-guest\nexit 3\n", &[]);
+    assert!(out.status.success(), "{out}");
+    assert!(out.stdout.contains("hello-from-the-guest"), "{out}");
+    assert_eq!(out.script_status(), Some(3), "{out}");
+}
+
+#[test]
+fn guest_poweroff_ends_podvm_with_exit_0() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run_guest_script("echo about-to-power-off\npoweroff -f\nsleep 30\n", &[]);
+    assert!(out.status.success(), "{out}");
+    assert!(out.stdout.contains("about-to-power-off"), "{out}");
+    assert_eq!(out.script_status(), None, "the script never finished\n{out}");
+    assert!(out.stderr.contains("guest powered off"), "{out}");
+}
+
+#[test]
+fn guest_reboot_ends_podvm_with_exit_0() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run_guest_script("echo about-to-reboot\nreboot -f\nsleep 30\n", &[]);
+    assert!(out.status.success(), "{out}");
+    assert!(out.stdout.contains("about-to-reboot"), "{out}");
+    assert_eq!(out.script_status(), None, "the script never finished\n{out}");
+    assert!(out.stderr.contains("guest rebooted"), "{out}");
+}
