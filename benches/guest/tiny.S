@@ -29,7 +29,14 @@ pvh_start:
 	outb %al, %dx
 	inc %esi
 	jmp 1b
-2:	mov $I8042_PULSE_RESET, %al
+2:
+#ifdef HALT_AFTER_PRINT
+	/* The memory benchmark's variant: stay alive, idle, so the VMM can be measured. */
+	cli
+3:	hlt
+	jmp 3b
+#endif
+	mov $I8042_PULSE_RESET, %al
 	outb %al, $I8042_COMMAND
 	lidt empty_idt			/* no handlers: the next fault triple-faults */
 	ud2

@@ -135,17 +135,26 @@ mod tests {
         bus.insert(echo(), 0x100, 0x10).unwrap();
         assert_eq!(
             bus.insert(echo(), 0x10f, 1),
-            Err(BusError::Overlap { base: 0x10f, len: 1 })
+            Err(BusError::Overlap {
+                base: 0x10f,
+                len: 1
+            })
         );
         assert_eq!(
             bus.insert(echo(), 0xf8, 0x10),
-            Err(BusError::Overlap { base: 0xf8, len: 0x10 })
+            Err(BusError::Overlap {
+                base: 0xf8,
+                len: 0x10
+            })
         );
         assert!(bus.insert(echo(), 0x110, 1).is_ok());
         assert!(bus.insert(echo(), 0xf0, 0x10).is_ok());
         assert_eq!(
             bus.insert(echo(), 0x200, 0),
-            Err(BusError::InvalidRange { base: 0x200, len: 0 })
+            Err(BusError::InvalidRange {
+                base: 0x200,
+                len: 0
+            })
         );
         assert!(bus.insert(echo(), u64::MAX, 2).is_err());
     }

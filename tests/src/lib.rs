@@ -181,7 +181,10 @@ pub fn run_command(mut cmd: Command) -> Outcome {
         stderr: stderr.join().expect("stderr reader"),
     };
     if status.is_none() {
-        panic!("podvm did not finish within {:?}; killed.\n{outcome}", run_timeout());
+        panic!(
+            "podvm did not finish within {:?}; killed.\n{outcome}",
+            run_timeout()
+        );
     }
     outcome
 }

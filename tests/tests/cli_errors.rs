@@ -84,7 +84,10 @@ fn initrd_larger_than_memory_is_refused() {
         "--memory",
         "32",
     ]);
-    assert_one_clear_error(&out, "does not fit in the guest's 32 MiB of memory; raise --memory");
+    assert_one_clear_error(
+        &out,
+        "does not fit in the guest's 32 MiB of memory; raise --memory",
+    );
 }
 
 #[test]
@@ -109,7 +112,9 @@ fn have(tool: &str) -> bool {
 #[test]
 fn kvm_without_permission_says_how_to_get_it() {
     if !is_root() || !have("setpriv") || !std::path::Path::new("/dev/kvm").exists() {
-        eprintln!("*** SKIPPED: needs root, setpriv and /dev/kvm to drop to a user without access ***");
+        eprintln!(
+            "*** SKIPPED: needs root, setpriv and /dev/kvm to drop to a user without access ***"
+        );
         return;
     }
     let dir = TempDir::new("kvmperm");

@@ -20,8 +20,14 @@ fn boots_with(cpus: &str, memory_mib: u64) {
     // MemTotal is RAM minus what the kernel reserves for itself (its image, page structs,
     // crash kernel...): within 25% of the size asked for, and never more.
     let asked_kb = memory_mib * 1024;
-    assert!(mem_kb <= asked_kb, "MemTotal {mem_kb} kB > {asked_kb} kB\n{out}");
-    assert!(mem_kb >= asked_kb * 3 / 4, "MemTotal {mem_kb} kB too small\n{out}");
+    assert!(
+        mem_kb <= asked_kb,
+        "MemTotal {mem_kb} kB > {asked_kb} kB\n{out}"
+    );
+    assert!(
+        mem_kb >= asked_kb * 3 / 4,
+        "MemTotal {mem_kb} kB too small\n{out}"
+    );
     assert_eq!(out.script_status(), Some(0), "{out}");
 }
 
@@ -54,7 +60,11 @@ fn guest_poweroff_ends_podvm_with_exit_0() {
     let out = run_guest_script("echo about-to-power-off\npoweroff -f\nsleep 30\n", &[]);
     assert!(out.status.success(), "{out}");
     assert!(out.stdout.contains("about-to-power-off"), "{out}");
-    assert_eq!(out.script_status(), None, "the script never finished\n{out}");
+    assert_eq!(
+        out.script_status(),
+        None,
+        "the script never finished\n{out}"
+    );
     assert!(out.stderr.contains("guest powered off"), "{out}");
 }
 
@@ -66,6 +76,10 @@ fn guest_reboot_ends_podvm_with_exit_0() {
     let out = run_guest_script("echo about-to-reboot\nreboot -f\nsleep 30\n", &[]);
     assert!(out.status.success(), "{out}");
     assert!(out.stdout.contains("about-to-reboot"), "{out}");
-    assert_eq!(out.script_status(), None, "the script never finished\n{out}");
+    assert_eq!(
+        out.script_status(),
+        None,
+        "the script never finished\n{out}"
+    );
     assert!(out.stderr.contains("guest rebooted"), "{out}");
 }

@@ -45,7 +45,9 @@ pub enum BootError {
         #[source]
         source: std::io::Error,
     },
-    #[error("kernel: {path} is not a bootable x86_64 kernel (a bzImage or an ELF vmlinux): {source}")]
+    #[error(
+        "kernel: {path} is not a bootable x86_64 kernel (a bzImage or an ELF vmlinux): {source}"
+    )]
     KernelFormat {
         path: PathBuf,
         #[source]
@@ -91,7 +93,7 @@ pub fn load(
     cmdline: &str,
     rsdp: GuestAddress,
 ) -> Result<KernelEntry> {
-    let mem_size: u64 = mem.iter().map(|r| vm_memory::GuestMemoryRegion::len(r)).sum();
+    let mem_size: u64 = mem.iter().map(vm_memory::GuestMemoryRegion::len).sum();
     let mut file = File::open(kernel).map_err(|source| BootError::KernelOpen {
         path: kernel.into(),
         source,
@@ -149,7 +151,8 @@ pub fn load(
         });
     }
     let mut cl = Cmdline::new(max_cmdline + 1).map_err(|e| BootError::Cmdline(e.to_string()))?;
-    cl.insert_str(cmdline).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    cl.insert_str(cmdline)
+        .map_err(|e| BootError::Cmdline(e.to_string()))?;
     loader::load_cmdline(mem, GuestAddress(memory::CMDLINE_ADDR), &cl)
         .map_err(|e| BootError::Cmdline(e.to_string()))?;
 

@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -69,9 +71,13 @@ pub fn open_kvm() -> Result<Kvm, BuildError> {
 
 /// Builds the VM described by `config`; nothing runs until [`Vm::run`].
 pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
+    let started = std::time::Instant::now();
+    let step =
+        |name: &str| tracing::debug!(us = started.elapsed().as_micros() as u64, "build: {name}");
     // 1. The config itself.
     config.validate()?;
 
+    step("kvm");
     // 2. KVM and the capabilities podvm relies on.
     let kvm = open_kvm()?;
     for (cap, name) in [
@@ -86,35 +92,76 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
         }
     }
 
+    step("vm");
     // 3. The VM with its in-kernel interrupt controllers (PIC, IOAPIC, LAPICs) and PIT.
     let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
     vm.set_tss_address(KVM_TSS_ADDR)
         .map_err(kvm_err("set the TSS address"))?;
-    vm.create_irq_chip().map_err(kvm_err("create the irqchip"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("create the irqchip"))?;
     let pit = kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
     };
     vm.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
 
-    // 4. Guest RAM, registered with KVM slot by slot.
+    step("memory");
+    // 4. Guest RAM. KVM is told about it on a helper thread while steps 5-8 fill it in:
+    //    registering a slot can take milliseconds (about 6 ms on PVM hosts), and nothing
+    //    before the vCPUs run needs KVM to know the memory.
     let mem = memory::create(config.memory_bytes())?;
-    register_memory(&vm, &mem)?;
+    let parts = std::thread::scope(|scope| {
+        let registering = scope.spawn(|| register_memory(&vm, &mem));
+        let parts = populate(config, &kvm, &vm, &mem, &step);
+        match registering.join() {
+            Ok(registered) => registered.and(parts),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })?;
+    step("done");
+    Ok(Vm {
+        vcpus: parts.vcpus,
+        event_loop: parts.event_loop,
+        exit: parts.exit,
+        serial: parts.serial,
+        _vm: vm,
+        _mem: mem,
+    })
+}
 
+/// What steps 5-8 produce.
+struct Parts {
+    vcpus: Vec<Vcpu>,
+    event_loop: EventLoop,
+    exit: ExitRequest,
+    serial: Arc<std::sync::Mutex<devices::legacy::Serial>>,
+}
+
+/// Steps 5-8: devices, ACPI and boot data in guest memory, vCPUs, the event loop.
+fn populate(
+    config: &VmConfig,
+    kvm: &Kvm,
+    vm: &VmFd,
+    mem: &GuestMemory,
+    step: &dyn Fn(&str),
+) -> Result<Parts, BuildError> {
+    step("devices");
     // 5. Devices, reporting guest reset and power-off to one exit request.
     let exit = ExitRequest::new().map_err(BuildError::ExitEvent)?;
-    let devices = DeviceManager::new(&vm, &config.console, &exit)?;
+    let devices = DeviceManager::new(vm, &config.console, &exit)?;
 
+    step("acpi+boot");
     // 6. ACPI tables, then the kernel, initrd and command line.
-    let rsdp = acpi::write_tables(&mem, config.vcpus, &[])?;
+    let rsdp = acpi::write_tables(mem, config.vcpus, &[])?;
     let entry = boot::load(
-        &mem,
+        mem,
         &config.kernel,
         config.initrd.as_deref(),
         &config.cmdline,
         rsdp,
     )?;
 
+    step("vcpus");
     // 7. vCPUs: all get CPUID, MSRs, FPU and LAPIC; vCPU 0 gets the boot registers.
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -122,23 +169,28 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
     let buses = Arc::new(devices.buses);
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for id in 0..config.vcpus {
-        vcpus.push(Vcpu::new(&vm, id, config.vcpus, &supported, buses.clone(), exit.clone())?);
+        vcpus.push(Vcpu::new(
+            vm,
+            id,
+            config.vcpus,
+            &supported,
+            buses.clone(),
+            exit.clone(),
+        )?);
     }
-    vcpus[0].setup_boot(&mem, entry)?;
+    vcpus[0].setup_boot(mem, entry)?;
 
+    step("event loop");
     // 8. The event loop, with console input when the console is stdio.
     let mut event_loop = EventLoop::new(&exit)?;
     if config.console == crate::config::ConsoleConfig::Stdio {
         event_loop.add_stdin_console(devices.serial.clone())?;
     }
-
-    Ok(Vm {
+    Ok(Parts {
         vcpus,
         event_loop,
         exit,
         serial: devices.serial,
-        _vm: vm,
-        _mem: mem,
     })
 }
 

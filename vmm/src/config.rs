@@ -49,7 +49,9 @@ pub enum ConfigError {
         "memory: {0} MiB is out of range; use a value from {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB} MiB"
     )]
     Memory(u64),
-    #[error("cmdline: the kernel command line contains a NUL or non-ASCII byte; use printable ASCII")]
+    #[error(
+        "cmdline: the kernel command line contains a NUL or non-ASCII byte; use printable ASCII"
+    )]
     Cmdline,
 }
 

@@ -48,7 +48,11 @@ pub struct DeviceManager {
 impl DeviceManager {
     /// Creates the legacy devices: COM1 (output per `console`), the i8042 reset line and the
     /// ACPI power-management registers, the last two reporting to `exit`.
-    pub fn new(vm: &VmFd, console: &ConsoleConfig, exit: &ExitRequest) -> Result<Self, DeviceError> {
+    pub fn new(
+        vm: &VmFd,
+        console: &ConsoleConfig,
+        exit: &ExitRequest,
+    ) -> Result<Self, DeviceError> {
         let mut buses = Buses::default();
 
         let irq = irq_line(vm, "COM1", serial::COM1_IRQ)?;
@@ -57,13 +61,31 @@ impl DeviceManager {
             ConsoleConfig::Off => Box::new(std::io::sink()),
         };
         let serial = Arc::new(Mutex::new(Serial::new(irq, out)));
-        place_pio(&mut buses, "COM1", serial.clone(), serial::COM1_PORT_BASE, serial::PORT_LEN)?;
+        place_pio(
+            &mut buses,
+            "COM1",
+            serial.clone(),
+            serial::COM1_PORT_BASE,
+            serial::PORT_LEN,
+        )?;
 
         let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone())));
-        place_pio(&mut buses, "i8042", i8042, i8042::PORT_BASE, i8042::PORT_LEN)?;
+        place_pio(
+            &mut buses,
+            "i8042",
+            i8042,
+            i8042::PORT_BASE,
+            i8042::PORT_LEN,
+        )?;
 
         let pm = Arc::new(Mutex::new(AcpiPm::new(exit.clone())));
-        place_pio(&mut buses, "ACPI PM", pm, acpi_pm::PORT_BASE, acpi_pm::PORT_LEN)?;
+        place_pio(
+            &mut buses,
+            "ACPI PM",
+            pm,
+            acpi_pm::PORT_BASE,
+            acpi_pm::PORT_LEN,
+        )?;
 
         Ok(Self { buses, serial })
     }

@@ -17,9 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+pub use devices::exit::ExitReason;
 use devices::exit::ExitRequest;
 use devices::legacy::Serial;
-pub use devices::exit::ExitReason;
 use vmm_sys_util::signal::Killable;
 
 use crate::event_loop::EventLoop;
@@ -45,8 +45,9 @@ pub enum RunError {
     EventLoopThread(#[source] std::io::Error),
 }
 
-/// How often a stopping vCPU is kicked until its thread ends.
+/// How often a stopping vCPU is kicked until its thread ends, and how often it is checked.
 const KICK_INTERVAL: Duration = Duration::from_millis(10);
+const JOIN_POLL: Duration = Duration::from_micros(100);
 
 impl Vm {
     /// Runs the guest until it powers off, resets, or a vCPU fails; returns which.
@@ -93,9 +94,13 @@ impl Vm {
 fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
     stop.store(true, Ordering::Release);
     for thread in threads {
+        let mut last_kick: Option<std::time::Instant> = None;
         while !thread.is_finished() {
-            let _ = thread.kill(vcpu::kick_signal());
-            std::thread::sleep(KICK_INTERVAL);
+            if last_kick.is_none_or(|t| t.elapsed() >= KICK_INTERVAL) {
+                let _ = thread.kill(vcpu::kick_signal());
+                last_kick = Some(std::time::Instant::now());
+            }
+            std::thread::sleep(JOIN_POLL);
         }
         let _ = thread.join();
     }

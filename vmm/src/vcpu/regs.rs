@@ -1,7 +1,9 @@
 //! Architectural state of the boot vCPU: GDT, identity page tables, segment and control
 //! registers, general registers, FPU, MSRs and the local APIC's LINT pins.
 
-use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
+use kvm_bindings::{
+    kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs,
+};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -270,7 +272,10 @@ mod tests {
         let code = segment(gdt_entry(CODE64, 0, 0xfffff), 1);
         assert_eq!(code.base, 0);
         assert_eq!(code.limit, 0xffff_ffff);
-        assert_eq!((code.l, code.db, code.g, code.present, code.s), (1, 0, 1, 1, 1));
+        assert_eq!(
+            (code.l, code.db, code.g, code.present, code.s),
+            (1, 0, 1, 1, 1)
+        );
         assert_eq!(code.type_, 0xb);
         assert_eq!(code.selector, 8);
         let data = segment(gdt_entry(DATA, 0, 0xfffff), 2);
@@ -284,8 +289,12 @@ mod tests {
         write_boot_tables(&mem, EntryMode::Linux64).unwrap();
         let pdpt: u64 = mem.read_obj(GuestAddress(memory::PML4_ADDR)).unwrap();
         assert_eq!(pdpt, memory::PML4_ADDR + 0x1000 + 3);
-        let pd3: u64 = mem.read_obj(GuestAddress(memory::PML4_ADDR + 0x1000 + 24)).unwrap();
-        let last: u64 = mem.read_obj(GuestAddress((pd3 & !0xfff) + 511 * 8)).unwrap();
+        let pd3: u64 = mem
+            .read_obj(GuestAddress(memory::PML4_ADDR + 0x1000 + 24))
+            .unwrap();
+        let last: u64 = mem
+            .read_obj(GuestAddress((pd3 & !0xfff) + 511 * 8))
+            .unwrap();
         assert_eq!(last, ((4u64 << 30) - (2 << 20)) | PDE_2M_PAGE);
     }
 
