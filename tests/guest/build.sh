@@ -19,6 +19,7 @@
 #                              lib.sh): metapackage, pkg, pkg=version or .deb
 #   PODVM_GUEST_EXTRA_MODULES  more module names to include (space-separated)
 #   PODVM_DEB_CACHE            package cache directory
+#   PODVM_BUILD_QUIET          1: say nothing when the outputs are current
 
 set -euo pipefail
 
@@ -57,7 +58,7 @@ inputs=$(podvm_inputs_hash \
 
 if podvm_outputs_current "$outdir/VERSIONS" "$inputs" \
     vmlinuz_sha256="$outdir/vmlinuz" initramfs_sha256="$outdir/initramfs.cpio.gz"; then
-    podvm_log "up to date: $outdir ($KERNEL_PKG $KERNEL_VER)"
+    [[ ${PODVM_BUILD_QUIET:-0} == 1 ]] || podvm_log "up to date: $outdir ($KERNEL_PKG $KERNEL_VER)"
     exit 0
 fi
 

@@ -214,6 +214,62 @@ pub fn exec_cmdline(script: &str) -> String {
     format!("{DEFAULT_CMDLINE} quiet podvm.exec={encoded}")
 }
 
+/// Boots the test guest running `script`, and each time a console line contains the first
+/// element of a pair in `replies`, types the second element on podvm's stdin (the console).
+pub fn run_guest_interactive(script: &str, replies: &[(&str, &str)]) -> Outcome {
+    use std::io::{BufRead, BufReader, Write};
+
+    let g = guest();
+    let mut cmd = Command::new(podvm_bin());
+    cmd.args(["run", "--kernel"])
+        .arg(&g.kernel)
+        .arg("--initrd")
+        .arg(&g.initrd)
+        .args(["--cmdline", &exec_cmdline(script)])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn podvm");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let stdout = child.stdout.take().expect("stdout");
+    let stderr = reader(child.stderr.take().expect("stderr"));
+    let replies: Vec<(String, String)> = replies
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let typist = std::thread::spawn(move || {
+        let mut seen = String::new();
+        for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+            let line = String::from_utf8_lossy(&line).replace('\r', "");
+            for (prompt, reply) in &replies {
+                if line.contains(prompt.as_str()) {
+                    let _ = stdin.write_all(reply.as_bytes());
+                    let _ = stdin.flush();
+                }
+            }
+            seen.push_str(&line);
+            seen.push('\n');
+        }
+        seen
+    });
+    let status = wait_with_timeout(&mut child, run_timeout());
+    let outcome = Outcome {
+        status: status.unwrap_or_else(|| {
+            let _ = child.kill();
+            child.wait().expect("wait after kill")
+        }),
+        stdout: typist.join().expect("console reader"),
+        stderr: stderr.join().expect("stderr reader"),
+    };
+    if status.is_none() {
+        panic!(
+            "podvm did not finish within {:?}; killed.\n{outcome}",
+            run_timeout()
+        );
+    }
+    outcome
+}
+
 /// Boots the test guest with `extra` podvm arguments, runs `script` in it, and returns what
 /// happened.
 pub fn run_guest_script(script: &str, extra: &[&str]) -> Outcome {

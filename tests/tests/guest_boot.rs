@@ -83,3 +83,16 @@ fn guest_reboot_ends_podvm_with_exit_0() {
     );
     assert!(out.stderr.contains("guest rebooted"), "{out}");
 }
+
+#[test]
+fn guest_reads_what_is_typed_on_the_console() {
+    if !kvm_available() {
+        return;
+    }
+    // The prompt comes after the console is open, so nothing typed is lost to the driver's
+    // start-up FIFO reset.
+    let script = "echo READY-FOR-INPUT\nread -r line\necho \"GOT=[$line]\"\n";
+    let out = podvm_tests::run_guest_interactive(script, &[("READY-FOR-INPUT", "typed words\n")]);
+    assert!(out.status.success(), "{out}");
+    assert_eq!(out.value("GOT").as_deref(), Some("[typed words]"), "{out}");
+}

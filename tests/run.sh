@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The test command (README, .ci/run): builds the test guest and podvm, then runs every test
+# of the workspace. Guest-booting tests run directly on a hardware-KVM host; elsewhere cargo's
+# runner (tests/sandbox/cargo-runner, set in .cargo/config.toml) runs them inside the KVM
+# sandbox, which it builds on first use. Extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname -- "${BASH_SOURCE[0]}")/.."
+
+tests/guest/build.sh
+benches/guest/build.sh
+# Integration tests start the podvm binary, which `cargo test` alone does not build.
+cargo build --workspace --bins
+cargo test --workspace "$@"
