@@ -10,3 +10,8 @@ pub mod bus;
 pub mod exit;
 pub mod irq;
 pub mod legacy;
+pub mod virtio;
+
+/// Guest memory as devices see it. Dirty-page tracking for migration changes this type (and
+/// only this type) to one with a bitmap.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;

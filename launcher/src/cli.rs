@@ -47,8 +47,73 @@ pub struct RunArgs {
     /// Where the serial console (COM1) goes.
     #[arg(long, value_enum, default_value_t = Console::Stdio)]
     pub console: Console,
+    /// A virtio-blk disk: a raw image file or a block device, with options
+    /// `readonly`, `direct=on|off` (default on for block devices, off for files) and
+    /// `serial=ID`. Repeat for more disks; the guest sees them in this order (vda, vdb, ...).
+    #[arg(long, value_name = "PATH[,readonly][,direct=on|off][,serial=ID]", value_parser = parse_disk)]
+    pub disk: Vec<vmm::config::DiskConfig>,
     /// Run even though this host's KVM is PVM, which boots only PVM-enabled guest kernels
     /// (or tiny guests such as the benchmark's).
     #[arg(long)]
     pub allow_pvm: bool,
+}
+
+/// Parses one `--disk` value.
+pub fn parse_disk(value: &str) -> Result<vmm::config::DiskConfig, String> {
+    let mut parts = value.split(',');
+    let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(|| {
+        "the disk path is empty; use --disk PATH[,readonly][,direct=on|off][,serial=ID]".to_string()
+    })?;
+    let mut disk = vmm::config::DiskConfig {
+        path: path.into(),
+        read_only: false,
+        direct: None,
+        serial: None,
+    };
+    for option in parts {
+        match option.split_once('=') {
+            None if option == "readonly" => disk.read_only = true,
+            Some(("direct", "on")) => disk.direct = Some(true),
+            Some(("direct", "off")) => disk.direct = Some(false),
+            Some(("direct", other)) => {
+                return Err(format!("direct={other}: use direct=on or direct=off"));
+            }
+            Some(("serial", id)) => disk.serial = Some(id.to_string()),
+            _ => {
+                return Err(format!(
+                    "unknown disk option {option:?}; use readonly, direct=on|off or serial=ID"
+                ));
+            }
+        }
+    }
+    Ok(disk)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_flag_parses_path_and_options() {
+        let d = parse_disk("/dev/vol,readonly,direct=off,serial=abc-1").unwrap();
+        assert_eq!(d.path, std::path::PathBuf::from("/dev/vol"));
+        assert!(d.read_only);
+        assert_eq!(d.direct, Some(false));
+        assert_eq!(d.serial.as_deref(), Some("abc-1"));
+        let d = parse_disk("disk.img").unwrap();
+        assert_eq!((d.read_only, d.direct, d.serial), (false, None, None));
+    }
+
+    #[test]
+    fn disk_flag_rejects_unknown_options() {
+        assert!(parse_disk("d.img,cache=none")
+            .unwrap_err()
+            .contains("unknown disk option"));
+        assert!(parse_disk("d.img,direct=maybe")
+            .unwrap_err()
+            .contains("direct=on or direct=off"));
+        assert!(parse_disk(",readonly")
+            .unwrap_err()
+            .contains("path is empty"));
+    }
 }

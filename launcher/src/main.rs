@@ -64,6 +64,7 @@ fn run(args: RunArgs) -> Result<(), Error> {
             Console::Stdio => ConsoleConfig::Stdio,
             Console::Off => ConsoleConfig::Off,
         },
+        disks: args.disk,
     };
     config.validate().map_err(vmm::builder::BuildError::from)?;
     preflight::check_file("--kernel", &config.kernel)?;

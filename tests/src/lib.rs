@@ -287,3 +287,66 @@ pub fn run_guest_script(script: &str, extra: &[&str]) -> Outcome {
     args.extend_from_slice(extra);
     run_podvm(&args)
 }
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// A fresh directory under the system temp dir.
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("podvm-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        Self(dir)
+    }
+
+    /// Writes `bytes` to `name` in the directory; returns the path as a string.
+    pub fn file(&self, name: &str, bytes: &[u8]) -> String {
+        let path = self.0.join(name);
+        std::fs::write(&path, bytes).expect("write temp file");
+        path.to_str().expect("utf-8 path").to_string()
+    }
+
+    /// Creates a sparse file of `size` bytes; returns the path as a string.
+    pub fn sparse(&self, name: &str, size: u64) -> String {
+        let path = self.0.join(name);
+        std::fs::File::create(&path)
+            .and_then(|f| f.set_len(size))
+            .expect("create sparse file");
+        path.to_str().expect("utf-8 path").to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Deterministic bytes for disk contents (xorshift64), so host and guest checks agree.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// SHA-256 of a file, in hex, from the `sha256sum` of the host (coreutils or busybox).
+pub fn sha256_file(path: &str) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("run sha256sum");
+    assert!(out.status.success(), "sha256sum {path} failed");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("sha256sum output")
+        .to_string()
+}

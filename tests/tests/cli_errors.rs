@@ -1,31 +1,9 @@
 //! Bad user input: one clear error line naming the problem and a non-zero exit, never a panic.
 //! These need no guest to boot, so they run directly on any host.
 
-use std::path::PathBuf;
 use std::process::Command;
 
-use podvm_tests::{podvm_bin, run_command, run_podvm, Outcome};
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("podvm-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-    fn file(&self, name: &str, bytes: &[u8]) -> String {
-        let path = self.0.join(name);
-        std::fs::write(&path, bytes).unwrap();
-        path.to_str().unwrap().to_string()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use podvm_tests::{podvm_bin, run_command, run_podvm, Outcome, TempDir};
 
 /// A file that passes the kernel format sniff (an ELF header), for tests that fail later.
 fn elf_stub(dir: &TempDir) -> String {
@@ -149,4 +127,87 @@ fn missing_kvm_device_is_explained() {
         .arg(&kernel);
     let out = run_command(cmd);
     assert_one_clear_error(&out, "/dev/kvm does not exist");
+}
+
+#[test]
+fn missing_disk_is_named_in_the_error() {
+    let dir = TempDir::new("nodisk");
+    let out = run_podvm(&[
+        "run",
+        "--kernel",
+        &elf_stub(&dir),
+        "--disk",
+        "/nonexistent/disk.img",
+        "--allow-pvm",
+    ]);
+    assert_one_clear_error(&out, "--disk /nonexistent/disk.img: no such file or device");
+}
+
+#[test]
+fn directory_as_disk_is_refused() {
+    let dir = TempDir::new("dirdisk");
+    let path = dir.0.to_str().unwrap().to_string();
+    let out = run_podvm(&[
+        "run",
+        "--kernel",
+        &elf_stub(&dir),
+        "--disk",
+        &path,
+        "--allow-pvm",
+    ]);
+    assert_one_clear_error(&out, "is a directory");
+}
+
+#[test]
+fn disk_not_a_multiple_of_512_is_refused() {
+    let dir = TempDir::new("odddisk");
+    let disk = dir.file("odd.img", &[0u8; 1000]);
+    let out = run_podvm(&[
+        "run",
+        "--kernel",
+        &elf_stub(&dir),
+        "--disk",
+        &disk,
+        "--allow-pvm",
+    ]);
+    assert_one_clear_error(&out, "1000 bytes is not a multiple of 512");
+}
+
+#[test]
+fn disk_on_read_only_mount_asks_for_readonly() {
+    if !is_root() || !have("unshare") {
+        eprintln!("*** SKIPPED: needs root and unshare for a read-only bind mount ***");
+        return;
+    }
+    let dir = TempDir::new("rodisk");
+    let disk = dir.sparse("disk.img", 1 << 20);
+    let kernel = elf_stub(&dir);
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--", "sh", "-c"])
+        .arg("mount --bind \"$1\" \"$1\" && mount -o remount,bind,ro \"$1\" && exec \"$0\" run --kernel \"$2\" --disk \"$3\" --allow-pvm")
+        .arg(podvm_bin())
+        .arg(dir.0.to_str().unwrap())
+        .arg(&kernel)
+        .arg(&disk);
+    let out = run_command(cmd);
+    assert_one_clear_error(&out, "read-only; add ,readonly");
+}
+
+#[test]
+fn disk_without_permission_says_how_to_grant_it() {
+    if !is_root() || !have("setpriv") {
+        eprintln!("*** SKIPPED: needs root and setpriv to drop to a user without access ***");
+        return;
+    }
+    let dir = TempDir::new("permdisk");
+    let disk = dir.sparse("disk.img", 1 << 20);
+    std::fs::set_permissions(&disk, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let kernel = elf_stub(&dir);
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(podvm_bin())
+        .args(["run", "--kernel", &kernel, "--disk", &disk, "--allow-pvm"]);
+    let out = run_command(cmd);
+    assert_one_clear_error(&out, "permission denied opening it read-write");
 }

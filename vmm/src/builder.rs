@@ -10,12 +10,13 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 use devices::exit::ExitRequest;
 
-use crate::config::{ConfigError, VmConfig};
+use crate::config::{ConfigError, DiskConfig, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::vcpu::{Vcpu, VcpuError};
 use crate::{acpi, boot, Vm};
+use devices::virtio::block::{Disk, DiskOptions, OpenError};
 
 /// Where KVM keeps the TSS it needs for real-mode emulation on Intel (3 pages, in the MMIO
 /// hole, below the IOAPIC).
@@ -77,6 +78,22 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
     // 1. The config itself.
     config.validate()?;
 
+    step("disks");
+    // 1b. Disks, opened before anything else so a bad path or permission fails first.
+    let disks = config
+        .disks
+        .iter()
+        .map(|d| {
+            let disk = Disk::open(&DiskOptions {
+                path: d.path.clone(),
+                read_only: d.read_only,
+                direct: d.direct,
+            })?;
+            Ok((disk, d))
+        })
+        .collect::<Result<Vec<_>, OpenError>>()
+        .map_err(DeviceError::from)?;
+
     step("kvm");
     // 2. KVM and the capabilities podvm relies on.
     let kvm = open_kvm()?;
@@ -112,7 +129,7 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
     let mem = memory::create(config.memory_bytes())?;
     let parts = std::thread::scope(|scope| {
         let registering = scope.spawn(|| register_memory(&vm, &mem));
-        let parts = populate(config, &kvm, &vm, &mem, &step);
+        let parts = populate(config, disks, &kvm, &vm, &mem, &step);
         match registering.join() {
             Ok(registered) => registered.and(parts),
             Err(panic) => std::panic::resume_unwind(panic),
@@ -124,6 +141,7 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
         event_loop: parts.event_loop,
         exit: parts.exit,
         serial: parts.serial,
+        blocks: parts.blocks,
         _vm: vm,
         _mem: mem,
     })
@@ -135,11 +153,13 @@ struct Parts {
     event_loop: EventLoop,
     exit: ExitRequest,
     serial: Arc<std::sync::Mutex<devices::legacy::Serial>>,
+    blocks: Vec<Arc<std::sync::Mutex<devices::virtio::block::Block>>>,
 }
 
 /// Steps 5-8: devices, ACPI and boot data in guest memory, vCPUs, the event loop.
 fn populate(
     config: &VmConfig,
+    disks: Vec<(Disk, &DiskConfig)>,
     kvm: &Kvm,
     vm: &VmFd,
     mem: &GuestMemory,
@@ -148,11 +168,19 @@ fn populate(
     step("devices");
     // 5. Devices, reporting guest reset and power-off to one exit request.
     let exit = ExitRequest::new().map_err(BuildError::ExitEvent)?;
-    let devices = DeviceManager::new(vm, &config.console, &exit)?;
+    let mut devices = DeviceManager::new(vm, &config.console, &exit)?;
+    for (disk, disk_config) in disks {
+        devices.add_disk(vm, mem, disk, disk_config)?;
+    }
 
     step("acpi+boot");
     // 6. ACPI tables, then the kernel, initrd and command line.
-    let rsdp = acpi::write_tables(mem, config.vcpus, &[])?;
+    let described: Vec<&dyn acpi::AcpiDevice> = devices
+        .acpi
+        .iter()
+        .map(|d| d as &dyn acpi::AcpiDevice)
+        .collect();
+    let rsdp = acpi::write_tables(mem, config.vcpus, &described)?;
     let entry = boot::load(
         mem,
         &config.kernel,
@@ -181,8 +209,11 @@ fn populate(
     vcpus[0].setup_boot(mem, entry)?;
 
     step("event loop");
-    // 8. The event loop, with console input when the console is stdio.
+    // 8. The event loop: devices, and console input when the console is stdio.
     let mut event_loop = EventLoop::new(&exit)?;
+    for subscriber in devices.subscribers.drain(..) {
+        event_loop.add_subscriber(subscriber);
+    }
     if config.console == crate::config::ConsoleConfig::Stdio {
         event_loop.add_stdin_console(devices.serial.clone())?;
     }
@@ -191,6 +222,7 @@ fn populate(
         event_loop,
         exit,
         serial: devices.serial,
+        blocks: devices.blocks,
     })
 }
 

@@ -9,6 +9,8 @@ pub const MAX_VCPUS: u8 = 254;
 pub const MIN_MEMORY_MIB: u64 = 32;
 /// Most guest memory podvm accepts (1 TiB).
 pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+/// Most virtio devices: one interrupt line each, from the IOAPIC's free pins.
+pub const MAX_DISKS: usize = 16;
 /// Command line used when none is given: serial console, reboot through the i8042 reset line
 /// (which podvm turns into a clean exit), reboot at once on panic, and no PCI probing (podvm
 /// has no PCI bus; its devices are described in ACPI).
@@ -21,6 +23,22 @@ pub enum ConsoleConfig {
     Stdio,
     /// COM1 output discarded and no input.
     Off,
+}
+
+/// Longest disk serial (virtio-blk GET_ID answers 20 bytes).
+pub const MAX_SERIAL_LEN: usize = 20;
+
+/// One virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// A raw image file or a block device.
+    pub path: PathBuf,
+    /// The guest may not write.
+    pub read_only: bool,
+    /// O_DIRECT; `None` means the default (on for block devices, off for files).
+    pub direct: Option<bool>,
+    /// Serial number the guest reads (`/sys/block/vdX/serial`).
+    pub serial: Option<String>,
 }
 
 /// Everything needed to build and boot a VM.
@@ -38,6 +56,8 @@ pub struct VmConfig {
     pub cmdline: String,
     /// Where COM1 goes.
     pub console: ConsoleConfig,
+    /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...).
+    pub disks: Vec<DiskConfig>,
 }
 
 /// A `VmConfig` field that cannot work, with the fix.
@@ -53,6 +73,10 @@ pub enum ConfigError {
         "cmdline: the kernel command line contains a NUL or non-ASCII byte; use printable ASCII"
     )]
     Cmdline,
+    #[error("disk {index} serial {serial:?}: use at most {MAX_SERIAL_LEN} printable ASCII characters without commas")]
+    Serial { index: usize, serial: String },
+    #[error("disks: {count} disks is more than podvm's {max}; give fewer --disk")]
+    TooManyDisks { count: usize, max: usize },
 }
 
 impl VmConfig {
@@ -65,6 +89,7 @@ impl VmConfig {
             initrd: None,
             cmdline: DEFAULT_CMDLINE.to_string(),
             console: ConsoleConfig::Stdio,
+            disks: Vec::new(),
         }
     }
 
@@ -78,6 +103,25 @@ impl VmConfig {
         }
         if !self.cmdline.bytes().all(|b| (0x20..0x7f).contains(&b)) {
             return Err(ConfigError::Cmdline);
+        }
+        if self.disks.len() > MAX_DISKS {
+            return Err(ConfigError::TooManyDisks {
+                count: self.disks.len(),
+                max: MAX_DISKS,
+            });
+        }
+        for (index, disk) in self.disks.iter().enumerate() {
+            if let Some(serial) = &disk.serial {
+                let printable = serial
+                    .bytes()
+                    .all(|b| (0x21..0x7f).contains(&b) && b != b',');
+                if serial.len() > MAX_SERIAL_LEN || !printable {
+                    return Err(ConfigError::Serial {
+                        index,
+                        serial: serial.clone(),
+                    });
+                }
+            }
         }
         Ok(())
     }
@@ -111,6 +155,26 @@ mod tests {
         cfg.memory_mib = 1;
         assert_eq!(cfg.validate(), Err(ConfigError::Memory(1)));
         assert!(ConfigError::Memory(1).to_string().contains("memory: 1 MiB"));
+    }
+
+    #[test]
+    fn config_rejects_long_or_odd_serials() {
+        let mut cfg = VmConfig::new("/k");
+        let disk = |serial: &str| DiskConfig {
+            path: "/d".into(),
+            read_only: false,
+            direct: None,
+            serial: Some(serial.into()),
+        };
+        cfg.disks = vec![disk("ok-serial-123")];
+        assert_eq!(cfg.validate(), Ok(()));
+        cfg.disks = vec![disk("x"), disk("012345678901234567890")];
+        assert!(matches!(
+            cfg.validate(),
+            Err(ConfigError::Serial { index: 1, .. })
+        ));
+        cfg.disks = vec![disk("has space")];
+        assert!(cfg.validate().is_err());
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Device creation: interrupt lines, bus addresses and the list of devices.
+//! Device creation: interrupt lines, bus addresses, KVM ioeventfds/irqfds, and the list of
+//! devices the event loop serves and the ACPI tables describe.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -8,33 +9,89 @@ use devices::bus::BusError;
 use devices::exit::ExitRequest;
 use devices::irq::IrqTrigger;
 use devices::legacy::{i8042, serial, Serial, I8042};
-use kvm_ioctls::VmFd;
+use devices::virtio::block::{Block, BlockConfig, Disk, OpenError};
+use devices::virtio::mmio::{self, MmioTransport};
+use devices::virtio::{Interrupt, VirtioDevice};
+use event_manager::MutEventSubscriber;
+use kvm_ioctls::{IoEventAddress, VmFd};
 
-use crate::config::ConsoleConfig;
+use crate::acpi::AcpiDevice;
+use crate::config::{ConsoleConfig, DiskConfig};
+use crate::memory::{self, GuestMemory};
 use crate::vcpu::Buses;
+
+/// IOAPIC pins free for virtio devices: everything but the legacy ones podvm or the PC
+/// platform use (0 timer, 1 keyboard, 2 cascade, 3/4 serial, 8 RTC).
+const VIRTIO_GSIS: [u32; 16] = [5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21];
 
 /// A device could not be created or wired.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     #[error("cannot create the interrupt eventfd of {device}: {source}")]
     IrqEventFd {
-        device: &'static str,
+        device: String,
         #[source]
         source: std::io::Error,
     },
     #[error("cannot connect {device} to GSI {gsi}: {source}")]
     Irqfd {
-        device: &'static str,
+        device: String,
         gsi: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot register the queue notification of {device}: {source}")]
+    Ioeventfd {
+        device: String,
         #[source]
         source: kvm_ioctls::Error,
     },
     #[error("cannot place {device} on the bus: {source}")]
     Bus {
-        device: &'static str,
+        device: String,
         #[source]
         source: BusError,
     },
+    #[error(transparent)]
+    Disk(#[from] OpenError),
+    #[error("cannot create {device}: {source}")]
+    Create {
+        device: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no interrupt line left for {device}")]
+    NoIrq { device: String },
+}
+
+/// A virtio-mmio device as the DSDT describes it (`LNRO0005`, found by the guest's
+/// virtio_mmio driver through ACPI).
+pub struct VirtioMmioAcpi {
+    index: usize,
+    base: u64,
+    gsi: u32,
+}
+
+impl AcpiDevice for VirtioMmioAcpi {
+    fn append_aml(&self, dsdt: &mut Vec<u8>) {
+        use acpi_tables::aml;
+        use acpi_tables::Aml;
+        aml::Device::new(
+            format!("VR{:02X}", self.index).as_str().into(),
+            vec![
+                &aml::Name::new("_HID".into(), &"LNRO0005"),
+                &aml::Name::new("_UID".into(), &self.index),
+                &aml::Name::new(
+                    "_CRS".into(),
+                    &aml::ResourceTemplate::new(vec![
+                        &aml::Memory32Fixed::new(true, self.base as u32, mmio::MMIO_LEN as u32),
+                        &aml::Interrupt::new(true, true, false, false, self.gsi),
+                    ]),
+                ),
+            ],
+        )
+        .to_aml_bytes(dsdt);
+    }
 }
 
 /// The VM's devices and the buses that reach them.
@@ -43,6 +100,13 @@ pub struct DeviceManager {
     pub buses: Buses,
     /// COM1, also fed by the event loop.
     pub serial: Arc<Mutex<Serial>>,
+    /// virtio-blk devices, in guest order.
+    pub blocks: Vec<Arc<Mutex<Block>>>,
+    /// Devices the event loop serves.
+    pub subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    /// Devices the DSDT describes.
+    pub acpi: Vec<VirtioMmioAcpi>,
+    virtio_count: usize,
 }
 
 impl DeviceManager {
@@ -87,15 +151,92 @@ impl DeviceManager {
             acpi_pm::PORT_LEN,
         )?;
 
-        Ok(Self { buses, serial })
+        Ok(Self {
+            buses,
+            serial,
+            blocks: Vec::new(),
+            subscribers: Vec::new(),
+            acpi: Vec::new(),
+            virtio_count: 0,
+        })
+    }
+
+    /// Attaches the opened `disk` as the next virtio-blk device.
+    pub fn add_disk(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemory,
+        opened: Disk,
+        disk: &DiskConfig,
+    ) -> Result<(), DeviceError> {
+        let name = format!("disk {}", disk.path.display());
+        tracing::info!(
+            path = %disk.path.display(),
+            size = opened.size(),
+            read_only = opened.read_only(),
+            direct = opened.direct(),
+            "disk attached"
+        );
+        let config = BlockConfig {
+            serial: disk.serial.clone(),
+        };
+        let block = Block::new(opened, &config).map_err(|source| DeviceError::Create {
+            device: name.clone(),
+            source,
+        })?;
+        let block = Arc::new(Mutex::new(block));
+        self.add_virtio(vm, mem, &name, block.clone())?;
+        self.subscribers.push(block.clone());
+        self.blocks.push(block);
+        Ok(())
+    }
+
+    fn add_virtio(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemory,
+        name: &str,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+    ) -> Result<(), DeviceError> {
+        let index = self.virtio_count;
+        let gsi = *VIRTIO_GSIS.get(index).ok_or_else(|| DeviceError::NoIrq {
+            device: name.into(),
+        })?;
+        let base = memory::VIRTIO_MMIO_START + index as u64 * mmio::MMIO_LEN;
+        let interrupt = Arc::new(Interrupt::new(irq_line(vm, name, gsi)?));
+        {
+            let dev = device.lock().unwrap_or_else(|p| p.into_inner());
+            for (queue, evt) in dev.queue_events().iter().enumerate() {
+                let notify = IoEventAddress::Mmio(base + mmio::QUEUE_NOTIFY);
+                vm.register_ioevent(evt, &notify, queue as u32)
+                    .map_err(|source| DeviceError::Ioeventfd {
+                        device: name.into(),
+                        source,
+                    })?;
+            }
+        }
+        let transport = MmioTransport::new(device, mem.clone(), interrupt);
+        self.buses
+            .mmio
+            .insert(Arc::new(Mutex::new(transport)), base, mmio::MMIO_LEN)
+            .map_err(|source| DeviceError::Bus {
+                device: name.into(),
+                source,
+            })?;
+        self.acpi.push(VirtioMmioAcpi { index, base, gsi });
+        self.virtio_count += 1;
+        Ok(())
     }
 }
 
-fn irq_line(vm: &VmFd, device: &'static str, gsi: u32) -> Result<IrqTrigger, DeviceError> {
-    let irq = IrqTrigger::new().map_err(|source| DeviceError::IrqEventFd { device, source })?;
+fn irq_line(vm: &VmFd, device: &str, gsi: u32) -> Result<IrqTrigger, DeviceError> {
+    let irq = IrqTrigger::new().map_err(|source| DeviceError::IrqEventFd {
+        device: device.into(),
+        source,
+    })?;
     vm.register_irqfd(irq.eventfd(), gsi)
         .map_err(|source| DeviceError::Irqfd {
-            device,
+            device: device.into(),
             gsi,
             source,
         })?;
@@ -104,7 +245,7 @@ fn irq_line(vm: &VmFd, device: &'static str, gsi: u32) -> Result<IrqTrigger, Dev
 
 fn place_pio(
     buses: &mut Buses,
-    device: &'static str,
+    device: &str,
     dev: devices::bus::SharedDevice,
     port: u16,
     len: u16,
@@ -112,5 +253,8 @@ fn place_pio(
     buses
         .pio
         .insert(dev, u64::from(port), u64::from(len))
-        .map_err(|source| DeviceError::Bus { device, source })
+        .map_err(|source| DeviceError::Bus {
+            device: device.into(),
+            source,
+        })
 }

@@ -14,7 +14,8 @@ use devices::legacy::Serial;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::timerfd::TimerFd;
 
-type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+/// What the event loop serves.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 /// The event loop and the flag that ends it.
 pub struct EventLoop {
@@ -43,6 +44,11 @@ impl EventLoop {
         }));
         manager.add_subscriber(watcher);
         Ok(Self { manager, done })
+    }
+
+    /// Adds a device (or anything else) that handles its own events.
+    pub fn add_subscriber(&mut self, subscriber: Subscriber) {
+        self.manager.add_subscriber(subscriber);
     }
 
     /// Feeds podvm's stdin to the guest's UART.

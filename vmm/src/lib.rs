@@ -31,6 +31,7 @@ pub struct Vm {
     event_loop: EventLoop,
     exit: ExitRequest,
     serial: Arc<Mutex<Serial>>,
+    blocks: Vec<Arc<Mutex<devices::virtio::block::Block>>>,
     // Dropped after the vCPUs have stopped: the VM fd, then guest memory.
     _vm: kvm_ioctls::VmFd,
     _mem: memory::GuestMemory,
@@ -43,6 +44,14 @@ pub enum RunError {
     Vcpu(#[from] VcpuError),
     #[error("cannot start the event loop thread: {0}")]
     EventLoopThread(#[source] std::io::Error),
+    #[error(
+        "flushing disk {path} at exit failed: {source}; writes the guest completed may be lost"
+    )]
+    Flush {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// How often a stopping vCPU is kicked until its thread ends, and how often it is checked.
@@ -85,6 +94,14 @@ impl Vm {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .flush();
+        // Everything the guest saw completed is made durable before podvm reports the end.
+        for block in &self.blocks {
+            let block = block.lock().unwrap_or_else(|p| p.into_inner());
+            block.flush_on_exit().map_err(|source| RunError::Flush {
+                path: block.disk().path().to_path_buf(),
+                source,
+            })?;
+        }
         Ok(self.exit.reason().unwrap_or(ExitReason::Error))
     }
 }

@@ -12,8 +12,8 @@
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-/// Guest RAM. Dirty-page tracking for migration will add a bitmap type here.
-pub type GuestMemory = GuestMemoryMmap<()>;
+/// Guest RAM: the devices' type, so both sides agree (dirty-page tracking changes it there).
+pub type GuestMemory = devices::GuestMemoryMmap;
 
 /// The boot GDT.
 pub const GDT_ADDR: u64 = 0x500;
@@ -43,6 +43,8 @@ pub const HIMEM_START: u64 = 0x100000;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 /// End of the 32-bit MMIO hole.
 pub const MMIO_HOLE_END: u64 = 1 << 32;
+/// virtio-mmio devices: one 4 KiB window each from here.
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
 /// IOAPIC registers.
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 /// Local APIC registers.

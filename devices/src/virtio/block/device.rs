@@ -1,0 +1,443 @@
+//! The virtio-blk device: features, configuration space, and serving the request queue.
+
+use std::sync::Arc;
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::Address;
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::backend::{AlignedBuf, Disk};
+use super::metrics::BlockMetrics as M;
+use super::request::{Limits, Request, RequestType, Segment, DISCARD_SEGMENT_SIZE, SECTOR_SIZE};
+use crate::virtio::{
+    ActivateError, Interrupt, VirtioDevice, F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, TYPE_BLOCK,
+};
+use crate::GuestMemoryMmap;
+
+/// Queue size of the single request queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Most data descriptors per request (the queue size less header and status).
+pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Longest data descriptor, and the bounce buffer's size.
+pub const SIZE_MAX: u32 = 1 << 20;
+/// Most sectors one discard or write-zeroes segment may cover (1 GiB).
+pub const MAX_DISCARD_SECTORS: u32 = (1 << 30) / SECTOR_SIZE as u32;
+/// Segments per discard or write-zeroes request.
+pub const MAX_DISCARD_SEG: u32 = 1;
+
+/// Per-disk settings beyond the backend.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BlockConfig {
+    /// The disk's serial number (GET_ID), at most 20 bytes.
+    pub serial: Option<String>,
+}
+
+/// Virtio-blk configuration space layout (virtio 1.x §5.2.4), offsets in bytes.
+mod cfg {
+    pub const CAPACITY: usize = 0;
+    pub const SIZE_MAX: usize = 8;
+    pub const SEG_MAX: usize = 12;
+    pub const BLK_SIZE: usize = 20;
+    pub const MAX_DISCARD_SECTORS: usize = 36;
+    pub const MAX_DISCARD_SEG: usize = 40;
+    pub const DISCARD_SECTOR_ALIGNMENT: usize = 44;
+    pub const MAX_WRITE_ZEROES_SECTORS: usize = 48;
+    pub const MAX_WRITE_ZEROES_SEG: usize = 52;
+    pub const WRITE_ZEROES_MAY_UNMAP: usize = 56;
+    pub const LEN: usize = 60;
+}
+
+pub(crate) struct Active {
+    pub mem: GuestMemoryMmap,
+    pub queue: Queue,
+    pub interrupt: Arc<Interrupt>,
+}
+
+/// One virtio-blk device.
+pub struct Block {
+    pub(crate) disk: Disk,
+    config_space: [u8; cfg::LEN],
+    avail_features: u64,
+    acked_features: u64,
+    serial: [u8; VIRTIO_BLK_ID_BYTES as usize],
+    queue_events: Vec<EventFd>,
+    pub(crate) activate_event: EventFd,
+    pub(crate) active: Option<Active>,
+    /// Whether the event loop already watches the queue eventfd.
+    pub(crate) queue_watched: bool,
+    bounce: AlignedBuf,
+    pub(crate) metrics: Arc<M>,
+}
+
+fn put_u32(space: &mut [u8], offset: usize, value: u32) {
+    space[offset..offset + 4].copy_from_slice(&value.to_le_bytes());
+}
+
+impl Block {
+    /// A device serving `disk`.
+    pub fn new(disk: Disk, config: &BlockConfig) -> std::io::Result<Self> {
+        let mut avail_features = F_VERSION_1
+            | F_EVENT_IDX
+            | F_INDIRECT_DESC
+            | 1 << VIRTIO_BLK_F_SIZE_MAX
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_FLUSH;
+        if disk.read_only() {
+            avail_features |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            avail_features |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+
+        let mut space = [0u8; cfg::LEN];
+        space[cfg::CAPACITY..cfg::CAPACITY + 8]
+            .copy_from_slice(&(disk.size() / SECTOR_SIZE).to_le_bytes());
+        put_u32(&mut space, cfg::SIZE_MAX, SIZE_MAX);
+        put_u32(&mut space, cfg::SEG_MAX, SEG_MAX);
+        put_u32(&mut space, cfg::BLK_SIZE, disk.logical_block_size());
+        let sectors_per_block = disk.logical_block_size() / SECTOR_SIZE as u32;
+        put_u32(&mut space, cfg::MAX_DISCARD_SECTORS, MAX_DISCARD_SECTORS);
+        put_u32(&mut space, cfg::MAX_DISCARD_SEG, MAX_DISCARD_SEG);
+        put_u32(&mut space, cfg::DISCARD_SECTOR_ALIGNMENT, sectors_per_block);
+        put_u32(
+            &mut space,
+            cfg::MAX_WRITE_ZEROES_SECTORS,
+            MAX_DISCARD_SECTORS,
+        );
+        put_u32(&mut space, cfg::MAX_WRITE_ZEROES_SEG, MAX_DISCARD_SEG);
+        space[cfg::WRITE_ZEROES_MAY_UNMAP] = 1;
+
+        let mut serial = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+        if let Some(s) = &config.serial {
+            let n = s.len().min(serial.len());
+            serial[..n].copy_from_slice(&s.as_bytes()[..n]);
+        }
+        Ok(Self {
+            disk,
+            config_space: space,
+            avail_features,
+            acked_features: 0,
+            serial,
+            queue_events: vec![EventFd::new(libc::EFD_NONBLOCK)?],
+            activate_event: EventFd::new(libc::EFD_NONBLOCK)?,
+            active: None,
+            queue_watched: false,
+            bounce: AlignedBuf::new(SIZE_MAX as usize),
+            metrics: Arc::new(M::default()),
+        })
+    }
+
+    /// The device's counters.
+    pub fn metrics(&self) -> Arc<M> {
+        self.metrics.clone()
+    }
+
+    /// The backing disk.
+    pub fn disk(&self) -> &Disk {
+        &self.disk
+    }
+
+    fn flush_negotiated(&self) -> bool {
+        self.acked_features & (1 << VIRTIO_BLK_F_FLUSH) != 0
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            capacity_sectors: self.disk.size() / SECTOR_SIZE,
+            seg_max: SEG_MAX,
+            size_max: SIZE_MAX,
+        }
+    }
+
+    /// Serves every request the driver has made available, then interrupts the guest if it
+    /// asked for it. Returns false if the queue is broken (the device then waits for reset).
+    pub(crate) fn process_queue(&mut self) -> bool {
+        let Some(mut active) = self.active.take() else {
+            return true;
+        };
+        let mut used_any = false;
+        let healthy = loop {
+            if active.queue.disable_notification(&active.mem).is_err() {
+                break false;
+            }
+            while let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) {
+                let head = chain.head_index();
+                let written = self.serve(&active.mem, chain);
+                if active.queue.add_used(&active.mem, head, written).is_err() {
+                    M::inc(&self.metrics.invalid_requests);
+                }
+                used_any = true;
+            }
+            match active.queue.enable_notification(&active.mem) {
+                Ok(true) => continue, // more arrived while notifications were off
+                Ok(false) => break true,
+                Err(_) => break false,
+            }
+        };
+        if used_any && active.queue.needs_notification(&active.mem).unwrap_or(true) {
+            M::inc(&self.metrics.interrupts);
+            if let Err(e) = active.interrupt.signal_used_queue() {
+                tracing::warn!(error = %e, "virtio-blk interrupt failed");
+            }
+        }
+        self.active = Some(active);
+        healthy
+    }
+
+    /// Serves one chain; returns the number of bytes written into guest buffers.
+    fn serve(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    ) -> u32 {
+        let request = match Request::parse(chain, mem, &self.limits()) {
+            Ok(r) => r,
+            Err(e) => {
+                M::inc(&self.metrics.invalid_requests);
+                tracing::debug!(error = %e, "invalid virtio-blk request");
+                return match e.status {
+                    Some(status) => self.complete(mem, status, VIRTIO_BLK_S_IOERR, 0),
+                    None => 0,
+                };
+            }
+        };
+        let (status, data_written) = self.execute(mem, &request);
+        self.complete(mem, request.status, status, data_written)
+    }
+
+    fn complete(&self, mem: &GuestMemoryMmap, at: GuestAddress, status: u32, data: u32) -> u32 {
+        match mem.write_obj(status as u8, at) {
+            Ok(()) => data + 1,
+            Err(_) => data,
+        }
+    }
+
+    /// Carries out a parsed request; returns the status and the data bytes written to the
+    /// guest.
+    fn execute(&mut self, mem: &GuestMemoryMmap, req: &Request) -> (u32, u32) {
+        let metrics = self.metrics.clone();
+        let writes = matches!(
+            req.request_type,
+            RequestType::Out | RequestType::Discard | RequestType::WriteZeroes
+        );
+        if writes && self.disk.read_only() {
+            M::inc(&metrics.read_only_violations);
+            return (VIRTIO_BLK_S_IOERR, 0);
+        }
+        let result = match req.request_type {
+            RequestType::In => {
+                M::inc(&metrics.read_requests);
+                self.read(mem, req)
+                    .inspect(|&n| M::add(&metrics.read_bytes, u64::from(n)))
+            }
+            RequestType::Out => {
+                M::inc(&metrics.write_requests);
+                self.write(mem, req).map(|()| {
+                    M::add(&metrics.write_bytes, req.data_len);
+                    0
+                })
+            }
+            RequestType::Flush => {
+                M::inc(&metrics.flush_requests);
+                self.disk.flush().map(|()| 0).map_err(Failure::Io)
+            }
+            RequestType::GetId => {
+                M::inc(&metrics.get_id_requests);
+                let (addr, len) = req.data[0];
+                let n = (len as usize).min(self.serial.len());
+                mem.write_slice(&self.serial[..n], addr)
+                    .map(|()| n as u32)
+                    .map_err(|_| Failure::Memory)
+            }
+            RequestType::Discard => {
+                M::inc(&metrics.discard_requests);
+                self.discard_or_zero(mem, req, false).map(|()| 0)
+            }
+            RequestType::WriteZeroes => {
+                M::inc(&metrics.write_zeroes_requests);
+                self.discard_or_zero(mem, req, true).map(|()| 0)
+            }
+            RequestType::Unsupported(t) => {
+                M::inc(&metrics.unsupported_requests);
+                tracing::debug!(request_type = t, "unsupported virtio-blk request");
+                Err(Failure::Unsupported)
+            }
+        };
+        match result {
+            Ok(n) => (VIRTIO_BLK_S_OK, n),
+            Err(Failure::Unsupported) => (VIRTIO_BLK_S_UNSUPP, 0),
+            Err(Failure::Io(e)) => {
+                M::inc(&metrics.io_errors);
+                tracing::warn!(disk = %self.disk.path().display(), error = %e, "disk I/O failed");
+                (VIRTIO_BLK_S_IOERR, 0)
+            }
+            Err(Failure::Memory) | Err(Failure::Invalid) => {
+                M::inc(&metrics.invalid_requests);
+                (VIRTIO_BLK_S_IOERR, 0)
+            }
+        }
+    }
+
+    fn read(&mut self, mem: &GuestMemoryMmap, req: &Request) -> Result<u32, Failure> {
+        let mut offset = req.sector * SECTOR_SIZE;
+        for &(addr, len) in &req.data {
+            let buf = &mut self.bounce.as_mut_slice()[..len as usize];
+            self.disk.read_at(buf, offset).map_err(Failure::Io)?;
+            mem.write_slice(buf, addr).map_err(|_| Failure::Memory)?;
+            offset += u64::from(len);
+        }
+        Ok(req.data_len as u32)
+    }
+
+    fn write(&mut self, mem: &GuestMemoryMmap, req: &Request) -> Result<(), Failure> {
+        let mut offset = req.sector * SECTOR_SIZE;
+        for &(addr, len) in &req.data {
+            let buf = &mut self.bounce.as_mut_slice()[..len as usize];
+            mem.read_slice(buf, addr).map_err(|_| Failure::Memory)?;
+            self.disk.write_at(buf, offset).map_err(Failure::Io)?;
+            offset += u64::from(len);
+        }
+        // Without FLUSH the driver assumes write-through: the data is durable on completion.
+        if !self.flush_negotiated() {
+            self.disk.flush().map_err(Failure::Io)?;
+        }
+        Ok(())
+    }
+
+    fn discard_or_zero(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        req: &Request,
+        zero: bool,
+    ) -> Result<(), Failure> {
+        let capacity = self.disk.size() / SECTOR_SIZE;
+        let segments = req.data_len / u64::from(DISCARD_SEGMENT_SIZE);
+        if segments > u64::from(MAX_DISCARD_SEG) {
+            return Err(Failure::Invalid);
+        }
+        for &(addr, len) in &req.data {
+            for i in 0..u64::from(len / DISCARD_SEGMENT_SIZE) {
+                let at = addr
+                    .checked_add(i * u64::from(DISCARD_SEGMENT_SIZE))
+                    .ok_or(Failure::Memory)?;
+                let seg: Segment = mem.read_obj(at).map_err(|_| Failure::Memory)?;
+                let (sector, count, flags) = (
+                    seg.sector.to_native(),
+                    seg.num_sectors.to_native(),
+                    seg.flags.to_native(),
+                );
+                let allowed_flags = if zero {
+                    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+                } else {
+                    0
+                };
+                if flags & !allowed_flags != 0 {
+                    return Err(Failure::Unsupported);
+                }
+                if count > MAX_DISCARD_SECTORS
+                    || sector
+                        .checked_add(u64::from(count))
+                        .is_none_or(|end| end > capacity)
+                {
+                    return Err(Failure::Invalid);
+                }
+                let (offset, bytes) = (sector * SECTOR_SIZE, u64::from(count) * SECTOR_SIZE);
+                let unmap = flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
+                let done = if zero {
+                    self.disk.write_zeroes(offset, bytes, unmap)
+                } else {
+                    self.disk.discard(offset, bytes)
+                };
+                done.map_err(Failure::Io)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes all completed writes durable; called when the VM stops.
+    pub fn flush_on_exit(&self) -> std::io::Result<()> {
+        if self.disk.read_only() {
+            return Ok(());
+        }
+        self.disk.flush()
+    }
+}
+
+enum Failure {
+    Io(std::io::Error),
+    Memory,
+    Invalid,
+    Unsupported,
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
+        if let Some(src) = self
+            .config_space
+            .get(start..)
+            .map(|s| &s[..s.len().min(data.len())])
+        {
+            data[..src.len()].copy_from_slice(src);
+        }
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // Every field podvm offers is read-only (no CONFIG_WCE).
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        mut queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                got: queues.len(),
+            });
+        }
+        let queue = queues.remove(0);
+        self.active = Some(Active {
+            mem,
+            queue,
+            interrupt,
+        });
+        self.activate_event.write(1).map_err(ActivateError::Signal)
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.acked_features = 0;
+    }
+}

@@ -1,0 +1,12 @@
+//! virtio-blk: the device (config space, features, queue processing), the request parser, the
+//! storage backend, the event-loop glue and the counters, one file each.
+
+pub mod backend;
+pub mod device;
+pub mod event_handler;
+pub mod metrics;
+pub mod request;
+
+pub use backend::{Disk, DiskOptions, OpenError};
+pub use device::{Block, BlockConfig};
+pub use metrics::BlockMetrics;

@@ -1,0 +1,121 @@
+//! Virtio devices over the virtio-mmio transport (virtio 1.x, "modern" only).
+//!
+//! A device implements [`VirtioDevice`]: its features, its config space, its queues' sizes and
+//! notification eventfds, and what to do when the driver activates it. [`mmio::MmioTransport`]
+//! runs the register interface on the vCPU threads; the device does its work on the event
+//! loop, which it joins as an event-manager subscriber once the driver sets DRIVER_OK.
+
+pub mod block;
+pub mod mmio;
+
+use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::irq::IrqTrigger;
+use crate::GuestMemoryMmap;
+
+/// virtio 1.x device IDs.
+pub const TYPE_BLOCK: u32 = 2;
+
+/// VIRTIO_F_VERSION_1: the device is a modern (1.x) device.
+pub const F_VERSION_1: u64 = 1 << 32;
+/// VIRTIO_RING_F_INDIRECT_DESC.
+pub const F_INDIRECT_DESC: u64 = 1 << 28;
+/// VIRTIO_RING_F_EVENT_IDX.
+pub const F_EVENT_IDX: u64 = 1 << 29;
+
+/// Interrupt status bit: a queue was used.
+pub const INT_VRING: u32 = 1;
+/// Interrupt status bit: the configuration changed.
+pub const INT_CONFIG: u32 = 2;
+
+/// A virtio device, independent of the transport.
+pub trait VirtioDevice: Send {
+    /// The virtio device ID.
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// One eventfd per queue, signalled when the driver notifies it (KVM ioeventfds).
+    fn queue_events(&self) -> &[EventFd];
+    /// Features the device offers.
+    fn avail_features(&self) -> u64;
+    /// Records the features the driver accepted (a subset of `avail_features`).
+    fn set_acked_features(&mut self, features: u64);
+    /// Reads the device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device-specific configuration space (ignored where read-only).
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The driver set DRIVER_OK: start serving `queues`.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: std::sync::Arc<Interrupt>,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError>;
+    /// The driver reset the device: stop serving queues and forget what activate set up.
+    fn reset(&mut self);
+}
+
+/// Activation failed; the transport reports DEVICE_NEEDS_RESET to the driver.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("expected {expected} queues, got {got}")]
+    QueueCount { expected: usize, got: usize },
+    #[error("cannot signal the event loop: {0}")]
+    Signal(#[source] io::Error),
+}
+
+/// The interrupt line and status register shared by a device and its transport.
+#[derive(Debug)]
+pub struct Interrupt {
+    status: AtomicU32,
+    irq: IrqTrigger,
+}
+
+impl Interrupt {
+    /// Wraps `irq`, with no interrupt pending.
+    pub fn new(irq: IrqTrigger) -> Self {
+        Self {
+            status: AtomicU32::new(0),
+            irq,
+        }
+    }
+
+    /// Tells the driver a queue has new used buffers.
+    pub fn signal_used_queue(&self) -> io::Result<()> {
+        self.signal(INT_VRING)
+    }
+
+    /// Tells the driver the configuration space changed.
+    pub fn signal_config_change(&self) -> io::Result<()> {
+        self.signal(INT_CONFIG)
+    }
+
+    fn signal(&self, bit: u32) -> io::Result<()> {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        self.irq.eventfd().write(1)
+    }
+
+    /// The InterruptStatus register.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// InterruptACK: clears the bits the driver has handled.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Clears all pending bits (device reset).
+    pub fn clear(&self) {
+        self.status.store(0, Ordering::SeqCst);
+    }
+
+    /// The eventfd to register as a KVM irqfd.
+    pub fn eventfd(&self) -> &EventFd {
+        self.irq.eventfd()
+    }
+}

@@ -1,0 +1,190 @@
+//! virtio-blk with the stock guest kernel: data written and read through the guest's
+//! /dev/vdX reaches the backing file or block device, and the device's options hold.
+
+use std::os::unix::fs::MetadataExt;
+use std::process::Command;
+
+use podvm_tests::{kvm_available, pattern, run_guest_script, sha256_file, TempDir};
+
+const MIB: usize = 1 << 20;
+
+/// What the guest's 1 MiB pattern block is: "podvm-pattern\n" repeated, cut to 1 MiB.
+fn guest_pattern_block() -> Vec<u8> {
+    b"podvm-pattern\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(MIB)
+        .collect()
+}
+
+/// A guest script that writes `mib` MiB of the pattern to `dev` with dd and syncs.
+fn write_pattern_script(dev: &str, mib: usize) -> String {
+    format!(
+        "yes podvm-pattern | head -c 1048576 > /tmp/block\n\
+         for i in $(seq {mib}); do cat /tmp/block; done | dd of={dev} bs=1M conv=fsync 2>&1\n\
+         sync\n\
+         echo WROTE=$?\n"
+    )
+}
+
+fn assert_pattern(bytes: &[u8], mib: usize) {
+    let block = guest_pattern_block();
+    for i in 0..mib {
+        assert!(
+            bytes[i * MIB..(i + 1) * MIB] == block[..],
+            "MiB {i} of the disk does not hold the pattern"
+        );
+    }
+}
+
+/// A loop block device over a file, detached on drop.
+struct LoopDevice(String);
+
+impl LoopDevice {
+    fn attach(file: &str) -> Option<Self> {
+        let free = Command::new("losetup").arg("-f").output().ok()?;
+        let dev = String::from_utf8_lossy(&free.stdout).trim().to_string();
+        if !free.status.success() || dev.is_empty() {
+            return None;
+        }
+        let ok = Command::new("losetup")
+            .args([&dev, file])
+            .status()
+            .ok()?
+            .success();
+        ok.then_some(Self(dev))
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+#[test]
+fn blk_guest_dd_pattern_reaches_file_and_loop_device() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("blk-pattern");
+    let file_disk = dir.sparse("file.img", 72 << 20);
+    let loop_file = dir.sparse("loop.img", 72 << 20);
+    let Some(loopdev) = LoopDevice::attach(&loop_file) else {
+        panic!("losetup failed: the test needs root and the loop module");
+    };
+    let script = format!(
+        "{}{}",
+        write_pattern_script("/dev/vda", 64),
+        write_pattern_script("/dev/vdb", 64)
+    );
+    let out = run_guest_script(
+        &script,
+        &[
+            "--memory", "384", "--disk", &file_disk, "--disk", &loopdev.0,
+        ],
+    );
+    assert!(out.status.success(), "{out}");
+    assert_eq!(out.script_status(), Some(0), "{out}");
+    assert_pattern(&std::fs::read(&file_disk).unwrap(), 64);
+    drop(loopdev);
+    assert_pattern(&std::fs::read(&loop_file).unwrap(), 64);
+}
+
+#[test]
+fn blk_guest_reads_prefilled_disk_with_matching_checksum() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("blk-read");
+    let disk = dir.file("disk.img", &pattern(16 * MIB, 42));
+    let expected = sha256_file(&disk);
+    let out = run_guest_script(
+        "echo SUM=$(sha256sum /dev/vda | cut -d' ' -f1)\n",
+        &["--disk", &format!("{disk},readonly")],
+    );
+    assert!(out.status.success(), "{out}");
+    assert_eq!(out.value("SUM"), Some(expected), "{out}");
+}
+
+#[test]
+fn blk_readonly_disk_refuses_guest_write() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("blk-ro");
+    let content = pattern(4 * MIB, 7);
+    let disk = dir.file("disk.img", &content);
+    let script = "echo RO=$(cat /sys/block/vda/ro)\n\
+                  dd if=/dev/zero of=/dev/vda bs=4096 count=16 conv=fsync 2>/dev/null\n\
+                  echo DD=$?\n";
+    let out = run_guest_script(script, &["--disk", &format!("{disk},readonly")]);
+    assert!(out.status.success(), "{out}");
+    assert_eq!(out.value("RO").as_deref(), Some("1"), "{out}");
+    assert_ne!(
+        out.value("DD").as_deref(),
+        Some("0"),
+        "the write succeeded\n{out}"
+    );
+    assert!(
+        std::fs::read(&disk).unwrap() == content,
+        "the host file changed"
+    );
+}
+
+#[test]
+fn blk_discard_leaves_holes_in_the_file() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("blk-discard");
+    let disk = dir.file("disk.img", &pattern(32 * MIB, 9));
+    let before = std::fs::metadata(&disk).unwrap().blocks() * 512;
+    let out = run_guest_script("blkdiscard /dev/vda\necho DISCARD=$?\n", &["--disk", &disk]);
+    assert!(out.status.success(), "{out}");
+    assert_eq!(out.value("DISCARD").as_deref(), Some("0"), "{out}");
+    let after = std::fs::metadata(&disk).unwrap().blocks() * 512;
+    assert!(
+        before >= 32 * MIB as u64,
+        "the file was not allocated to begin with"
+    );
+    assert!(
+        after < MIB as u64,
+        "{after} bytes still allocated after discard\n{out}"
+    );
+    assert_eq!(std::fs::metadata(&disk).unwrap().len(), 32 * MIB as u64);
+    assert!(std::fs::read(&disk).unwrap().iter().all(|&b| b == 0));
+}
+
+#[test]
+fn blk_serial_is_visible_in_sysfs() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("blk-serial");
+    let disk = dir.sparse("disk.img", MIB as u64);
+    let out = run_guest_script(
+        "echo SERIAL=$(cat /sys/block/vda/serial)\n",
+        &["--disk", &format!("{disk},serial=pvc-0a1b2c")],
+    );
+    assert!(out.status.success(), "{out}");
+    assert_eq!(out.value("SERIAL").as_deref(), Some("pvc-0a1b2c"), "{out}");
+}
+
+#[test]
+fn blk_two_disks_appear_in_the_order_given() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("blk-order");
+    let first = dir.sparse("first.img", 8 * MIB as u64);
+    let second = dir.sparse("second.img", 16 * MIB as u64);
+    let out = run_guest_script(
+        "echo VDA=$(cat /sys/block/vda/size)\necho VDB=$(cat /sys/block/vdb/size)\n",
+        &["--disk", &first, "--disk", &second],
+    );
+    assert!(out.status.success(), "{out}");
+    assert_eq!(out.value("VDA").as_deref(), Some("16384"), "{out}");
+    assert_eq!(out.value("VDB").as_deref(), Some("32768"), "{out}");
+}
