@@ -49,8 +49,9 @@ pub struct RunArgs {
     pub console: Console,
     /// A virtio-blk disk: a raw image file or a block device, with options
     /// `readonly`, `direct=on|off` (default on for block devices, off for files) and
-    /// `serial=ID`. Repeat for more disks; the guest sees them in this order (vda, vdb, ...).
-    #[arg(long, value_name = "PATH[,readonly][,direct=on|off][,serial=ID]", value_parser = parse_disk)]
+    /// `serial=ID` and `aio=io_uring|sync` (default io_uring, falling back to sync where the
+    /// kernel or seccomp forbids it). Repeat for more disks; the guest sees them in this order (vda, vdb, ...).
+    #[arg(long, value_name = "PATH[,readonly][,direct=on|off][,serial=ID][,aio=io_uring|sync]", value_parser = parse_disk)]
     pub disk: Vec<vmm::config::DiskConfig>,
     /// Run even though this host's KVM is PVM, which boots only PVM-enabled guest kernels
     /// (or tiny guests such as the benchmark's).
@@ -69,6 +70,7 @@ pub fn parse_disk(value: &str) -> Result<vmm::config::DiskConfig, String> {
         read_only: false,
         direct: None,
         serial: None,
+        io_engine: vmm::config::IoEngine::default(),
     };
     for option in parts {
         match option.split_once('=') {
@@ -79,9 +81,14 @@ pub fn parse_disk(value: &str) -> Result<vmm::config::DiskConfig, String> {
                 return Err(format!("direct={other}: use direct=on or direct=off"));
             }
             Some(("serial", id)) => disk.serial = Some(id.to_string()),
+            Some(("aio", "io_uring")) => disk.io_engine = vmm::config::IoEngine::IoUring,
+            Some(("aio", "sync")) => disk.io_engine = vmm::config::IoEngine::Sync,
+            Some(("aio", other)) => {
+                return Err(format!("aio={other}: use aio=io_uring or aio=sync"));
+            }
             _ => {
                 return Err(format!(
-                    "unknown disk option {option:?}; use readonly, direct=on|off or serial=ID"
+                    "unknown disk option {option:?}; use readonly, direct=on|off, serial=ID or aio=io_uring|sync"
                 ));
             }
         }
@@ -100,6 +107,8 @@ mod tests {
         assert!(d.read_only);
         assert_eq!(d.direct, Some(false));
         assert_eq!(d.serial.as_deref(), Some("abc-1"));
+        let d = parse_disk("disk.img,aio=sync").unwrap();
+        assert_eq!(d.io_engine, vmm::config::IoEngine::Sync);
         let d = parse_disk("disk.img").unwrap();
         assert_eq!((d.read_only, d.direct, d.serial), (false, None, None));
     }

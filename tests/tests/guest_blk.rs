@@ -87,6 +87,10 @@ fn blk_guest_dd_pattern_reaches_file_and_loop_device() {
     );
     assert!(out.status.success(), "{out}");
     assert_eq!(out.script_status(), Some(0), "{out}");
+    assert!(
+        !out.stderr.contains("io_uring is unavailable"),
+        "the default engine fell back to synchronous I/O\n{out}"
+    );
     assert_pattern(&std::fs::read(&file_disk).unwrap(), 64);
     drop(loopdev);
     assert_pattern(&std::fs::read(&loop_file).unwrap(), 64);
@@ -187,4 +191,20 @@ fn blk_two_disks_appear_in_the_order_given() {
     assert!(out.status.success(), "{out}");
     assert_eq!(out.value("VDA").as_deref(), Some("16384"), "{out}");
     assert_eq!(out.value("VDB").as_deref(), Some("32768"), "{out}");
+}
+
+#[test]
+fn blk_sync_engine_writes_reach_the_file() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("blk-sync");
+    let disk = dir.sparse("disk.img", 24 << 20);
+    let out = run_guest_script(
+        &write_pattern_script("/dev/vda", 16),
+        &["--disk", &format!("{disk},aio=sync")],
+    );
+    assert!(out.status.success(), "{out}");
+    assert_eq!(out.script_status(), Some(0), "{out}");
+    assert_pattern(&std::fs::read(&disk).unwrap(), 16);
 }

@@ -39,7 +39,11 @@ pub struct DiskConfig {
     pub direct: Option<bool>,
     /// Serial number the guest reads (`/sys/block/vdX/serial`).
     pub serial: Option<String>,
+    /// io_uring (the default, falling back to synchronous I/O where unavailable) or sync.
+    pub io_engine: IoEngine,
 }
+
+pub use devices::virtio::block::IoEngine;
 
 /// Everything needed to build and boot a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,6 +169,7 @@ mod tests {
             read_only: false,
             direct: None,
             serial: Some(serial.into()),
+            io_engine: IoEngine::default(),
         };
         cfg.disks = vec![disk("ok-serial-123")];
         assert_eq!(cfg.validate(), Ok(()));

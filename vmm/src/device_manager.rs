@@ -179,6 +179,7 @@ impl DeviceManager {
         );
         let config = BlockConfig {
             serial: disk.serial.clone(),
+            engine: disk.io_engine,
         };
         let block = Block::new(opened, &config).map_err(|source| DeviceError::Create {
             device: name.clone(),

@@ -96,7 +96,7 @@ impl Vm {
             .flush();
         // Everything the guest saw completed is made durable before podvm reports the end.
         for block in &self.blocks {
-            let block = block.lock().unwrap_or_else(|p| p.into_inner());
+            let mut block = block.lock().unwrap_or_else(|p| p.into_inner());
             block.flush_on_exit().map_err(|source| RunError::Flush {
                 path: block.disk().path().to_path_buf(),
                 source,

@@ -171,6 +171,11 @@ impl Disk {
         })
     }
 
+    /// The open file descriptor, for asynchronous I/O.
+    pub fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
+
     /// The path it was opened by.
     pub fn path(&self) -> &Path {
         &self.path

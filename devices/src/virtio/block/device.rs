@@ -9,12 +9,13 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::Address;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::{AlignedBuf, Disk};
 use super::metrics::BlockMetrics as M;
 use super::request::{Limits, Request, RequestType, Segment, DISCARD_SEGMENT_SIZE, SECTOR_SIZE};
+use super::uring::{Answer, OpKind, UringEngine};
 use crate::virtio::{
     ActivateError, Interrupt, VirtioDevice, F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, TYPE_BLOCK,
 };
@@ -31,11 +32,23 @@ pub const MAX_DISCARD_SECTORS: u32 = (1 << 30) / SECTOR_SIZE as u32;
 /// Segments per discard or write-zeroes request.
 pub const MAX_DISCARD_SEG: u32 = 1;
 
+/// How requests reach the backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum IoEngine {
+    /// io_uring, many requests in flight; synchronous I/O where io_uring is unavailable.
+    #[default]
+    IoUring,
+    /// One request at a time with pread/pwrite on the event loop.
+    Sync,
+}
+
 /// Per-disk settings beyond the backend.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BlockConfig {
     /// The disk's serial number (GET_ID), at most 20 bytes.
     pub serial: Option<String>,
+    /// The I/O engine.
+    pub engine: IoEngine,
 }
 
 /// Virtio-blk configuration space layout (virtio 1.x §5.2.4), offsets in bytes.
@@ -68,6 +81,11 @@ pub struct Block {
     serial: [u8; VIRTIO_BLK_ID_BYTES as usize],
     queue_events: Vec<EventFd>,
     pub(crate) activate_event: EventFd,
+    // Declared before `active` so it is dropped (and drained) before the guest memory that
+    // in-flight operations point into.
+    pub(crate) engine: Option<UringEngine>,
+    /// Requests are waiting in the avail ring because every engine slot is busy.
+    stalled: bool,
     pub(crate) active: Option<Active>,
     /// Whether the event loop already watches the queue eventfd.
     pub(crate) queue_watched: bool,
@@ -118,6 +136,20 @@ impl Block {
             let n = s.len().min(serial.len());
             serial[..n].copy_from_slice(&s.as_bytes()[..n]);
         }
+        let engine = match config.engine {
+            IoEngine::Sync => None,
+            IoEngine::IoUring => match UringEngine::new(QUEUE_SIZE) {
+                Ok(engine) => Some(engine),
+                Err(e) => {
+                    tracing::warn!(
+                        disk = %disk.path().display(),
+                        error = %e,
+                        "io_uring is unavailable; this disk uses synchronous I/O"
+                    );
+                    None
+                }
+            },
+        };
         Ok(Self {
             disk,
             config_space: space,
@@ -126,6 +158,8 @@ impl Block {
             serial,
             queue_events: vec![EventFd::new(libc::EFD_NONBLOCK)?],
             activate_event: EventFd::new(libc::EFD_NONBLOCK)?,
+            engine,
+            stalled: false,
             active: None,
             queue_watched: false,
             bounce: AlignedBuf::new(SIZE_MAX as usize),
@@ -155,24 +189,35 @@ impl Block {
         }
     }
 
-    /// Serves every request the driver has made available, then interrupts the guest if it
-    /// asked for it. Returns false if the queue is broken (the device then waits for reset).
+    /// Serves the requests the driver has made available (as many as the engine has room
+    /// for), then interrupts the guest if it asked for it. Returns false if the queue is
+    /// broken (the device then waits for a reset).
     pub(crate) fn process_queue(&mut self) -> bool {
         let Some(mut active) = self.active.take() else {
             return true;
         };
         let mut used_any = false;
+        self.stalled = false;
         let healthy = loop {
             if active.queue.disable_notification(&active.mem).is_err() {
                 break false;
             }
-            while let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) {
+            while self.has_room() {
+                let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) else {
+                    break;
+                };
                 let head = chain.head_index();
-                let written = self.serve(&active.mem, chain);
-                if active.queue.add_used(&active.mem, head, written).is_err() {
-                    M::inc(&self.metrics.invalid_requests);
+                if let Some(written) = self.serve(&active.mem, chain, head) {
+                    if active.queue.add_used(&active.mem, head, written).is_err() {
+                        M::inc(&self.metrics.invalid_requests);
+                    }
+                    used_any = true;
                 }
-                used_any = true;
+            }
+            if !self.has_room() {
+                // Completions free slots and call back here; notifications stay off meanwhile.
+                self.stalled = true;
+                break true;
             }
             match active.queue.enable_notification(&active.mem) {
                 Ok(true) => continue, // more arrived while notifications were off
@@ -180,35 +225,169 @@ impl Block {
                 Err(_) => break false,
             }
         };
-        if used_any && active.queue.needs_notification(&active.mem).unwrap_or(true) {
-            M::inc(&self.metrics.interrupts);
-            if let Err(e) = active.interrupt.signal_used_queue() {
-                tracing::warn!(error = %e, "virtio-blk interrupt failed");
+        if let Some(engine) = self.engine.as_mut() {
+            if let Err(e) = engine.submit() {
+                tracing::error!(error = %e, "io_uring submit failed");
             }
+        }
+        if used_any {
+            self.notify(&mut active);
         }
         self.active = Some(active);
         healthy
     }
 
-    /// Serves one chain; returns the number of bytes written into guest buffers.
+    fn has_room(&self) -> bool {
+        self.engine.as_ref().is_none_or(UringEngine::has_room)
+    }
+
+    fn notify(&self, active: &mut Active) {
+        if active.queue.needs_notification(&active.mem).unwrap_or(true) {
+            M::inc(&self.metrics.interrupts);
+            if let Err(e) = active.interrupt.signal_used_queue() {
+                tracing::warn!(error = %e, "virtio-blk interrupt failed");
+            }
+        }
+    }
+
+    /// Answers the operations the io_uring finished, then resumes the queue if it stalled.
+    pub(crate) fn process_completions(&mut self) {
+        let Some(engine) = self.engine.as_mut() else {
+            return;
+        };
+        let done = engine.reap();
+        let Some(mut active) = self.active.take() else {
+            return;
+        };
+        let metrics = self.metrics.clone();
+        for c in &done {
+            let ok = c.result >= 0 && c.result as u64 == c.expected;
+            if !ok {
+                M::inc(&metrics.io_errors);
+                tracing::warn!(
+                    disk = %self.disk.path().display(),
+                    result = c.result,
+                    expected = c.expected,
+                    "disk I/O failed"
+                );
+            }
+            let mut data = 0;
+            match c.kind {
+                OpKind::Read if ok => {
+                    M::add(&metrics.read_bytes, c.expected);
+                    data = c.expected as u32;
+                }
+                OpKind::Write if ok => M::add(&metrics.write_bytes, c.expected),
+                _ => {}
+            }
+            let status = if ok {
+                VIRTIO_BLK_S_OK
+            } else {
+                VIRTIO_BLK_S_IOERR
+            };
+            let written = self.complete(&active.mem, c.status, status, data);
+            if active.queue.add_used(&active.mem, c.head, written).is_err() {
+                M::inc(&metrics.invalid_requests);
+            }
+        }
+        if !done.is_empty() {
+            self.notify(&mut active);
+        }
+        self.active = Some(active);
+        if self.stalled {
+            self.process_queue();
+        }
+    }
+
+    /// Serves one chain: answered at once (returns the bytes written into guest buffers), or
+    /// handed to the io_uring (returns `None`; answered on completion).
     fn serve(
         &mut self,
         mem: &GuestMemoryMmap,
         chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
-    ) -> u32 {
+        head: u16,
+    ) -> Option<u32> {
         let request = match Request::parse(chain, mem, &self.limits()) {
             Ok(r) => r,
             Err(e) => {
                 M::inc(&self.metrics.invalid_requests);
                 tracing::debug!(error = %e, "invalid virtio-blk request");
-                return match e.status {
+                return Some(match e.status {
                     Some(status) => self.complete(mem, status, VIRTIO_BLK_S_IOERR, 0),
                     None => 0,
-                };
+                });
             }
         };
+        if self.submit_async(mem, &request, head) {
+            return None;
+        }
         let (status, data_written) = self.execute(mem, &request);
-        self.complete(mem, request.status, status, data_written)
+        Some(self.complete(mem, request.status, status, data_written))
+    }
+
+    /// Hands a read, write or flush to the io_uring when there is one and the buffers allow
+    /// it; false means "do it synchronously".
+    fn submit_async(&mut self, mem: &GuestMemoryMmap, req: &Request, head: u16) -> bool {
+        let kind = match req.request_type {
+            RequestType::In => OpKind::Read,
+            RequestType::Out if !self.disk.read_only() => OpKind::Write,
+            RequestType::Flush => OpKind::Flush,
+            _ => return false,
+        };
+        let dsync = !self.flush_negotiated();
+        let fd = self.disk.as_raw_fd();
+        let align = self
+            .disk
+            .direct()
+            .then(|| self.disk.logical_block_size() as usize);
+        let Some(engine) = self.engine.as_mut() else {
+            return false;
+        };
+        let queued = match kind {
+            OpKind::Flush => engine.queue_flush(
+                fd,
+                Answer {
+                    head,
+                    status: req.status,
+                },
+            ),
+            _ => {
+                let Some(iovecs) = guest_iovecs(mem, &req.data, align) else {
+                    return false; // unaligned for O_DIRECT, or across memory regions
+                };
+                // SAFETY: the iovecs point into guest memory held by `self.active`, which
+                // the device keeps until the engine has drained (reset and drop drain it
+                // first); the guest gave these buffers to the device until it answers.
+                unsafe {
+                    engine.queue_rw(
+                        fd,
+                        kind,
+                        req.sector * SECTOR_SIZE,
+                        iovecs,
+                        dsync,
+                        Answer {
+                            head,
+                            status: req.status,
+                        },
+                    )
+                }
+            }
+        };
+        match queued {
+            Ok(()) => {
+                let counter = match kind {
+                    OpKind::Read => &self.metrics.read_requests,
+                    OpKind::Write => &self.metrics.write_requests,
+                    OpKind::Flush => &self.metrics.flush_requests,
+                };
+                M::inc(counter);
+                true
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "io_uring queueing failed; serving synchronously");
+                false
+            }
+        }
     }
 
     fn complete(&self, mem: &GuestMemoryMmap, at: GuestAddress, status: u32, data: u32) -> u32 {
@@ -361,7 +540,10 @@ impl Block {
     }
 
     /// Makes all completed writes durable; called when the VM stops.
-    pub fn flush_on_exit(&self) -> std::io::Result<()> {
+    pub fn flush_on_exit(&mut self) -> std::io::Result<()> {
+        if let Some(engine) = self.engine.as_mut() {
+            engine.drain();
+        }
         if self.disk.read_only() {
             return Ok(());
         }
@@ -437,7 +619,36 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) {
+        // Nothing may still write into guest memory or the rings once the driver reuses them.
+        if let Some(engine) = self.engine.as_mut() {
+            engine.drain();
+        }
+        self.stalled = false;
         self.active = None;
         self.acked_features = 0;
     }
+}
+
+/// Host iovecs for guest buffers; `None` if a buffer spans memory regions or, with `align`,
+/// is not aligned for O_DIRECT.
+fn guest_iovecs(
+    mem: &GuestMemoryMmap,
+    data: &[(GuestAddress, u32)],
+    align: Option<usize>,
+) -> Option<Box<[libc::iovec]>> {
+    data.iter()
+        .map(|&(addr, len)| {
+            let slice = mem.get_slice(addr, len as usize).ok()?;
+            let base = slice.ptr_guard_mut().as_ptr();
+            if let Some(a) = align {
+                if !(base as usize).is_multiple_of(a) || !(len as usize).is_multiple_of(a) {
+                    return None;
+                }
+            }
+            Some(libc::iovec {
+                iov_base: base.cast(),
+                iov_len: len as usize,
+            })
+        })
+        .collect()
 }

@@ -7,6 +7,7 @@ use super::device::Block;
 
 const TOKEN_ACTIVATE: u32 = 0;
 const TOKEN_QUEUE: u32 = 1;
+const TOKEN_COMPLETION: u32 = 2;
 
 impl Block {
     fn watch_queue(&mut self, ops: &mut EventOps) {
@@ -34,6 +35,15 @@ impl MutEventSubscriber for Block {
         )) {
             tracing::error!(error = ?e, "cannot watch the virtio-blk activation event");
         }
+        if let Some(engine) = &self.engine {
+            if let Err(e) = ops.add(Events::with_data(
+                engine.eventfd(),
+                TOKEN_COMPLETION,
+                EventSet::IN,
+            )) {
+                tracing::error!(error = ?e, "cannot watch the virtio-blk completions");
+            }
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -50,6 +60,7 @@ impl MutEventSubscriber for Block {
                     tracing::warn!("virtio-blk queue is broken; waiting for the driver to reset");
                 }
             }
+            TOKEN_COMPLETION => self.process_completions(),
             other => tracing::warn!(token = other, "unexpected virtio-blk event"),
         }
     }

@@ -6,7 +6,8 @@ pub mod device;
 pub mod event_handler;
 pub mod metrics;
 pub mod request;
+pub mod uring;
 
 pub use backend::{Disk, DiskOptions, OpenError};
-pub use device::{Block, BlockConfig};
+pub use device::{Block, BlockConfig, IoEngine};
 pub use metrics::BlockMetrics;
