@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
 /// podvm: a KVM virtual machine monitor that runs one VM per pod.
 #[derive(Debug, Parser)]
@@ -16,15 +16,17 @@ pub struct Cli {
 pub enum Command {
     /// Boot a VM and run it until the guest powers off or reboots.
     Run(RunArgs),
+    /// Attach this terminal to a VM's console socket (detach with Ctrl-]).
+    Console(ConsoleArgs),
 }
 
-/// Where COM1 goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Console {
-    /// podvm's own stdin and stdout (raw mode when stdin is a terminal).
-    Stdio,
-    /// Discard guest output; no input.
-    Off,
+#[derive(Debug, Args)]
+pub struct ConsoleArgs {
+    /// The socket given to `podvm run --console`.
+    pub socket: PathBuf,
+    /// The key that detaches, as a control character: `]` means Ctrl-].
+    #[arg(long, value_name = "CHAR", default_value = "]")]
+    pub escape: char,
 }
 
 #[derive(Debug, Args)]
@@ -44,9 +46,16 @@ pub struct RunArgs {
     /// Guest memory in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 256)]
     pub memory: u64,
-    /// Where the serial console (COM1) goes.
-    #[arg(long, value_enum, default_value_t = Console::Stdio)]
-    pub console: Console,
+    /// Where the serial console (COM1) goes: `stdio` (podvm's own terminal, raw mode when it
+    /// is one), `off`, or the PATH of a unix socket to create (mode 0600) for `podvm console`.
+    #[arg(long, value_name = "stdio|off|PATH", default_value = "stdio")]
+    pub console: String,
+    /// Bytes of console output replayed to each client that attaches to a console socket.
+    #[arg(long, value_name = "BYTES", default_value_t = vmm::console::DEFAULT_HISTORY)]
+    pub console_history: usize,
+    /// Also append all console output to this file (with a console socket).
+    #[arg(long, value_name = "PATH")]
+    pub console_log: Option<PathBuf>,
     /// A virtio-blk disk: a raw image file or a block device, with options
     /// `readonly`, `direct=on|off` (default on for block devices, off for files) and
     /// `serial=ID` and `aio=io_uring|sync` (default io_uring, falling back to sync where the

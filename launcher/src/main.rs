@@ -1,6 +1,7 @@
 //! `podvm`: the VM pod launcher.
 
 mod cli;
+mod console;
 mod preflight;
 mod terminal;
 
@@ -11,7 +12,7 @@ use clap::Parser;
 use vmm::config::{ConsoleConfig, VmConfig};
 use vmm::ExitReason;
 
-use crate::cli::{Cli, Command, Console, RunArgs};
+use crate::cli::{Cli, Command, RunArgs};
 
 /// A failure that ends podvm with a non-zero exit.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +23,8 @@ enum Error {
     Build(#[from] vmm::builder::BuildError),
     #[error(transparent)]
     Run(#[from] vmm::RunError),
+    #[error(transparent)]
+    Console(#[from] console::AttachError),
     #[error("the VM stopped on an unrecoverable vCPU error (see the log above)")]
     VcpuFailed,
 }
@@ -31,6 +34,7 @@ fn main() -> ExitCode {
     init_logging();
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Console(args) => console::attach(&args.socket, args.escape).map_err(Error::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -60,9 +64,14 @@ fn run(args: RunArgs) -> Result<(), Error> {
         kernel: args.kernel,
         initrd: args.initrd,
         cmdline: args.cmdline,
-        console: match args.console {
-            Console::Stdio => ConsoleConfig::Stdio,
-            Console::Off => ConsoleConfig::Off,
+        console: match args.console.as_str() {
+            "stdio" => ConsoleConfig::Stdio,
+            "off" => ConsoleConfig::Off,
+            path => ConsoleConfig::Socket {
+                path: path.into(),
+                history: args.console_history,
+                log: args.console_log.clone(),
+            },
         },
         disks: args.disk,
     };

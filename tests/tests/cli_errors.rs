@@ -211,3 +211,36 @@ fn disk_without_permission_says_how_to_grant_it() {
     let out = run_command(cmd);
     assert_one_clear_error(&out, "permission denied opening it read-write");
 }
+
+#[test]
+fn console_attach_to_missing_socket_says_so() {
+    let out = run_podvm(&["console", "/nonexistent/console.sock"]);
+    assert_one_clear_error(&out, "no such socket; is the VM running");
+}
+
+#[test]
+fn console_attach_to_dead_socket_says_the_vm_exited() {
+    let dir = TempDir::new("deadsock");
+    let path = dir.0.join("dead.sock");
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    let out = run_podvm(&["console", path.to_str().unwrap()]);
+    assert_one_clear_error(
+        &out,
+        "connection refused; the VM that created it has exited",
+    );
+}
+
+#[test]
+fn console_path_that_is_a_regular_file_is_refused() {
+    let dir = TempDir::new("notsock");
+    let path = dir.file("console", b"not a socket");
+    let out = run_podvm(&[
+        "run",
+        "--kernel",
+        &elf_stub(&dir),
+        "--console",
+        &path,
+        "--allow-pvm",
+    ]);
+    assert_one_clear_error(&out, "exists and is not a socket");
+}

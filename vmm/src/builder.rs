@@ -10,7 +10,8 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 use devices::exit::ExitRequest;
 
-use crate::config::{ConfigError, DiskConfig, VmConfig};
+use crate::config::{ConfigError, ConsoleConfig, DiskConfig, VmConfig};
+use crate::console::{self, ConsoleError, ConsoleHub, ConsoleServer};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::memory::{self, GuestMemory, MemoryError};
@@ -41,6 +42,8 @@ pub enum BuildError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
     #[error(transparent)]
     Memory(#[from] MemoryError),
     #[error(transparent)]
@@ -94,6 +97,16 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
         .collect::<Result<Vec<_>, OpenError>>()
         .map_err(DeviceError::from)?;
 
+    // 1c. The console socket, bound now so a bad path fails before the VM exists.
+    let console = match &config.console {
+        ConsoleConfig::Socket { path, history, log } => {
+            let hub = ConsoleHub::new(*history, log.as_deref())?;
+            let listener = console::bind(path)?;
+            Some((hub, listener, path.clone()))
+        }
+        _ => None,
+    };
+
     step("kvm");
     // 2. KVM and the capabilities podvm relies on.
     let kvm = open_kvm()?;
@@ -129,7 +142,7 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
     let mem = memory::create(config.memory_bytes())?;
     let parts = std::thread::scope(|scope| {
         let registering = scope.spawn(|| register_memory(&vm, &mem));
-        let parts = populate(config, disks, &kvm, &vm, &mem, &step);
+        let parts = populate(config, disks, console, &kvm, &vm, &mem, &step);
         match registering.join() {
             Ok(registered) => registered.and(parts),
             Err(panic) => std::panic::resume_unwind(panic),
@@ -160,6 +173,11 @@ struct Parts {
 fn populate(
     config: &VmConfig,
     disks: Vec<(Disk, &DiskConfig)>,
+    console: Option<(
+        Arc<ConsoleHub>,
+        std::os::unix::net::UnixListener,
+        std::path::PathBuf,
+    )>,
     kvm: &Kvm,
     vm: &VmFd,
     mem: &GuestMemory,
@@ -168,7 +186,8 @@ fn populate(
     step("devices");
     // 5. Devices, reporting guest reset and power-off to one exit request.
     let exit = ExitRequest::new().map_err(BuildError::ExitEvent)?;
-    let mut devices = DeviceManager::new(vm, &config.console, &exit)?;
+    let hub = console.as_ref().map(|(hub, _, _)| hub.clone());
+    let mut devices = DeviceManager::new(vm, &config.console, hub.as_ref(), &exit)?;
     for (disk, disk_config) in disks {
         devices.add_disk(vm, mem, disk, disk_config)?;
     }
@@ -214,8 +233,16 @@ fn populate(
     for subscriber in devices.subscribers.drain(..) {
         event_loop.add_subscriber(subscriber);
     }
-    if config.console == crate::config::ConsoleConfig::Stdio {
+    if config.console == ConsoleConfig::Stdio {
         event_loop.add_stdin_console(devices.serial.clone())?;
+    }
+    if let Some((hub, listener, path)) = console {
+        event_loop.add_subscriber(Arc::new(std::sync::Mutex::new(ConsoleServer::new(
+            listener,
+            path,
+            hub,
+            devices.serial.clone(),
+        ))));
     }
     Ok(Parts {
         vcpus,

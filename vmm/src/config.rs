@@ -23,6 +23,15 @@ pub enum ConsoleConfig {
     Stdio,
     /// COM1 output discarded and no input.
     Off,
+    /// COM1 on a unix stream socket (mode 0600) that `podvm console` attaches to.
+    Socket {
+        /// Where the socket is created.
+        path: PathBuf,
+        /// Bytes of output replayed to each new client.
+        history: usize,
+        /// A file that receives all console output too.
+        log: Option<PathBuf>,
+    },
 }
 
 /// Longest disk serial (virtio-blk GET_ID answers 20 bytes).

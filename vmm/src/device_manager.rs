@@ -17,6 +17,7 @@ use kvm_ioctls::{IoEventAddress, VmFd};
 
 use crate::acpi::AcpiDevice;
 use crate::config::{ConsoleConfig, DiskConfig};
+use crate::console::{ConsoleHub, HubWriter};
 use crate::memory::{self, GuestMemory};
 use crate::vcpu::Buses;
 
@@ -111,18 +112,23 @@ pub struct DeviceManager {
 
 impl DeviceManager {
     /// Creates the legacy devices: COM1 (output per `console`), the i8042 reset line and the
-    /// ACPI power-management registers, the last two reporting to `exit`.
+    /// ACPI power-management registers, the last two reporting to `exit`. With a socket
+    /// console, COM1's output goes to `hub`.
     pub fn new(
         vm: &VmFd,
         console: &ConsoleConfig,
+        hub: Option<&Arc<ConsoleHub>>,
         exit: &ExitRequest,
     ) -> Result<Self, DeviceError> {
         let mut buses = Buses::default();
 
         let irq = irq_line(vm, "COM1", serial::COM1_IRQ)?;
-        let out: Box<dyn Write + Send> = match console {
-            ConsoleConfig::Stdio => Box::new(std::io::stdout()),
-            ConsoleConfig::Off => Box::new(std::io::sink()),
+        let out: Box<dyn Write + Send> = match (console, hub) {
+            (ConsoleConfig::Stdio, _) => Box::new(std::io::stdout()),
+            (ConsoleConfig::Socket { .. }, Some(hub)) => Box::new(HubWriter(hub.clone())),
+            (ConsoleConfig::Off, _) | (ConsoleConfig::Socket { .. }, None) => {
+                Box::new(std::io::sink())
+            }
         };
         let serial = Arc::new(Mutex::new(Serial::new(irq, out)));
         place_pio(

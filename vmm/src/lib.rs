@@ -7,6 +7,7 @@ pub mod acpi;
 pub mod boot;
 pub mod builder;
 pub mod config;
+pub mod console;
 pub mod device_manager;
 pub mod event_loop;
 pub mod memory;

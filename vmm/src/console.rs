@@ -1,0 +1,451 @@
+//! COM1 on a unix socket: many clients see the output, one at a time types, a history ring is
+//! replayed to each newcomer, and the whole output can also go to a log file.
+//!
+//! The guest never waits for a client. Output is written to each client without blocking;
+//! what a client cannot take waits in its own bounded backlog, and a client whose backlog
+//! overflows is disconnected (and counted). Idle clients are never dropped for being idle.
+//!
+//! Keyboard rule: the first client holds the keyboard until it leaves; later clients are
+//! read-only and are told so in one line. When the holder leaves, the longest-connected
+//! remaining client gets the keyboard and is told so.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use devices::legacy::Serial;
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+
+/// History replayed to a new client, by default.
+pub const DEFAULT_HISTORY: usize = 64 * 1024;
+/// Output a slow client may fall behind by before it is disconnected.
+const CLIENT_BACKLOG_MAX: usize = 1 << 20;
+const NOTICE_READ_ONLY: &[u8] =
+    b"\r\n[podvm] read-only: another client holds the keyboard; you get it when it leaves\r\n";
+const NOTICE_KEYBOARD: &[u8] = b"\r\n[podvm] you now hold the keyboard\r\n";
+
+/// Setting up the console socket failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    #[error("--console {path}: another podvm is listening there; give another path")]
+    InUse { path: PathBuf },
+    #[error("--console {path}: exists and is not a socket; remove it or give another path")]
+    NotASocket { path: PathBuf },
+    #[error("--console {path}: cannot listen: {source}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("--console-log {path}: cannot open: {source}")]
+    Log {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Console counters.
+#[derive(Debug, Default)]
+pub struct ConsoleMetrics {
+    pub clients_connected: AtomicU64,
+    pub clients_dropped_slow: AtomicU64,
+    pub output_bytes: AtomicU64,
+    pub input_bytes: AtomicU64,
+    pub log_errors: AtomicU64,
+}
+
+struct Client {
+    id: u64,
+    stream: UnixStream,
+    backlog: VecDeque<u8>,
+}
+
+impl Client {
+    /// Writes as much of the backlog as the socket takes now; false if the client is gone.
+    fn drain(&mut self) -> bool {
+        while !self.backlog.is_empty() {
+            let (front, _) = self.backlog.as_slices();
+            match self.stream.write(front) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    self.backlog.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+}
+
+struct HubState {
+    history: VecDeque<u8>,
+    history_max: usize,
+    clients: Vec<Client>,
+    /// The client that holds the keyboard.
+    writer: Option<u64>,
+    log: Option<File>,
+    next_id: u64,
+}
+
+/// Shared between the UART's output (a vCPU thread) and the socket side (the event loop).
+pub struct ConsoleHub {
+    state: Mutex<HubState>,
+    metrics: ConsoleMetrics,
+}
+
+impl ConsoleHub {
+    /// A hub keeping `history` bytes, copying everything to `log` when given.
+    pub fn new(history: usize, log: Option<&Path>) -> Result<Arc<Self>, ConsoleError> {
+        let log = log
+            .map(|path| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| ConsoleError::Log {
+                        path: path.into(),
+                        source,
+                    })
+            })
+            .transpose()?;
+        Ok(Arc::new(Self {
+            state: Mutex::new(HubState {
+                history: VecDeque::with_capacity(history),
+                history_max: history,
+                clients: Vec::new(),
+                writer: None,
+                log,
+                next_id: 0,
+            }),
+            metrics: ConsoleMetrics::default(),
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HubState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counters.
+    pub fn metrics(&self) -> &ConsoleMetrics {
+        &self.metrics
+    }
+
+    /// Guest output: into the history, the log, and every client.
+    pub fn output(&self, bytes: &[u8]) {
+        self.metrics
+            .output_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        let mut state = self.lock();
+        if let Some(log) = state.log.as_mut() {
+            if log.write_all(bytes).is_err() {
+                self.metrics.log_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let max = state.history_max;
+        state.history.extend(bytes);
+        let excess = state.history.len().saturating_sub(max);
+        state.history.drain(..excess);
+        let mut dropped = Vec::new();
+        for client in &mut state.clients {
+            client.backlog.extend(bytes);
+            if !client.drain() || client.backlog.len() > CLIENT_BACKLOG_MAX {
+                dropped.push(client.id);
+            }
+        }
+        for id in dropped {
+            self.metrics
+                .clients_dropped_slow
+                .fetch_add(1, Ordering::Relaxed);
+            remove_client(&mut state, id);
+        }
+    }
+
+    /// A new client: history first, then the keyboard or a read-only notice.
+    fn add_client(&self, stream: UnixStream) -> Option<u64> {
+        stream.set_nonblocking(true).ok()?;
+        let mut state = self.lock();
+        let id = state.next_id;
+        state.next_id += 1;
+        let mut backlog: VecDeque<u8> = state.history.iter().copied().collect();
+        if state.writer.is_none() {
+            state.writer = Some(id);
+        } else {
+            backlog.extend(NOTICE_READ_ONLY);
+        }
+        let mut client = Client {
+            id,
+            stream,
+            backlog,
+        };
+        if !client.drain() {
+            if state.writer == Some(id) {
+                state.writer = None;
+            }
+            return None;
+        }
+        state.clients.push(client);
+        self.metrics
+            .clients_connected
+            .fetch_add(1, Ordering::Relaxed);
+        Some(id)
+    }
+
+    fn is_writer(&self, id: u64) -> bool {
+        self.lock().writer == Some(id)
+    }
+
+    fn remove(&self, id: u64) {
+        remove_client(&mut self.lock(), id);
+    }
+
+    /// Flushes the log file.
+    pub fn flush(&self) {
+        if let Some(log) = self.lock().log.as_mut() {
+            let _ = log.flush();
+        }
+    }
+}
+
+fn remove_client(state: &mut HubState, id: u64) {
+    state.clients.retain(|c| c.id != id);
+    if state.writer == Some(id) {
+        state.writer = state.clients.first().map(|c| c.id);
+        if let Some(next) = state.clients.first_mut() {
+            next.backlog.extend(NOTICE_KEYBOARD);
+            next.drain();
+        }
+    }
+}
+
+/// The UART's output sink when the console is a socket.
+pub struct HubWriter(pub Arc<ConsoleHub>);
+
+impl Write for HubWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.output(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Binds the console socket at `path` with mode 0600, replacing a stale socket file.
+pub fn bind(path: &Path) -> Result<UnixListener, ConsoleError> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(ConsoleError::NotASocket { path: path.into() });
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(ConsoleError::InUse { path: path.into() });
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let bind_err = |source| ConsoleError::Bind {
+        path: path.into(),
+        source,
+    };
+    let listener = UnixListener::bind(path).map_err(bind_err)?;
+    // Tighten before anyone can have connected in a meaningful way: a client needs the
+    // guest's output, which starts only once the VM runs.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    listener.set_nonblocking(true).map_err(bind_err)?;
+    Ok(listener)
+}
+
+const TOKEN_LISTENER: u32 = u32::MAX;
+
+/// The socket side on the event loop: accepts clients and feeds the keyboard holder's input
+/// to the UART.
+pub struct ConsoleServer {
+    listener: UnixListener,
+    path: PathBuf,
+    hub: Arc<ConsoleHub>,
+    serial: Arc<Mutex<Serial>>,
+    /// Client streams by token (the client id, truncated; ids below u32::MAX).
+    readers: Vec<(u64, UnixStream)>,
+}
+
+impl ConsoleServer {
+    /// Serves `listener` (bound at `path`) for `hub`, typing into `serial`.
+    pub fn new(
+        listener: UnixListener,
+        path: PathBuf,
+        hub: Arc<ConsoleHub>,
+        serial: Arc<Mutex<Serial>>,
+    ) -> Self {
+        Self {
+            listener,
+            path,
+            hub,
+            serial,
+            readers: Vec::new(),
+        }
+    }
+
+    fn accept(&mut self, ops: &mut EventOps) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    let Ok(reader) = stream.try_clone() else {
+                        continue;
+                    };
+                    let Some(id) = self.hub.add_client(stream) else {
+                        continue;
+                    };
+                    let token = (id % u64::from(u32::MAX)) as u32;
+                    if ops
+                        .add(Events::with_data(&reader, token, EventSet::IN))
+                        .is_err()
+                    {
+                        self.hub.remove(id);
+                        continue;
+                    }
+                    self.readers.push((id, reader));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "console accept failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn read_client(&mut self, token: u32, ops: &mut EventOps) {
+        let Some(pos) = self
+            .readers
+            .iter()
+            .position(|(id, _)| (id % u64::from(u32::MAX)) as u32 == token)
+        else {
+            return;
+        };
+        let id = self.readers[pos].0;
+        let mut buf = [0u8; 64];
+        let n = match self.readers[pos].1.read(&mut buf) {
+            Ok(0) => None,
+            Ok(n) => Some(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return,
+            Err(_) => None,
+        };
+        let Some(n) = n else {
+            let (_, stream) = self.readers.remove(pos);
+            let _ = ops.remove(Events::empty(&stream));
+            self.hub.remove(id);
+            return;
+        };
+        if !self.hub.is_writer(id) {
+            return; // read-only clients' keys go nowhere
+        }
+        self.hub
+            .metrics
+            .input_bytes
+            .fetch_add(n as u64, Ordering::Relaxed);
+        // A person types far slower than the guest drains its 64-byte FIFO; a paste that
+        // overflows it loses the excess, like a real UART.
+        let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        serial.enqueue_input(&buf[..n]);
+    }
+}
+
+impl Drop for ConsoleServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl MutEventSubscriber for ConsoleServer {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::with_data(
+            &self.listener,
+            TOKEN_LISTENER,
+            EventSet::IN,
+        )) {
+            tracing::error!(error = ?e, "cannot watch the console socket");
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.data() == TOKEN_LISTENER {
+            self.accept(ops);
+        } else {
+            self.read_client(events.data(), ops);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_available(stream: &mut UnixStream) -> Vec<u8> {
+        stream.set_nonblocking(true).unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stream.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        out
+    }
+
+    #[test]
+    fn console_late_client_gets_history_and_read_only_notice() {
+        let hub = ConsoleHub::new(16, None).unwrap();
+        let (first, mut first_peer) = UnixStream::pair().unwrap();
+        let first_id = hub.add_client(first).unwrap();
+        hub.output(b"0123456789abcdefXYZ");
+        assert_eq!(read_available(&mut first_peer), b"0123456789abcdefXYZ");
+        let (second, mut second_peer) = UnixStream::pair().unwrap();
+        let second_id = hub.add_client(second).unwrap();
+        let got = read_available(&mut second_peer);
+        // The last 16 bytes of history, then the notice.
+        assert!(got.starts_with(b"3456789abcdefXYZ"), "{got:?}");
+        assert!(got.ends_with(NOTICE_READ_ONLY));
+        assert!(hub.is_writer(first_id) && !hub.is_writer(second_id));
+        hub.remove(first_id);
+        assert!(hub.is_writer(second_id));
+        assert!(read_available(&mut second_peer).ends_with(NOTICE_KEYBOARD));
+    }
+
+    #[test]
+    fn console_client_that_never_reads_is_dropped_not_waited_for() {
+        let hub = ConsoleHub::new(1024, None).unwrap();
+        let (stuck, _stuck_peer) = UnixStream::pair().unwrap();
+        hub.add_client(stuck).unwrap();
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..(2 * CLIENT_BACKLOG_MAX / chunk.len() + 8) {
+            hub.output(&chunk);
+        }
+        assert_eq!(hub.lock().clients.len(), 0);
+        assert_eq!(
+            hub.metrics().clients_dropped_slow.load(Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[test]
+    fn console_log_file_gets_everything() {
+        let path = std::env::temp_dir().join(format!("podvm-console-log-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let hub = ConsoleHub::new(4, Some(&path)).unwrap();
+        hub.output(b"hello ");
+        hub.output(b"world");
+        hub.flush();
+        assert_eq!(std::fs::read(&path).unwrap(), b"hello world");
+        let _ = std::fs::remove_file(&path);
+    }
+}
