@@ -61,6 +61,28 @@ impl BusDevice for AcpiPm {
     }
 }
 
+/// The ACPI power button of a hardware-reduced platform: pressing it raises the Generic
+/// Event Device's interrupt, whose `_EVT` method (in the DSDT) notifies `\_SB.PWRB`; the
+/// guest's button driver then starts its orderly shutdown.
+pub struct PowerButton {
+    irq: crate::irq::IrqTrigger,
+}
+
+/// The GED interrupt line (an IOAPIC pin no other device uses).
+pub const GED_GSI: u32 = 23;
+
+impl PowerButton {
+    /// A button wired to `irq` (registered by the VMM as the irqfd of [`GED_GSI`]).
+    pub fn new(irq: crate::irq::IrqTrigger) -> Self {
+        Self { irq }
+    }
+
+    /// Presses the button once.
+    pub fn press(&self) -> std::io::Result<()> {
+        self.irq.eventfd().write(1)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

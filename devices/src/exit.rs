@@ -15,6 +15,9 @@ pub enum ExitReason {
     PowerOff,
     /// A vCPU failed in a way the guest cannot recover from (logged where it happened).
     Error,
+    /// The VMM stopped the guest: it did not power off within the shutdown timeout after the
+    /// power button, or a second termination signal asked for an immediate stop.
+    Stopped,
 }
 
 /// Shared between the devices that can end the VM and the thread that waits for it.
@@ -36,6 +39,7 @@ const NONE: u8 = 0;
 const RESET: u8 = 1;
 const POWER_OFF: u8 = 2;
 const ERROR: u8 = 3;
+const STOPPED: u8 = 4;
 
 impl ExitRequest {
     /// A request not yet made.
@@ -54,6 +58,7 @@ impl ExitRequest {
             ExitReason::Reset => RESET,
             ExitReason::PowerOff => POWER_OFF,
             ExitReason::Error => ERROR,
+            ExitReason::Stopped => STOPPED,
         };
         let _ = self
             .inner
@@ -69,6 +74,7 @@ impl ExitRequest {
             RESET => Some(ExitReason::Reset),
             POWER_OFF => Some(ExitReason::PowerOff),
             ERROR => Some(ExitReason::Error),
+            STOPPED => Some(ExitReason::Stopped),
             _ => None,
         }
     }

@@ -62,6 +62,10 @@ pub struct RunArgs {
     /// kernel or seccomp forbids it). Repeat for more disks; the guest sees them in this order (vda, vdb, ...).
     #[arg(long, value_name = "PATH[,readonly][,direct=on|off][,serial=ID][,aio=io_uring|sync]", value_parser = parse_disk)]
     pub disk: Vec<vmm::config::DiskConfig>,
+    /// Seconds the guest has to power off after SIGTERM presses its ACPI power button, before
+    /// podvm stops it (Kubernetes' default grace period is 30 s).
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub shutdown_timeout: u64,
     /// Run even though this host's KVM is PVM, which boots only PVM-enabled guest kernels
     /// (or tiny guests such as the benchmark's).
     #[arg(long)]

@@ -25,6 +25,10 @@ enum Error {
     Run(#[from] vmm::RunError),
     #[error(transparent)]
     Console(#[from] console::AttachError),
+    #[error("the guest was stopped without powering off (shutdown timeout or a second signal)")]
+    Stopped,
+    #[error("cannot block termination signals: {0}")]
+    Signals(#[source] std::io::Error),
     #[error("the VM stopped on an unrecoverable vCPU error (see the log above)")]
     VcpuFailed,
 }
@@ -74,6 +78,7 @@ fn run(args: RunArgs) -> Result<(), Error> {
             },
         },
         disks: args.disk,
+        shutdown_timeout: std::time::Duration::from_secs(args.shutdown_timeout),
     };
     config.validate().map_err(vmm::builder::BuildError::from)?;
     preflight::check_file("--kernel", &config.kernel)?;
@@ -88,6 +93,8 @@ fn run(args: RunArgs) -> Result<(), Error> {
         }
         tracing::warn!("host KVM is PVM: only PVM-enabled or tiny guest kernels will run");
     }
+    // Before any thread starts: SIGTERM/SIGINT then reach only the event loop's signalfd.
+    vmm::shutdown::block_termination_signals().map_err(Error::Signals)?;
     let vm = vmm::builder::build(&config)?;
     let raw = (config.console == ConsoleConfig::Stdio).then(terminal::RawMode::enter);
     let reason = vm.run();
@@ -102,5 +109,6 @@ fn run(args: RunArgs) -> Result<(), Error> {
             Ok(())
         }
         ExitReason::Error => Err(Error::VcpuFailed),
+        ExitReason::Stopped => Err(Error::Stopped),
     }
 }

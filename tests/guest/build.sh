@@ -34,7 +34,8 @@ outdir=$(cd -- "$outdir" && pwd)
 
 # The modules the guest loads, by name. Dependencies are added and ordered
 # automatically (virtio_ring before virtio, ...); ones built into the kernel or
-# absent from it are skipped. "button" is the ACPI power button driver.
+# absent from it are skipped. "button" is the ACPI power button driver, "evdev"
+# gives it the /dev/input node that acpid reads.
 modules=(
     virtio_ring virtio
     virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
@@ -42,6 +43,7 @@ modules=(
     virtio_blk
     failover net_failover virtio_net
     button
+    evdev
 )
 read -r -a extra <<<"${PODVM_GUEST_EXTRA_MODULES:-}"
 modules+=("${extra[@]}")
@@ -54,7 +56,8 @@ inputs=$(podvm_inputs_hash \
     "kernel-deb ${KERNEL_DEB:+$(podvm_sha256 "$KERNEL_DEB")}" \
     "busybox $PODVM_BUSYBOX_PKG=$BUSYBOX_VER" \
     "modules ${modules[*]}" \
-    "$here/build.sh" "$here/lib.sh" "$here/init.sh" "$here/modload.sh")
+    "$here/build.sh" "$here/lib.sh" "$here/init.sh" "$here/modload.sh" \
+    "$here/power-button.sh")
 
 if podvm_outputs_current "$outdir/VERSIONS" "$inputs" \
     vmlinuz_sha256="$outdir/vmlinuz" initramfs_sha256="$outdir/initramfs.cpio.gz"; then
@@ -71,6 +74,7 @@ podvm_stage_base "$stage"
 podvm_stage_modules "$stage" "${modules[@]}"
 install -m 0755 -- "$here/init.sh" "$stage/init"
 install -m 0644 -- "$here/modload.sh" "$stage/lib/podvm/modload.sh"
+install -D -m 0755 -- "$here/power-button.sh" "$stage/etc/acpi/PWRF/00000080"
 
 # Invalidate first, so an interrupted build is never taken as current.
 rm -f -- "$outdir/VERSIONS"

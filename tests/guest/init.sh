@@ -26,6 +26,13 @@ hostname podvm-guest
 . /lib/podvm/modload.sh
 podvm_load_modules /etc/podvm/modules
 
+# The ACPI power button (podvm's graceful shutdown, SIGTERM to podvm) runs
+# /etc/acpi/PWRF/00000080, which syncs and powers off.
+# acpid needs /var/run for its pid file, or it exits at once.
+mkdir -p /var/run /var/log
+acpid -c /etc/acpi -l /var/log/acpid.log 2>/dev/null ||
+    echo "podvm-init: acpid did not start" >&2
+
 # The script to run: the value of podvm.exec= (standard base64 alphabet, '='
 # padding allowed; the kernel keeps dotted parameters out of init's argv and
 # environment but leaves them in /proc/cmdline).

@@ -270,6 +270,59 @@ pub fn run_guest_interactive(script: &str, replies: &[(&str, &str)]) -> Outcome 
     outcome
 }
 
+/// Boots the test guest running `script` with `extra` podvm arguments, and sends podvm the
+/// signal `signo` once a console line contains `marker`.
+pub fn run_guest_signal_on(script: &str, extra: &[&str], marker: &str, signo: i32) -> Outcome {
+    use std::io::{BufRead, BufReader};
+
+    let g = guest();
+    let mut cmd = Command::new(podvm_bin());
+    cmd.args(["run", "--kernel"])
+        .arg(&g.kernel)
+        .arg("--initrd")
+        .arg(&g.initrd)
+        .args(["--cmdline", &exec_cmdline(script)])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn podvm");
+    let pid = child.id() as i32;
+    let stdout = child.stdout.take().expect("stdout");
+    let stderr = reader(child.stderr.take().expect("stderr"));
+    let marker = marker.to_string();
+    let watcher = std::thread::spawn(move || {
+        let mut seen = String::new();
+        for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+            let line = String::from_utf8_lossy(&line).replace('\r', "");
+            if line.contains(&marker) {
+                // SAFETY: kill has no memory-safety preconditions; `pid` is our child, not
+                // yet reaped (the main thread waits for it only after this signal matters).
+                unsafe { libc::kill(pid, signo) };
+            }
+            seen.push_str(&line);
+            seen.push('\n');
+        }
+        seen
+    });
+    let status = wait_with_timeout(&mut child, run_timeout());
+    let outcome = Outcome {
+        status: status.unwrap_or_else(|| {
+            let _ = child.kill();
+            child.wait().expect("wait after kill")
+        }),
+        stdout: watcher.join().expect("console reader"),
+        stderr: stderr.join().expect("stderr reader"),
+    };
+    if status.is_none() {
+        panic!(
+            "podvm did not finish within {:?}; killed.\n{outcome}",
+            run_timeout()
+        );
+    }
+    outcome
+}
+
 /// Boots the test guest with `extra` podvm arguments, runs `script` in it, and returns what
 /// happened.
 pub fn run_guest_script(script: &str, extra: &[&str]) -> Outcome {

@@ -96,3 +96,46 @@ fn guest_reads_what_is_typed_on_the_console() {
     assert!(out.status.success(), "{out}");
     assert_eq!(out.value("GOT").as_deref(), Some("[typed words]"), "{out}");
 }
+
+#[test]
+fn sigterm_presses_power_button_and_guest_powers_off_cleanly() {
+    if !kvm_available() {
+        return;
+    }
+    let out = podvm_tests::run_guest_signal_on(
+        "echo READY-FOR-SIGTERM\nsleep 300\n",
+        &[],
+        "READY-FOR-SIGTERM",
+        libc::SIGTERM,
+    );
+    assert!(out.status.success(), "{out}");
+    assert!(out.stdout.contains("power button pressed"), "{out}");
+    assert!(
+        out.stderr.contains("pressing the ACPI power button"),
+        "{out}"
+    );
+    assert!(out.stderr.contains("guest powered off"), "{out}");
+}
+
+#[test]
+fn guest_ignoring_power_button_is_stopped_after_timeout() {
+    if !kvm_available() {
+        return;
+    }
+    let out = podvm_tests::run_guest_signal_on(
+        "killall acpid\necho READY-FOR-SIGTERM\nsleep 300\n",
+        &["--shutdown-timeout", "3"],
+        "READY-FOR-SIGTERM",
+        libc::SIGTERM,
+    );
+    assert_eq!(out.status.code(), Some(1), "{out}");
+    assert!(
+        out.stderr
+            .contains("did not power off within the shutdown timeout"),
+        "{out}"
+    );
+    assert!(
+        out.stderr.contains("podvm: error: the guest was stopped"),
+        "{out}"
+    );
+}

@@ -169,6 +169,47 @@ impl AcpiDevice for Com1 {
     }
 }
 
+/// The power button (PNP0C0C) and the Generic Event Device (ACPI0013) whose interrupt
+/// reports a press.
+struct PowerButton;
+
+impl AcpiDevice for PowerButton {
+    fn append_aml(&self, dsdt: &mut Vec<u8>) {
+        let gsi = acpi_pm::GED_GSI;
+        aml::Device::new(
+            "PWRB".into(),
+            vec![
+                &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")),
+                &aml::Name::new("_UID".into(), &aml::ZERO),
+            ],
+        )
+        .to_aml_bytes(dsdt);
+        aml::Device::new(
+            "GED_".into(),
+            vec![
+                &aml::Name::new("_HID".into(), &"ACPI0013"),
+                &aml::Name::new("_UID".into(), &aml::ZERO),
+                &aml::Name::new(
+                    "_CRS".into(),
+                    &aml::ResourceTemplate::new(vec![&aml::Interrupt::new(
+                        true, true, false, false, gsi,
+                    )]),
+                ),
+                &aml::Method::new(
+                    "_EVT".into(),
+                    1,
+                    true,
+                    vec![&aml::If::new(
+                        &aml::Equal::new(&aml::Arg(0), &gsi),
+                        vec![&aml::Notify::new(&aml::Path::new("\\_SB_.PWRB"), &0x80u8)],
+                    )],
+                ),
+            ],
+        )
+        .to_aml_bytes(dsdt);
+    }
+}
+
 fn dsdt(devices: &[&dyn AcpiDevice]) -> Vec<u8> {
     let mut body = Vec::new();
     // \_S5: the sleep type value the guest writes to the sleep control register to power off.
@@ -179,6 +220,7 @@ fn dsdt(devices: &[&dyn AcpiDevice]) -> Vec<u8> {
     .to_aml_bytes(&mut body);
     let mut sb = Vec::new();
     Com1.append_aml(&mut sb);
+    PowerButton.append_aml(&mut sb);
     for dev in devices {
         dev.append_aml(&mut sb);
     }

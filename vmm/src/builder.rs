@@ -15,6 +15,7 @@ use crate::console::{self, ConsoleError, ConsoleHub, ConsoleServer};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::memory::{self, GuestMemory, MemoryError};
+use crate::shutdown::ShutdownOnSignal;
 use crate::vcpu::{Vcpu, VcpuError};
 use crate::{acpi, boot, Vm};
 use devices::virtio::block::{Disk, DiskOptions, OpenError};
@@ -56,6 +57,8 @@ pub enum BuildError {
     Vcpu(#[from] VcpuError),
     #[error(transparent)]
     EventLoop(#[from] EventLoopError),
+    #[error("cannot watch termination signals: {0}")]
+    Signals(#[source] std::io::Error),
     #[error("cannot create the VM exit eventfd: {0}")]
     ExitEvent(#[source] std::io::Error),
 }
@@ -236,6 +239,13 @@ fn populate(
     if config.console == ConsoleConfig::Stdio {
         event_loop.add_stdin_console(devices.serial.clone())?;
     }
+    let on_signal = ShutdownOnSignal::new(
+        devices.power_button.clone(),
+        exit.clone(),
+        config.shutdown_timeout,
+    )
+    .map_err(BuildError::Signals)?;
+    event_loop.add_subscriber(Arc::new(std::sync::Mutex::new(on_signal)));
     if let Some((hub, listener, path)) = console {
         event_loop.add_subscriber(Arc::new(std::sync::Mutex::new(ConsoleServer::new(
             listener,

@@ -71,7 +71,13 @@ pub struct VmConfig {
     pub console: ConsoleConfig,
     /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...).
     pub disks: Vec<DiskConfig>,
+    /// After SIGTERM presses the power button, how long the guest has to power off before
+    /// it is stopped.
+    pub shutdown_timeout: std::time::Duration,
 }
+
+/// Kubernetes' default termination grace period.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A `VmConfig` field that cannot work, with the fix.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -103,6 +109,7 @@ impl VmConfig {
             cmdline: DEFAULT_CMDLINE.to_string(),
             console: ConsoleConfig::Stdio,
             disks: Vec::new(),
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
         }
     }
 

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use devices::acpi_pm::{self, AcpiPm};
+use devices::acpi_pm::{self, AcpiPm, PowerButton};
 use devices::bus::BusError;
 use devices::exit::ExitRequest;
 use devices::irq::IrqTrigger;
@@ -107,6 +107,8 @@ pub struct DeviceManager {
     pub subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     /// Devices the DSDT describes.
     pub acpi: Vec<VirtioMmioAcpi>,
+    /// The ACPI power button.
+    pub power_button: Arc<PowerButton>,
     virtio_count: usize,
 }
 
@@ -156,6 +158,11 @@ impl DeviceManager {
             acpi_pm::PORT_BASE,
             acpi_pm::PORT_LEN,
         )?;
+        let power_button = Arc::new(PowerButton::new(irq_line(
+            vm,
+            "power button",
+            acpi_pm::GED_GSI,
+        )?));
 
         Ok(Self {
             buses,
@@ -163,6 +170,7 @@ impl DeviceManager {
             blocks: Vec::new(),
             subscribers: Vec::new(),
             acpi: Vec::new(),
+            power_button,
             virtio_count: 0,
         })
     }

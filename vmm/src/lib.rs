@@ -11,6 +11,7 @@ pub mod console;
 pub mod device_manager;
 pub mod event_loop;
 pub mod memory;
+pub mod shutdown;
 pub mod vcpu;
 
 use std::sync::atomic::{AtomicBool, Ordering};
