@@ -197,15 +197,18 @@ impl Block {
             return true;
         };
         let mut used_any = false;
+        let mut empty_passes = 0;
         self.stalled = false;
         let healthy = loop {
             if active.queue.disable_notification(&active.mem).is_err() {
                 break false;
             }
+            let mut popped = false;
             while self.has_room() {
                 let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) else {
                     break;
                 };
+                popped = true;
                 let head = chain.head_index();
                 if let Some(written) = self.serve(&active.mem, chain, head) {
                     if active.queue.add_used(&active.mem, head, written).is_err() {
@@ -220,7 +223,16 @@ impl Block {
                 break true;
             }
             match active.queue.enable_notification(&active.mem) {
-                Ok(true) => continue, // more arrived while notifications were off
+                Ok(true) => {
+                    // More arrived while notifications were off, or the ring claims entries
+                    // that can never be popped (avail.idx more than a queue size ahead, an
+                    // avail ring at address 0): that would spin here forever. One empty pass
+                    // can be a race with the driver publishing; two in a row cannot.
+                    empty_passes = if popped { 0 } else { empty_passes + 1 };
+                    if empty_passes == 2 {
+                        break false;
+                    }
+                }
                 Ok(false) => break true,
                 Err(_) => break false,
             }
@@ -519,7 +531,8 @@ impl Block {
                 if flags & !allowed_flags != 0 {
                     return Err(Failure::Unsupported);
                 }
-                if count > MAX_DISCARD_SECTORS
+                if count == 0
+                    || count > MAX_DISCARD_SECTORS
                     || sector
                         .checked_add(u64::from(count))
                         .is_none_or(|end| end > capacity)

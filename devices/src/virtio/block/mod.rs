@@ -4,6 +4,8 @@
 pub mod backend;
 pub mod device;
 pub mod event_handler;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod metrics;
 pub mod request;
 pub mod uring;
