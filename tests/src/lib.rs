@@ -9,7 +9,7 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
@@ -164,20 +164,49 @@ pub fn run_podvm(args: &[&str]) -> Outcome {
 
 /// Runs a prepared command with stdin closed and collects its output, killing it after the
 /// harness timeout.
-pub fn run_command(mut cmd: Command) -> Outcome {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+pub fn run_command(cmd: Command) -> Outcome {
+    run_watched(cmd, false, |_, _, _| {})
+}
+
+/// Runs `cmd` under the harness timeout. Each stdout line goes to `on_line` as it arrives,
+/// with the child's stdin (piped when `stdin_piped`, else closed) and its pid, so a test can
+/// type or signal in response; everything printed is returned.
+fn run_watched(
+    mut cmd: Command,
+    stdin_piped: bool,
+    mut on_line: impl FnMut(&str, &mut Option<ChildStdin>, i32) + Send + 'static,
+) -> Outcome {
+    use std::io::{BufRead, BufReader};
+
+    cmd.stdin(if stdin_piped {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn podvm");
-    let stdout = reader(child.stdout.take().expect("stdout"));
+    let pid = child.id() as i32;
+    let mut stdin = child.stdin.take();
+    let stdout = child.stdout.take().expect("stdout");
     let stderr = reader(child.stderr.take().expect("stderr"));
+    let watcher = std::thread::spawn(move || {
+        let mut seen = String::new();
+        for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+            let line = String::from_utf8_lossy(&line).replace('\r', "");
+            on_line(&line, &mut stdin, pid);
+            seen.push_str(&line);
+            seen.push('\n');
+        }
+        seen
+    });
     let status = wait_with_timeout(&mut child, run_timeout());
     let outcome = Outcome {
         status: status.unwrap_or_else(|| {
             let _ = child.kill();
             child.wait().expect("wait after kill")
         }),
-        stdout: stdout.join().expect("stdout reader"),
+        stdout: watcher.join().expect("stdout reader"),
         stderr: stderr.join().expect("stderr reader"),
     };
     if status.is_none() {
@@ -214,11 +243,8 @@ pub fn exec_cmdline(script: &str) -> String {
     format!("{DEFAULT_CMDLINE} quiet podvm.exec={encoded}")
 }
 
-/// Boots the test guest running `script`, and each time a console line contains the first
-/// element of a pair in `replies`, types the second element on podvm's stdin (the console).
-pub fn run_guest_interactive(script: &str, replies: &[(&str, &str)]) -> Outcome {
-    use std::io::{BufRead, BufReader, Write};
-
+/// The podvm command that boots the test guest running `script`, with `extra` arguments.
+pub fn guest_command(script: &str, extra: &[&str]) -> Command {
     let g = guest();
     let mut cmd = Command::new(podvm_bin());
     cmd.args(["run", "--kernel"])
@@ -226,119 +252,45 @@ pub fn run_guest_interactive(script: &str, replies: &[(&str, &str)]) -> Outcome 
         .arg("--initrd")
         .arg(&g.initrd)
         .args(["--cmdline", &exec_cmdline(script)])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn podvm");
-    let mut stdin = child.stdin.take().expect("stdin");
-    let stdout = child.stdout.take().expect("stdout");
-    let stderr = reader(child.stderr.take().expect("stderr"));
+        .args(extra);
+    cmd
+}
+
+/// Boots the test guest running `script`, and each time a console line contains the first
+/// element of a pair in `replies`, types the second element on podvm's stdin (the console).
+pub fn run_guest_interactive(script: &str, replies: &[(&str, &str)]) -> Outcome {
+    use std::io::Write;
+
     let replies: Vec<(String, String)> = replies
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    let typist = std::thread::spawn(move || {
-        let mut seen = String::new();
-        for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
-            let line = String::from_utf8_lossy(&line).replace('\r', "");
-            for (prompt, reply) in &replies {
-                if line.contains(prompt.as_str()) {
-                    let _ = stdin.write_all(reply.as_bytes());
-                    let _ = stdin.flush();
-                }
+    run_watched(guest_command(script, &[]), true, move |line, stdin, _| {
+        for (prompt, reply) in &replies {
+            if let (true, Some(stdin)) = (line.contains(prompt.as_str()), stdin.as_mut()) {
+                let _ = stdin.write_all(reply.as_bytes());
+                let _ = stdin.flush();
             }
-            seen.push_str(&line);
-            seen.push('\n');
         }
-        seen
-    });
-    let status = wait_with_timeout(&mut child, run_timeout());
-    let outcome = Outcome {
-        status: status.unwrap_or_else(|| {
-            let _ = child.kill();
-            child.wait().expect("wait after kill")
-        }),
-        stdout: typist.join().expect("console reader"),
-        stderr: stderr.join().expect("stderr reader"),
-    };
-    if status.is_none() {
-        panic!(
-            "podvm did not finish within {:?}; killed.\n{outcome}",
-            run_timeout()
-        );
-    }
-    outcome
+    })
 }
 
 /// Boots the test guest running `script` with `extra` podvm arguments, and sends podvm the
 /// signal `signo` once a console line contains `marker`.
 pub fn run_guest_signal_on(script: &str, extra: &[&str], marker: &str, signo: i32) -> Outcome {
-    use std::io::{BufRead, BufReader};
-
-    let g = guest();
-    let mut cmd = Command::new(podvm_bin());
-    cmd.args(["run", "--kernel"])
-        .arg(&g.kernel)
-        .arg("--initrd")
-        .arg(&g.initrd)
-        .args(["--cmdline", &exec_cmdline(script)])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn podvm");
-    let pid = child.id() as i32;
-    let stdout = child.stdout.take().expect("stdout");
-    let stderr = reader(child.stderr.take().expect("stderr"));
     let marker = marker.to_string();
-    let watcher = std::thread::spawn(move || {
-        let mut seen = String::new();
-        for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
-            let line = String::from_utf8_lossy(&line).replace('\r', "");
-            if line.contains(&marker) {
-                // SAFETY: kill has no memory-safety preconditions; `pid` is our child, not
-                // yet reaped (the main thread waits for it only after this signal matters).
-                unsafe { libc::kill(pid, signo) };
-            }
-            seen.push_str(&line);
-            seen.push('\n');
+    run_watched(guest_command(script, extra), false, move |line, _, pid| {
+        if line.contains(&marker) {
+            // SAFETY: kill has no memory-safety preconditions; `pid` is our unreaped child.
+            unsafe { libc::kill(pid, signo) };
         }
-        seen
-    });
-    let status = wait_with_timeout(&mut child, run_timeout());
-    let outcome = Outcome {
-        status: status.unwrap_or_else(|| {
-            let _ = child.kill();
-            child.wait().expect("wait after kill")
-        }),
-        stdout: watcher.join().expect("console reader"),
-        stderr: stderr.join().expect("stderr reader"),
-    };
-    if status.is_none() {
-        panic!(
-            "podvm did not finish within {:?}; killed.\n{outcome}",
-            run_timeout()
-        );
-    }
-    outcome
+    })
 }
 
 /// Boots the test guest with `extra` podvm arguments, runs `script` in it, and returns what
 /// happened.
 pub fn run_guest_script(script: &str, extra: &[&str]) -> Outcome {
-    let g = guest();
-    let cmdline = exec_cmdline(script);
-    let mut args = vec![
-        "run",
-        "--kernel",
-        g.kernel.to_str().expect("utf-8 path"),
-        "--initrd",
-        g.initrd.to_str().expect("utf-8 path"),
-        "--cmdline",
-        &cmdline,
-    ];
-    args.extend_from_slice(extra);
-    run_podvm(&args)
+    run_command(guest_command(script, extra))
 }
 
 /// A scratch directory removed on drop.

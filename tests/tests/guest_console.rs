@@ -4,10 +4,10 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use podvm_tests::{exec_cmdline, guest, kvm_available, podvm_bin, TempDir};
+use podvm_tests::{guest_command, kvm_available, TempDir};
 
 /// Reads lines from `stream` until one contains `marker`; returns everything read.
 fn read_until(stream: &mut BufReader<UnixStream>, marker: &str) -> String {
@@ -36,14 +36,9 @@ fn console_socket_serves_history_keyboard_and_log() {
     let dir = TempDir::new("console");
     let socket = dir.0.join("console.sock");
     let log = dir.0.join("console.log");
-    let g = guest();
     let script = "echo BOOT-MARKER\nread -r line\necho \"GOT=[$line]\"\n";
-    let mut child = Command::new(podvm_bin())
-        .args(["run", "--kernel"])
-        .arg(&g.kernel)
-        .arg("--initrd")
-        .arg(&g.initrd)
-        .args(["--cmdline", &exec_cmdline(script), "--console"])
+    let mut child = guest_command(script, &[])
+        .arg("--console")
         .arg(&socket)
         .arg("--console-log")
         .arg(&log)

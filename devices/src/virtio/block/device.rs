@@ -367,9 +367,10 @@ impl Block {
                 let Some(iovecs) = guest_iovecs(mem, &req.data, align) else {
                     return false; // unaligned for O_DIRECT, or across memory regions
                 };
-                // SAFETY: the iovecs point into guest memory held by `self.active`, which
-                // the device keeps until the engine has drained (reset and drop drain it
-                // first); the guest gave these buffers to the device until it answers.
+                // The guest lent these buffers until the device answers; the memory behind
+                // them is held by `self.active`, which reset and drop release only after
+                // draining the engine.
+                // SAFETY: so the iovecs stay valid until their completion is reaped.
                 unsafe {
                     engine.queue_rw(
                         fd,

@@ -129,9 +129,9 @@ impl UringEngine {
             expected,
             _iovecs: iovecs,
         };
-        // SAFETY: the iovec array is moved into the slot (a boxed slice, so its address does
-        // not change) and stays there until the completion is reaped; the caller guarantees
-        // the buffers it describes stay valid as long.
+        // The iovec array moves into the slot (a boxed slice: its address stays) until the
+        // completion is reaped, and the caller keeps the buffers valid as long.
+        // SAFETY: so everything `entry` points at outlives the operation.
         unsafe { self.push(entry, op) }
     }
 
