@@ -10,7 +10,8 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::Once;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -165,7 +166,7 @@ pub fn run_podvm(args: &[&str]) -> Outcome {
 /// Runs a prepared command with stdin closed and collects its output, killing it after the
 /// harness timeout.
 pub fn run_command(cmd: Command) -> Outcome {
-    run_watched(cmd, false, |_, _, _| {})
+    run_watched(cmd, false, false, |_, _, _| {})
 }
 
 /// Runs `cmd` under the harness timeout. Each stdout line goes to `on_line` as it arrives,
@@ -173,6 +174,7 @@ pub fn run_command(cmd: Command) -> Outcome {
 /// type or signal in response; everything printed is returned.
 fn run_watched(
     mut cmd: Command,
+    watch_boot: bool,
     stdin_piped: bool,
     mut on_line: impl FnMut(&str, &mut Option<ChildStdin>, i32) + Send + 'static,
 ) -> Outcome {
@@ -190,17 +192,22 @@ fn run_watched(
     let mut stdin = child.stdin.take();
     let stdout = child.stdout.take().expect("stdout");
     let stderr = reader(child.stderr.take().expect("stderr"));
+    let started = Arc::new(AtomicBool::new(!watch_boot));
+    let started_seen = started.clone();
     let watcher = std::thread::spawn(move || {
         let mut seen = String::new();
         for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
             let line = String::from_utf8_lossy(&line).replace('\r', "");
+            if line.contains(SCRIPT_START) {
+                started_seen.store(true, Ordering::Release);
+            }
             on_line(&line, &mut stdin, pid);
             seen.push_str(&line);
             seen.push('\n');
         }
         seen
     });
-    let status = wait_with_timeout(&mut child, run_timeout());
+    let status = wait_with_timeout(&mut child, run_timeout(), &started);
     let outcome = Outcome {
         status: status.unwrap_or_else(|| {
             let _ = child.kill();
@@ -209,11 +216,18 @@ fn run_watched(
         stdout: watcher.join().expect("stdout reader"),
         stderr: stderr.join().expect("stderr reader"),
     };
-    if status.is_none() {
-        panic!(
+    match status {
+        Some(_) => {}
+        None if !started.load(Ordering::Acquire) => {
+            eprintln!(
+                "guest did not reach its script within {:?}; killed",
+                boot_timeout()
+            );
+        }
+        None => panic!(
             "podvm did not finish within {:?}; killed.\n{outcome}",
             run_timeout()
-        );
+        ),
     }
     outcome
 }
@@ -226,9 +240,20 @@ fn reader(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Strin
     })
 }
 
-fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + timeout;
+/// Waits for `child` up to `timeout`, and only up to the boot timeout while `started` is
+/// false.
+fn wait_with_timeout(
+    child: &mut Child,
+    timeout: Duration,
+    started: &AtomicBool,
+) -> Option<ExitStatus> {
+    let begin = Instant::now();
+    let deadline = begin + timeout;
+    let boot_deadline = begin + boot_timeout();
     while Instant::now() < deadline {
+        if !started.load(Ordering::Acquire) && Instant::now() > boot_deadline {
+            return None;
+        }
         if let Some(status) = child.try_wait().expect("try_wait") {
             return Some(status);
         }
@@ -251,9 +276,41 @@ pub fn guest_command(script: &str, extra: &[&str]) -> Command {
         .arg(&g.kernel)
         .arg("--initrd")
         .arg(&g.initrd)
-        .args(["--cmdline", &exec_cmdline(script)])
+        .args([
+            "--cmdline",
+            &exec_cmdline(&format!("echo {SCRIPT_START}\n{script}")),
+        ])
         .args(extra);
     cmd
+}
+
+/// The first line every harness guest script prints: the guest reached its script.
+pub const SCRIPT_START: &str = "PODVM-SCRIPT-START";
+
+/// How long a guest may take to reach its script before the harness calls the boot failed.
+fn boot_timeout() -> Duration {
+    let secs = std::env::var("PODVM_BOOT_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(240);
+    Duration::from_secs(secs)
+}
+
+/// Runs a guest command built by `make`; in the KVM sandbox, a guest that never reaches its
+/// script (nested SVM under TCG occasionally loses a guest during early boot: a triple
+/// fault or a stall before /init, seen about once in a few hundred boots) is booted once
+/// more, loudly. Anything that happens after the script started is never retried.
+fn run_guest_with_retry(mut make: impl FnMut() -> Outcome) -> Outcome {
+    let first = make();
+    let started = first.stdout.contains(SCRIPT_START);
+    if started || std::env::var_os("PODVM_IN_SANDBOX").is_none() {
+        return first;
+    }
+    eprintln!(
+        "*** guest never reached its script inside the KVM sandbox; booting it once more. \
+         First attempt:\n{first}"
+    );
+    make()
 }
 
 /// Boots the test guest running `script`, and each time a console line contains the first
@@ -265,32 +322,47 @@ pub fn run_guest_interactive(script: &str, replies: &[(&str, &str)]) -> Outcome 
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    run_watched(guest_command(script, &[]), true, move |line, stdin, _| {
-        for (prompt, reply) in &replies {
-            if let (true, Some(stdin)) = (line.contains(prompt.as_str()), stdin.as_mut()) {
-                let _ = stdin.write_all(reply.as_bytes());
-                let _ = stdin.flush();
-            }
-        }
+    run_guest_with_retry(|| {
+        let replies = replies.clone();
+        run_watched(
+            guest_command(script, &[]),
+            true,
+            true,
+            move |line, stdin, _| {
+                for (prompt, reply) in &replies {
+                    if let (true, Some(stdin)) = (line.contains(prompt.as_str()), stdin.as_mut()) {
+                        let _ = stdin.write_all(reply.as_bytes());
+                        let _ = stdin.flush();
+                    }
+                }
+            },
+        )
     })
 }
 
 /// Boots the test guest running `script` with `extra` podvm arguments, and sends podvm the
 /// signal `signo` once a console line contains `marker`.
 pub fn run_guest_signal_on(script: &str, extra: &[&str], marker: &str, signo: i32) -> Outcome {
-    let marker = marker.to_string();
-    run_watched(guest_command(script, extra), false, move |line, _, pid| {
-        if line.contains(&marker) {
-            // SAFETY: kill has no memory-safety preconditions; `pid` is our unreaped child.
-            unsafe { libc::kill(pid, signo) };
-        }
+    run_guest_with_retry(|| {
+        let marker = marker.to_string();
+        run_watched(
+            guest_command(script, extra),
+            true,
+            false,
+            move |line, _, pid| {
+                if line.contains(&marker) {
+                    // SAFETY: kill has no memory-safety preconditions; `pid` is our unreaped child.
+                    unsafe { libc::kill(pid, signo) };
+                }
+            },
+        )
     })
 }
 
 /// Boots the test guest with `extra` podvm arguments, runs `script` in it, and returns what
 /// happened.
 pub fn run_guest_script(script: &str, extra: &[&str]) -> Outcome {
-    run_command(guest_command(script, extra))
+    run_guest_with_retry(|| run_watched(guest_command(script, extra), true, false, |_, _, _| {}))
 }
 
 /// A scratch directory removed on drop.
