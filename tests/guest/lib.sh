@@ -402,3 +402,33 @@ podvm_outputs_current() {
         [[ $(podvm_versions_get "$versions" "${kv%%=*}") == "$(podvm_sha256 "${kv#*=}")" ]] || return 1
     done
 }
+
+# podvm_write_versions OUTDIR WRITER INPUTS KEY=FILE...: writes OUTDIR/VERSIONS, the record
+# of what was built (package versions, module lists, the inputs hash, and the sha256 of each
+# output FILE under KEY), atomically. WRITER names the script in the header line.
+podvm_write_versions() {
+    local outdir=$1 writer=$2 inputs=$3 pair
+    shift 3
+    {
+        echo "# Written by $writer; see $(dirname -- "$writer")/README.md. Do not edit."
+        echo "kernel_package=$KERNEL_PKG"
+        echo "kernel_version=$KERNEL_VER"
+        echo "kernel_release=$KERNEL_RELEASE"
+        echo "kernel_deb_sha256=$(podvm_sha256 "$KERNEL_DEB")"
+        echo "busybox_package=$PODVM_BUSYBOX_PKG"
+        echo "busybox_version=$BUSYBOX_VER"
+        echo "busybox_deb_sha256=$(podvm_sha256 "$BUSYBOX_DEB")"
+        echo "modules_loaded=${PODVM_MODS_LOADED[*]}"
+        echo "modules_builtin=${PODVM_MODS_BUILTIN[*]}"
+        echo "modules_absent=${PODVM_MODS_MISSING[*]}"
+        echo "inputs_sha256=$inputs"
+        for pair in "$@"; do
+            echo "${pair%%=*}=$(podvm_sha256 "${pair#*=}")"
+        done
+    } >"$outdir/VERSIONS.tmp"
+    mv -f -- "$outdir/VERSIONS.tmp" "$outdir/VERSIONS"
+
+    podvm_log "built $outdir: $KERNEL_PKG $KERNEL_VER, modules: ${PODVM_MODS_LOADED[*]}"
+    ((${#PODVM_MODS_BUILTIN[@]} == 0)) || podvm_log "built into the kernel: ${PODVM_MODS_BUILTIN[*]}"
+    ((${#PODVM_MODS_MISSING[@]} == 0)) || podvm_log "not in this kernel: ${PODVM_MODS_MISSING[*]}"
+}

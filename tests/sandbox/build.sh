@@ -76,27 +76,8 @@ podvm_mkcpio "$stage" "$outdir/base.cpio.gz"
 cp -f -- "$VMLINUZ_SRC" "$outdir/vmlinuz.tmp"
 mv -f -- "$outdir/vmlinuz.tmp" "$outdir/vmlinuz"
 
-{
-    echo "# Written by tests/sandbox/build.sh; see tests/sandbox/README.md. Do not edit."
-    echo "kernel_package=$KERNEL_PKG"
-    echo "kernel_version=$KERNEL_VER"
-    echo "kernel_release=$KERNEL_RELEASE"
-    echo "kernel_deb_sha256=$(podvm_sha256 "$KERNEL_DEB")"
-    echo "busybox_package=$PODVM_BUSYBOX_PKG"
-    echo "busybox_version=$BUSYBOX_VER"
-    echo "busybox_deb_sha256=$(podvm_sha256 "$BUSYBOX_DEB")"
-    echo "modules_loaded=${PODVM_MODS_LOADED[*]}"
-    echo "modules_builtin=${PODVM_MODS_BUILTIN[*]}"
-    echo "modules_absent=${PODVM_MODS_MISSING[*]}"
-    echo "inputs_sha256=$inputs"
-    echo "vmlinuz_sha256=$(podvm_sha256 "$outdir/vmlinuz")"
-    echo "base_cpio_sha256=$(podvm_sha256 "$outdir/base.cpio.gz")"
-} >"$outdir/VERSIONS.tmp"
-mv -f -- "$outdir/VERSIONS.tmp" "$outdir/VERSIONS"
-
-podvm_log "built $outdir: $KERNEL_PKG $KERNEL_VER, modules: ${PODVM_MODS_LOADED[*]}"
-((${#PODVM_MODS_BUILTIN[@]} == 0)) || podvm_log "built into the kernel: ${PODVM_MODS_BUILTIN[*]}"
-((${#PODVM_MODS_MISSING[@]} == 0)) || podvm_log "not in this kernel: ${PODVM_MODS_MISSING[*]}"
+podvm_write_versions "$outdir" tests/sandbox/build.sh "$inputs" \
+    vmlinuz_sha256="$outdir/vmlinuz" base_cpio_sha256="$outdir/base.cpio.gz"
 if [[ " ${PODVM_MODS_LOADED[*]} " != *" kvm_amd "* ]]; then
     podvm_log "warning: this kernel has no kvm-amd module; the sandbox will have no /dev/kvm"
 fi

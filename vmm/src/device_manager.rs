@@ -109,7 +109,6 @@ pub struct DeviceManager {
     pub acpi: Vec<VirtioMmioAcpi>,
     /// The ACPI power button.
     pub power_button: Arc<PowerButton>,
-    virtio_count: usize,
 }
 
 impl DeviceManager {
@@ -171,7 +170,6 @@ impl DeviceManager {
             subscribers: Vec::new(),
             acpi: Vec::new(),
             power_button,
-            virtio_count: 0,
         })
     }
 
@@ -213,7 +211,8 @@ impl DeviceManager {
         name: &str,
         device: Arc<Mutex<dyn VirtioDevice>>,
     ) -> Result<(), DeviceError> {
-        let index = self.virtio_count;
+        // Every virtio device is described in the DSDT, so that list also numbers them.
+        let index = self.acpi.len();
         let gsi = *VIRTIO_GSIS.get(index).ok_or_else(|| DeviceError::NoIrq {
             device: name.into(),
         })?;
@@ -239,7 +238,6 @@ impl DeviceManager {
                 source,
             })?;
         self.acpi.push(VirtioMmioAcpi { index, base, gsi });
-        self.virtio_count += 1;
         Ok(())
     }
 }
