@@ -18,6 +18,36 @@ pub enum Command {
     Run(RunArgs),
     /// Attach this terminal to a VM's console socket (detach with Ctrl-]).
     Console(ConsoleArgs),
+    /// Call a running VM's control API (`podvm run --api-socket`); prints the JSON answer.
+    Api(ApiArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ApiArgs {
+    /// The socket given to `podvm run --api-socket`.
+    pub socket: PathBuf,
+    #[command(subcommand)]
+    pub action: ApiAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApiAction {
+    /// The VM's configuration and state (running, paused, shutting-down).
+    Info,
+    /// Per-device counters: disks, NICs, console, API.
+    Counters,
+    /// Stop the vCPUs (and the guest's clock) until resume.
+    Pause,
+    /// Let a paused VM run again.
+    Resume,
+    /// Press the ACPI power button; the guest is stopped if it has not powered off in time.
+    Shutdown {
+        /// Seconds the guest has (default: the VM's --shutdown-timeout).
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+    },
+    /// Stop the VM now, without the guest's cooperation (podvm exits 1).
+    Stop,
 }
 
 #[derive(Debug, Args)]
@@ -66,6 +96,10 @@ pub struct RunArgs {
     /// podvm stops it (Kubernetes' default grace period is 30 s).
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     pub shutdown_timeout: u64,
+    /// Serve the control API (HTTP/1.1 + JSON, docs/api.md) on a unix socket created at PATH
+    /// (mode 0600); `podvm api PATH ...` calls it.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
     /// Run even though this host's KVM is PVM, which boots only PVM-enabled guest kernels
     /// (or tiny guests such as the benchmark's).
     #[arg(long)]

@@ -1,5 +1,6 @@
 //! `podvm`: the VM pod launcher.
 
+mod api_client;
 mod cli;
 mod console;
 mod preflight;
@@ -25,7 +26,9 @@ enum Error {
     Run(#[from] vmm::RunError),
     #[error(transparent)]
     Console(#[from] console::AttachError),
-    #[error("the guest was stopped without powering off (shutdown timeout or a second signal)")]
+    #[error(transparent)]
+    Api(#[from] api_client::ApiClientError),
+    #[error("the guest was stopped without powering off (shutdown timeout, a second signal, or the API's stop)")]
     Stopped,
     #[error("cannot block termination signals: {0}")]
     Signals(#[source] std::io::Error),
@@ -39,6 +42,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Console(args) => console::attach(&args.socket, args.escape).map_err(Error::from),
+        Command::Api(args) => api_client::call(&args.socket, &args.action).map_err(Error::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -79,6 +83,7 @@ fn run(args: RunArgs) -> Result<(), Error> {
         },
         disks: args.disk,
         shutdown_timeout: std::time::Duration::from_secs(args.shutdown_timeout),
+        api_socket: args.api_socket,
     };
     config.validate().map_err(vmm::builder::BuildError::from)?;
     preflight::check_file("--kernel", &config.kernel)?;

@@ -427,3 +427,197 @@ pub fn sha256_file(path: &str) -> String {
         .expect("sha256sum output")
         .to_string()
 }
+
+/// A guest running in the background with its console on a socket (every byte also in a log
+/// file) and the control API on another socket: for tests that attach, detach and call the
+/// API while the guest runs.
+pub struct SocketVm {
+    pub dir: TempDir,
+    pub console: PathBuf,
+    pub log: PathBuf,
+    pub api: PathBuf,
+    child: Option<Child>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl SocketVm {
+    /// Boots the test guest running `script` with `extra` podvm arguments and returns once
+    /// the script has started. In the KVM sandbox a guest that never reaches its script is
+    /// booted once more (see [`run_guest_script`]).
+    pub fn start(name: &str, script: &str, extra: &[&str]) -> Self {
+        match Self::try_start(name, script, extra) {
+            Ok(vm) => vm,
+            Err(first) if std::env::var_os("PODVM_IN_SANDBOX").is_some() => {
+                eprintln!(
+                    "*** guest never reached its script inside the KVM sandbox; booting it \
+                     once more. First attempt:\n{first}"
+                );
+                Self::try_start(name, script, extra).unwrap_or_else(|e| panic!("{e}"))
+            }
+            Err(first) => panic!("{first}"),
+        }
+    }
+
+    fn try_start(name: &str, script: &str, extra: &[&str]) -> Result<Self, String> {
+        let dir = TempDir::new(name);
+        let console = dir.0.join("console.sock");
+        let log = dir.0.join("console.log");
+        let api = dir.0.join("api.sock");
+        let mut cmd = guest_command(script, extra);
+        cmd.arg("--console")
+            .arg(&console)
+            .arg("--console-log")
+            .arg(&log)
+            .arg("--api-socket")
+            .arg(&api)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn podvm");
+        let stderr = reader(child.stderr.take().expect("stderr"));
+        let mut vm = Self {
+            dir,
+            console,
+            log,
+            api,
+            child: Some(child),
+            stderr: Some(stderr),
+        };
+        match vm.try_wait_log(SCRIPT_START, boot_timeout()) {
+            Ok(_) => Ok(vm),
+            Err(why) => {
+                vm.kill();
+                Err(format!(
+                    "guest did not reach its script: {why}\nstderr:\n{}\nconsole log:\n{}",
+                    vm.take_stderr(),
+                    vm.log_text()
+                ))
+            }
+        }
+    }
+
+    /// Everything the guest printed so far (carriage returns removed).
+    pub fn log_text(&self) -> String {
+        let bytes = std::fs::read(&self.log).unwrap_or_default();
+        String::from_utf8_lossy(&bytes).replace('\r', "")
+    }
+
+    /// Bytes in the console log so far.
+    pub fn log_len(&self) -> u64 {
+        std::fs::metadata(&self.log).map_or(0, |m| m.len())
+    }
+
+    fn try_wait_log(&mut self, needle: &str, timeout: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.log_text();
+            if text.contains(needle) {
+                return Ok(text);
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                return Err(format!(
+                    "podvm exited ({status}) before {needle:?} appeared"
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{needle:?} did not appear within {timeout:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the console log contains `needle`; returns the whole log.
+    pub fn wait_log(&mut self, needle: &str) -> String {
+        match self.try_wait_log(needle, run_timeout()) {
+            Ok(text) => text,
+            Err(why) => {
+                self.kill();
+                panic!(
+                    "{why}\nstderr:\n{}\nconsole log:\n{}",
+                    self.take_stderr(),
+                    self.log_text()
+                );
+            }
+        }
+    }
+
+    /// Runs `podvm api SOCKET args...`.
+    pub fn api(&self, args: &[&str]) -> Outcome {
+        let mut cmd = Command::new(podvm_bin());
+        cmd.arg("api").arg(&self.api).args(args);
+        run_command(cmd)
+    }
+
+    /// Runs `podvm api SOCKET args...`, which must succeed, and parses its JSON answer.
+    pub fn api_json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.api(args);
+        assert!(out.status.success(), "podvm api {args:?} failed:\n{out}");
+        serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("podvm api {args:?}: not JSON ({e}):\n{out}"))
+    }
+
+    /// Sends `request` as is on a new API connection and returns everything answered.
+    pub fn raw_api(&self, request: &[u8]) -> String {
+        use std::io::Write;
+        let mut stream = std::os::unix::net::UnixStream::connect(&self.api).expect("connect api");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        // The server may answer and close before a large request is all written.
+        let _ = stream.write_all(request);
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    /// Waits for podvm to exit; the console log is the outcome's stdout.
+    pub fn wait(mut self) -> Outcome {
+        let mut child = self.child.take().expect("running");
+        let never = AtomicBool::new(true);
+        let status = wait_with_timeout(&mut child, run_timeout(), &never);
+        let status = status.unwrap_or_else(|| {
+            let _ = child.kill();
+            let status = child.wait().expect("wait after kill");
+            panic!(
+                "podvm did not exit within {:?}; killed ({status})\nstderr:\n{}\nconsole log:\n{}",
+                run_timeout(),
+                self.take_stderr(),
+                self.log_text()
+            );
+        });
+        Outcome {
+            status,
+            stdout: self.log_text(),
+            stderr: self.take_stderr(),
+        }
+    }
+
+    /// podvm's pid.
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    fn take_stderr(&mut self) -> String {
+        self.stderr
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for SocketVm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -244,3 +244,56 @@ fn console_path_that_is_a_regular_file_is_refused() {
     ]);
     assert_one_clear_error(&out, "exists and is not a socket");
 }
+
+#[test]
+fn api_call_to_missing_socket_says_so() {
+    let out = run_podvm(&["api", "/nonexistent/api.sock", "info"]);
+    assert_one_clear_error(&out, "no such socket; is the VM running with --api-socket");
+}
+
+#[test]
+fn api_call_to_dead_socket_says_the_vm_exited() {
+    let dir = TempDir::new("deadapi");
+    let path = dir.0.join("api.sock");
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    let out = run_podvm(&["api", path.to_str().unwrap(), "pause"]);
+    assert_one_clear_error(
+        &out,
+        "connection refused; the VM that created it has exited",
+    );
+}
+
+#[test]
+fn api_socket_that_is_a_regular_file_is_refused() {
+    let dir = TempDir::new("apinotsock");
+    let path = dir.file("api", b"not a socket");
+    let out = run_podvm(&[
+        "run",
+        "--kernel",
+        &elf_stub(&dir),
+        "--console",
+        "off",
+        "--api-socket",
+        &path,
+        "--allow-pvm",
+    ]);
+    assert_one_clear_error(&out, "--api-socket");
+    assert!(out.stderr.contains("exists and is not a socket"), "{out}");
+}
+
+#[test]
+fn api_socket_equal_to_console_socket_is_refused() {
+    let dir = TempDir::new("apiclash");
+    let path = dir.0.join("vm.sock");
+    let path = path.to_str().unwrap();
+    let out = run_podvm(&[
+        "run",
+        "--kernel",
+        &elf_stub(&dir),
+        "--console",
+        path,
+        "--api-socket",
+        path,
+    ]);
+    assert_one_clear_error(&out, "is also the --console socket");
+}

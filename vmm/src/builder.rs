@@ -10,12 +10,14 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 use devices::exit::ExitRequest;
 
+use crate::api::{ApiError, ApiServer};
 use crate::config::{ConfigError, ConsoleConfig, DiskConfig, VmConfig};
 use crate::console::{self, ConsoleError, ConsoleHub, ConsoleServer};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::memory::{self, GuestMemory, MemoryError};
-use crate::shutdown::ShutdownOnSignal;
+use crate::shutdown::{GracefulShutdown, ShutdownOnSignal};
+use crate::vcpu::control::VcpuControl;
 use crate::vcpu::{Vcpu, VcpuError};
 use crate::{acpi, boot, Vm};
 use devices::virtio::block::{Disk, DiskOptions, OpenError};
@@ -45,6 +47,8 @@ pub enum BuildError {
     },
     #[error(transparent)]
     Console(#[from] ConsoleError),
+    #[error(transparent)]
+    Api(#[from] ApiError),
     #[error(transparent)]
     Memory(#[from] MemoryError),
     #[error(transparent)]
@@ -109,6 +113,12 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
         }
         _ => None,
     };
+    // 1d. The API socket, likewise.
+    let api = config
+        .api_socket
+        .as_ref()
+        .map(|path| crate::api::bind(path).map(|l| (l, path.clone())))
+        .transpose()?;
 
     step("kvm");
     // 2. KVM and the capabilities podvm relies on.
@@ -127,7 +137,7 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
 
     step("vm");
     // 3. The VM with its in-kernel interrupt controllers (PIC, IOAPIC, LAPICs) and PIT.
-    let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+    let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
     vm.set_tss_address(KVM_TSS_ADDR)
         .map_err(kvm_err("set the TSS address"))?;
     vm.create_irq_chip()
@@ -145,7 +155,7 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
     let mem = memory::create(config.memory_bytes())?;
     let parts = std::thread::scope(|scope| {
         let registering = scope.spawn(|| register_memory(&vm, &mem));
-        let parts = populate(config, disks, console, &kvm, &vm, &mem, &step);
+        let parts = populate(config, disks, console, api, &kvm, &vm, &mem, &step);
         match registering.join() {
             Ok(registered) => registered.and(parts),
             Err(panic) => std::panic::resume_unwind(panic),
@@ -158,6 +168,7 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
         exit: parts.exit,
         serial: parts.serial,
         blocks: parts.blocks,
+        vcpu_control: parts.vcpu_control,
         _vm: vm,
         _mem: mem,
     })
@@ -170,9 +181,11 @@ struct Parts {
     exit: ExitRequest,
     serial: Arc<std::sync::Mutex<devices::legacy::Serial>>,
     blocks: Vec<Arc<std::sync::Mutex<devices::virtio::block::Block>>>,
+    vcpu_control: Arc<VcpuControl>,
 }
 
 /// Steps 5-8: devices, ACPI and boot data in guest memory, vCPUs, the event loop.
+#[allow(clippy::too_many_arguments)]
 fn populate(
     config: &VmConfig,
     disks: Vec<(Disk, &DiskConfig)>,
@@ -181,8 +194,9 @@ fn populate(
         std::os::unix::net::UnixListener,
         std::path::PathBuf,
     )>,
+    api: Option<(std::os::unix::net::UnixListener, std::path::PathBuf)>,
     kvm: &Kvm,
-    vm: &VmFd,
+    vm: &Arc<VmFd>,
     mem: &GuestMemory,
     step: &dyn Fn(&str),
 ) -> Result<Parts, BuildError> {
@@ -239,13 +253,39 @@ fn populate(
     if config.console == ConsoleConfig::Stdio {
         event_loop.add_stdin_console(devices.serial.clone())?;
     }
-    let on_signal = ShutdownOnSignal::new(
-        devices.power_button.clone(),
-        exit.clone(),
-        config.shutdown_timeout,
-    )
-    .map_err(BuildError::Signals)?;
+    let vcpu_control = Arc::new(VcpuControl::new(vcpus.len()));
+    let shutdown = Arc::new(
+        GracefulShutdown::new(
+            devices.power_button.clone(),
+            exit.clone(),
+            vcpu_control.clone(),
+            vm.clone(),
+            config.shutdown_timeout,
+        )
+        .map_err(BuildError::Signals)?,
+    );
+    let on_signal = ShutdownOnSignal::new(shutdown.clone()).map_err(BuildError::Signals)?;
     event_loop.add_subscriber(Arc::new(std::sync::Mutex::new(on_signal)));
+    if let Some((listener, path)) = api {
+        let metrics = Arc::new(crate::api::ApiMetrics::default());
+        let control = crate::control::VmControl {
+            config: config.clone(),
+            started: std::time::Instant::now(),
+            vm: vm.clone(),
+            vcpus: vcpu_control.clone(),
+            shutdown,
+            disks: devices
+                .blocks
+                .iter()
+                .map(|b| b.lock().unwrap_or_else(|p| p.into_inner()).metrics())
+                .collect(),
+            console: hub.clone(),
+            api: metrics.clone(),
+            pauses: Default::default(),
+        };
+        let server = ApiServer::new(listener, path, Arc::new(control), metrics)?;
+        event_loop.add_subscriber(Arc::new(std::sync::Mutex::new(server)));
+    }
     if let Some((hub, listener, path)) = console {
         event_loop.add_subscriber(Arc::new(std::sync::Mutex::new(ConsoleServer::new(
             listener,
@@ -260,6 +300,7 @@ fn populate(
         exit,
         serial: devices.serial,
         blocks: devices.blocks,
+        vcpu_control,
     })
 }
 

@@ -74,6 +74,8 @@ pub struct VmConfig {
     /// After SIGTERM presses the power button, how long the guest has to power off before
     /// it is stopped.
     pub shutdown_timeout: std::time::Duration,
+    /// Where the control API listens (a unix socket, mode 0600); no API when `None`.
+    pub api_socket: Option<PathBuf>,
 }
 
 /// Kubernetes' default termination grace period.
@@ -94,6 +96,8 @@ pub enum ConfigError {
     Cmdline,
     #[error("disk {index} serial {serial:?}: use at most {MAX_SERIAL_LEN} printable ASCII characters without commas")]
     Serial { index: usize, serial: String },
+    #[error("--api-socket {0}: is also the --console socket; give the two different paths")]
+    SocketClash(PathBuf),
     #[error("disks: {count} disks is more than podvm's {max}; give fewer --disk")]
     TooManyDisks { count: usize, max: usize },
 }
@@ -110,6 +114,7 @@ impl VmConfig {
             console: ConsoleConfig::Stdio,
             disks: Vec::new(),
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            api_socket: None,
         }
     }
 
@@ -129,6 +134,11 @@ impl VmConfig {
                 count: self.disks.len(),
                 max: MAX_DISKS,
             });
+        }
+        if let (Some(api), ConsoleConfig::Socket { path, .. }) = (&self.api_socket, &self.console) {
+            if api == path {
+                return Err(ConfigError::SocketClash(api.clone()));
+            }
         }
         for (index, disk) in self.disks.iter().enumerate() {
             if let Some(serial) = &disk.serial {
@@ -196,6 +206,23 @@ mod tests {
         ));
         cfg.disks = vec![disk("has space")];
         assert!(cfg.validate().is_err());
+    }
+
+    #[test]
+    fn config_rejects_one_path_for_console_and_api() {
+        let mut cfg = VmConfig::new("/k");
+        cfg.console = ConsoleConfig::Socket {
+            path: "/run/vm.sock".into(),
+            history: 1024,
+            log: None,
+        };
+        cfg.api_socket = Some("/run/api.sock".into());
+        assert_eq!(cfg.validate(), Ok(()));
+        cfg.api_socket = Some("/run/vm.sock".into());
+        assert_eq!(
+            cfg.validate(),
+            Err(ConfigError::SocketClash("/run/vm.sock".into()))
+        );
     }
 
     #[test]

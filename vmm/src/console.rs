@@ -12,7 +12,6 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,16 +31,8 @@ const NOTICE_KEYBOARD: &[u8] = b"\r\n[podvm] you now hold the keyboard\r\n";
 /// Setting up the console socket failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsoleError {
-    #[error("--console {path}: another podvm is listening there; give another path")]
-    InUse { path: PathBuf },
-    #[error("--console {path}: exists and is not a socket; remove it or give another path")]
-    NotASocket { path: PathBuf },
-    #[error("--console {path}: cannot listen: {source}")]
-    Bind {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Socket(#[from] crate::socket::SocketError),
     #[error("--console-log {path}: cannot open: {source}")]
     Log {
         path: PathBuf,
@@ -241,25 +232,7 @@ impl Write for HubWriter {
 
 /// Binds the console socket at `path` with mode 0600, replacing a stale socket file.
 pub fn bind(path: &Path) -> Result<UnixListener, ConsoleError> {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(ConsoleError::NotASocket { path: path.into() });
-        }
-        if UnixStream::connect(path).is_ok() {
-            return Err(ConsoleError::InUse { path: path.into() });
-        }
-        let _ = std::fs::remove_file(path);
-    }
-    let bind_err = |source| ConsoleError::Bind {
-        path: path.into(),
-        source,
-    };
-    let listener = UnixListener::bind(path).map_err(bind_err)?;
-    // Tighten before anyone can have connected in a meaningful way: a client needs the
-    // guest's output, which starts only once the VM runs.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
-    listener.set_nonblocking(true).map_err(bind_err)?;
-    Ok(listener)
+    Ok(crate::socket::bind_private("--console", path)?)
 }
 
 const TOKEN_LISTENER: u32 = u32::MAX;

@@ -4,17 +4,20 @@
 //! in numbered steps, and [`Vm::run`] returns when the guest powers off or resets.
 
 pub mod acpi;
+pub mod api;
 pub mod boot;
 pub mod builder;
 pub mod config;
 pub mod console;
+pub mod control;
 pub mod device_manager;
 pub mod event_loop;
 pub mod memory;
 pub mod shutdown;
+pub mod socket;
 pub mod vcpu;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::unix::thread::JoinHandleExt;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -25,6 +28,7 @@ use devices::legacy::Serial;
 use vmm_sys_util::signal::Killable;
 
 use crate::event_loop::EventLoop;
+use crate::vcpu::control::VcpuControl;
 use crate::vcpu::{Vcpu, VcpuError};
 
 /// A built VM, not yet running.
@@ -34,8 +38,9 @@ pub struct Vm {
     exit: ExitRequest,
     serial: Arc<Mutex<Serial>>,
     blocks: Vec<Arc<Mutex<devices::virtio::block::Block>>>,
+    vcpu_control: Arc<VcpuControl>,
     // Dropped after the vCPUs have stopped: the VM fd, then guest memory.
-    _vm: kvm_ioctls::VmFd,
+    _vm: Arc<kvm_ioctls::VmFd>,
     _mem: memory::GuestMemory,
 }
 
@@ -64,7 +69,7 @@ impl Vm {
     /// Runs the guest until it powers off, resets, or a vCPU fails; returns which.
     pub fn run(self) -> Result<ExitReason, RunError> {
         vcpu::register_kick_handler()?;
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = self.vcpu_control;
         let mut threads = Vec::with_capacity(self.vcpus.len());
         for vcpu in self.vcpus {
             match vcpu.spawn(stop.clone()) {
@@ -75,6 +80,7 @@ impl Vm {
                 }
             }
         }
+        stop.set_threads(threads.iter().map(|t| t.as_pthread_t()).collect());
         tracing::info!(vcpus = threads.len(), "guest started");
 
         let event_loop = self.event_loop;
@@ -110,8 +116,8 @@ impl Vm {
 
 /// Stops every vCPU thread: sets the flag, then kicks each thread out of `KVM_RUN` until it
 /// has ended (a kick that lands outside `KVM_RUN` is lost, hence the repeat).
-fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
-    stop.store(true, Ordering::Release);
+fn stop_vcpus(control: &VcpuControl, threads: Vec<JoinHandle<()>>) {
+    control.request_stop();
     for thread in threads {
         let mut last_kick: Option<std::time::Instant> = None;
         while !thread.is_finished() {

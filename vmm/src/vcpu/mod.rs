@@ -1,14 +1,14 @@
 //! vCPUs: creation and architectural setup, and one thread per vCPU running `KVM_RUN`.
 //!
-//! A vCPU thread dispatches port I/O and MMIO exits to the device buses and stops when the
-//! shared `stop` flag is set. To stop a thread that is inside `KVM_RUN`, the VMM sends it the
+//! A vCPU thread dispatches port I/O and MMIO exits to the device buses, and parks or stops
+//! when its [`control::VcpuControl`] says so. To stop a thread that is inside `KVM_RUN`, the VMM sends it the
 //! kick signal ([`kick_signal`]), whose handler does nothing: the signal alone makes `KVM_RUN`
 //! return `EINTR`.
 
+pub mod control;
 pub mod cpuid;
 pub mod regs;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -123,17 +123,20 @@ impl Vcpu {
     }
 
     /// Starts the vCPU on its own thread, named `vcpu<N>`.
-    pub fn spawn(self, stop: Arc<AtomicBool>) -> Result<JoinHandle<()>, VcpuError> {
+    pub fn spawn(self, control: Arc<control::VcpuControl>) -> Result<JoinHandle<()>, VcpuError> {
         let id = self.id;
         std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || self.run(&stop))
+            .spawn(move || {
+                self.run(&control);
+                control.thread_ended();
+            })
             .map_err(|source| VcpuError::Spawn { id, source })
     }
 
-    fn run(mut self, stop: &AtomicBool) {
+    fn run(mut self, control: &control::VcpuControl) {
         // Once the guest has asked to end (on any vCPU), nothing it runs afterwards counts.
-        while !stop.load(Ordering::Acquire) && self.exit.reason().is_none() {
+        while control.checkpoint() == control::Next::Run && self.exit.reason().is_none() {
             if let Some(reason) = self.run_once() {
                 self.exit.request(reason);
                 return;

@@ -1,0 +1,197 @@
+//! The VM as the control API sees it: state, info, counters and the actions on it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use devices::virtio::block::BlockMetrics;
+use kvm_ioctls::VmFd;
+use serde_json::{json, Value};
+
+use crate::api::{ApiMetrics, Control};
+use crate::config::{ConsoleConfig, VmConfig};
+use crate::console::ConsoleHub;
+use crate::shutdown::{Begun, GracefulShutdown};
+use crate::vcpu::control::{RunState, VcpuControl};
+
+/// Everything the API reports on or acts on.
+pub struct VmControl {
+    pub config: VmConfig,
+    pub started: Instant,
+    pub vm: Arc<VmFd>,
+    pub vcpus: Arc<VcpuControl>,
+    pub shutdown: Arc<GracefulShutdown>,
+    /// One per disk, in config order.
+    pub disks: Vec<Arc<BlockMetrics>>,
+    pub console: Option<Arc<ConsoleHub>>,
+    pub api: Arc<ApiMetrics>,
+    pub pauses: AtomicU64,
+}
+
+fn get(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+impl VmControl {
+    /// "running", "paused" or "shutting-down" (the power button was pressed).
+    fn state(&self) -> &'static str {
+        if self.shutdown.remaining().is_some() {
+            "shutting-down"
+        } else {
+            match self.vcpus.run_state() {
+                RunState::Running => "running",
+                RunState::Paused => "paused",
+            }
+        }
+    }
+
+    fn state_json(&self) -> Value {
+        json!({ "state": self.state() })
+    }
+}
+
+impl Control for VmControl {
+    fn info(&self) -> Value {
+        let c = &self.config;
+        let console = match &c.console {
+            ConsoleConfig::Stdio => json!({ "kind": "stdio" }),
+            ConsoleConfig::Off => json!({ "kind": "off" }),
+            ConsoleConfig::Socket { path, history, log } => json!({
+                "kind": "socket",
+                "path": path,
+                "history_bytes": history,
+                "log": log,
+            }),
+        };
+        let disks: Vec<Value> = c
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(index, d)| {
+                json!({
+                    "index": index,
+                    "path": d.path,
+                    "read_only": d.read_only,
+                    "serial": d.serial,
+                })
+            })
+            .collect();
+        json!({
+            "state": self.state(),
+            "shutdown_remaining_s": self.shutdown.remaining().map(|d| d.as_secs_f64()),
+            "shutdown_timeout_s": self.shutdown.default_timeout().as_secs_f64(),
+            "vcpus": c.vcpus,
+            "memory_mib": c.memory_mib,
+            "kernel": c.kernel,
+            "initrd": c.initrd,
+            "cmdline": c.cmdline,
+            "console": console,
+            "disks": disks,
+            "nics": [],
+            "uptime_s": self.started.elapsed().as_secs_f64(),
+            "paused_s": self.vcpus.paused_total().as_secs_f64(),
+            "pid": std::process::id(),
+            "podvm_version": env!("CARGO_PKG_VERSION"),
+        })
+    }
+
+    fn counters(&self) -> Value {
+        let disks: Vec<Value> = self
+            .disks
+            .iter()
+            .zip(&self.config.disks)
+            .enumerate()
+            .map(|(index, (m, d))| {
+                let errors =
+                    get(&m.io_errors) + get(&m.read_only_violations) + get(&m.unsupported_requests);
+                json!({
+                    "index": index,
+                    "path": d.path,
+                    "requests": get(&m.read_requests) + get(&m.write_requests)
+                        + get(&m.flush_requests) + get(&m.discard_requests)
+                        + get(&m.write_zeroes_requests) + get(&m.get_id_requests),
+                    "bytes": get(&m.read_bytes) + get(&m.write_bytes),
+                    "errors": errors,
+                    "dropped": get(&m.invalid_requests),
+                    "read_requests": get(&m.read_requests),
+                    "read_bytes": get(&m.read_bytes),
+                    "write_requests": get(&m.write_requests),
+                    "write_bytes": get(&m.write_bytes),
+                    "flush_requests": get(&m.flush_requests),
+                    "discard_requests": get(&m.discard_requests),
+                    "write_zeroes_requests": get(&m.write_zeroes_requests),
+                    "get_id_requests": get(&m.get_id_requests),
+                    "unsupported_requests": get(&m.unsupported_requests),
+                    "invalid_requests": get(&m.invalid_requests),
+                    "io_errors": get(&m.io_errors),
+                    "read_only_violations": get(&m.read_only_violations),
+                    "interrupts": get(&m.interrupts),
+                })
+            })
+            .collect();
+        let console = self.console.as_ref().map(|hub| {
+            let m = hub.metrics();
+            json!({
+                "clients_connected": get(&m.clients_connected),
+                "clients_dropped_slow": get(&m.clients_dropped_slow),
+                "output_bytes": get(&m.output_bytes),
+                "input_bytes": get(&m.input_bytes),
+                "log_errors": get(&m.log_errors),
+            })
+        });
+        json!({
+            "disks": disks,
+            "nics": [],
+            "console": console,
+            "vm": {
+                "pauses": get(&self.pauses),
+                "paused_s": self.vcpus.paused_total().as_secs_f64(),
+            },
+            "api": {
+                "requests": get(&self.api.requests),
+                "errors": get(&self.api.errors),
+                "timeouts": get(&self.api.timeouts),
+                "refused": get(&self.api.refused),
+            },
+        })
+    }
+
+    fn pause(&self) -> Result<Value, String> {
+        if self.shutdown.remaining().is_some() {
+            return Err("the guest is shutting down; it cannot be paused".into());
+        }
+        let was = self.vcpus.run_state();
+        self.vcpus.pause(&self.vm).map_err(|e| e.to_string())?;
+        if was == RunState::Running {
+            self.pauses.fetch_add(1, Ordering::Relaxed);
+            tracing::info!("VM paused (API)");
+        }
+        Ok(self.state_json())
+    }
+
+    fn resume(&self) -> Value {
+        if self.vcpus.run_state() == RunState::Paused {
+            self.vcpus.resume(&self.vm);
+            tracing::info!("VM resumed (API)");
+        }
+        self.state_json()
+    }
+
+    fn shutdown(&self, timeout: Option<Duration>) -> Value {
+        let (pressed, remaining) = match self.shutdown.begin("API", timeout) {
+            Begun::Pressed(t) => (true, Some(t)),
+            Begun::AlreadyPressed(left) => (false, Some(left)),
+            Begun::Stopped => (true, None),
+        };
+        json!({
+            "state": if remaining.is_some() { "shutting-down" } else { "stopping" },
+            "pressed": pressed,
+            "timeout_s": remaining.map(|d| d.as_secs_f64()),
+        })
+    }
+
+    fn stop(&self) -> Value {
+        self.shutdown.stop_now("API");
+        json!({ "state": "stopping" })
+    }
+}

@@ -1,0 +1,320 @@
+//! Pausing, resuming and stopping the vCPU threads from another thread.
+//!
+//! A vCPU thread checks one atomic flag ("attention") before every `KVM_RUN`; only when it is
+//! set does it take the lock and look at what is asked. To reach a thread that is inside
+//! `KVM_RUN`, the controller kicks it with the kick signal until it has answered (a kick that
+//! lands just before the thread enters `KVM_RUN` is lost, hence the repeat).
+//!
+//! While paused, the KVM clock is frozen too: it is read when the last vCPU parks and written
+//! back on resume, so the guest's monotonic clock does not jump by the time spent paused
+//! (wall-clock time is the guest's NTP's business, as after a host suspend).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::kvm_clock_data;
+use kvm_ioctls::VmFd;
+
+/// How often a vCPU that has not answered yet is kicked again.
+const KICK_INTERVAL: Duration = Duration::from_millis(10);
+/// How long pausing waits for every vCPU to park.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the VM's vCPUs are doing, as the API reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    Paused,
+}
+
+/// Pausing failed; the VM is left running.
+#[derive(Debug, thiserror::Error)]
+pub enum PauseError {
+    #[error("the VM is stopping")]
+    Stopping,
+    #[error("{parked} of {total} vCPUs parked within {timeout_s} s; the VM was left running")]
+    Timeout {
+        parked: usize,
+        total: usize,
+        timeout_s: u64,
+    },
+}
+
+#[derive(Debug, Default)]
+struct State {
+    stop: bool,
+    pause: bool,
+    /// vCPU threads waiting in [`VcpuControl::checkpoint`].
+    parked: usize,
+    /// Threads that have ended (a vCPU that failed, or the guest asked to end).
+    ended: usize,
+    /// The KVM clock when the VM paused.
+    clock: Option<kvm_clock_data>,
+    paused_at: Option<Instant>,
+    paused_total: Duration,
+}
+
+/// Shared by the vCPU threads and whoever pauses, resumes or stops them.
+pub struct VcpuControl {
+    attention: AtomicBool,
+    state: Mutex<State>,
+    changed: Condvar,
+    /// Thread handles to kick; filled in once the threads exist.
+    threads: Mutex<Vec<libc::pthread_t>>,
+    count: usize,
+}
+
+/// What a vCPU thread should do after a checkpoint.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    Run,
+    Exit,
+}
+
+impl VcpuControl {
+    /// Control for `count` vCPUs, running.
+    pub fn new(count: usize) -> Self {
+        Self {
+            attention: AtomicBool::new(false),
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+            threads: Mutex::new(Vec::new()),
+            count,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records the vCPU threads, so they can be kicked.
+    pub fn set_threads(&self, threads: Vec<libc::pthread_t>) {
+        *self.threads.lock().unwrap_or_else(|p| p.into_inner()) = threads;
+    }
+
+    /// Called by a vCPU thread before each `KVM_RUN`: parks it while the VM is paused and
+    /// says whether it should stop.
+    pub fn checkpoint(&self) -> Next {
+        if !self.attention.load(Ordering::Acquire) {
+            return Next::Run;
+        }
+        let mut state = self.lock();
+        if state.pause && !state.stop {
+            state.parked += 1;
+            self.changed.notify_all();
+            while state.pause && !state.stop {
+                state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+            }
+            state.parked -= 1;
+            self.changed.notify_all();
+        }
+        if state.stop {
+            Next::Exit
+        } else {
+            Next::Run
+        }
+    }
+
+    /// Called by a vCPU thread as it ends for its own reasons.
+    pub fn thread_ended(&self) {
+        self.lock().ended += 1;
+        self.changed.notify_all();
+    }
+
+    fn kick_all(&self) {
+        let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        for &thread in threads.iter() {
+            // SAFETY: the handles are of vCPU threads that are joined only after the VM's
+            // event loop (the only caller of pause) has ended, so each is still valid; the
+            // kick signal has a handler that does nothing.
+            unsafe { libc::pthread_kill(thread, super::kick_signal()) };
+        }
+    }
+
+    /// The vCPUs' state.
+    pub fn run_state(&self) -> RunState {
+        if self.lock().pause {
+            RunState::Paused
+        } else {
+            RunState::Running
+        }
+    }
+
+    /// Time spent paused so far (including a pause in progress).
+    pub fn paused_total(&self) -> Duration {
+        let state = self.lock();
+        state.paused_total + state.paused_at.map_or(Duration::ZERO, |t| t.elapsed())
+    }
+
+    /// Parks every vCPU and freezes the KVM clock; returns once all are out of the guest.
+    /// Pausing a paused VM does nothing.
+    pub fn pause(&self, vm: &VmFd) -> Result<(), PauseError> {
+        let mut state = self.lock();
+        if state.stop {
+            return Err(PauseError::Stopping);
+        }
+        if state.pause {
+            return Ok(());
+        }
+        state.pause = true;
+        self.attention.store(true, Ordering::Release);
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        while state.parked + state.ended < self.count && !state.stop {
+            let now = Instant::now();
+            if now >= deadline {
+                let parked = state.parked;
+                state.pause = false;
+                self.attention.store(state.stop, Ordering::Release);
+                self.changed.notify_all();
+                return Err(PauseError::Timeout {
+                    parked,
+                    total: self.count,
+                    timeout_s: PAUSE_TIMEOUT.as_secs(),
+                });
+            }
+            drop(state);
+            self.kick_all();
+            state = self.lock();
+            if state.parked + state.ended < self.count {
+                state = self
+                    .changed
+                    .wait_timeout(state, KICK_INTERVAL.min(deadline - now))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        }
+        if state.stop {
+            state.pause = false;
+            return Err(PauseError::Stopping);
+        }
+        match vm.get_clock() {
+            Ok(clock) => state.clock = Some(clock),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the KVM clock; the guest's clock will jump on resume")
+            }
+        }
+        state.paused_at = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Restores the KVM clock and lets the vCPUs run again. Resuming a running VM does
+    /// nothing.
+    pub fn resume(&self, vm: &VmFd) {
+        let mut state = self.lock();
+        if !state.pause {
+            return;
+        }
+        if let Some(mut clock) = state.clock.take() {
+            // Only the value goes back: with KVM_CLOCK_REALTIME KVM would advance it by the
+            // time spent paused, which is what freezing it avoids.
+            clock.flags = 0;
+            if let Err(e) = vm.set_clock(&clock) {
+                tracing::warn!(error = %e, "cannot restore the KVM clock; the guest's clock jumps");
+            }
+        }
+        if let Some(at) = state.paused_at.take() {
+            state.paused_total += at.elapsed();
+        }
+        state.pause = false;
+        self.attention.store(state.stop, Ordering::Release);
+        self.changed.notify_all();
+    }
+
+    /// Tells every vCPU thread to end (paused ones too) and kicks them out of the guest.
+    pub fn request_stop(&self) {
+        let mut state = self.lock();
+        state.stop = true;
+        self.attention.store(true, Ordering::Release);
+        self.changed.notify_all();
+        drop(state);
+        self.kick_all();
+    }
+
+    /// Whether [`request_stop`](Self::request_stop) was called.
+    pub fn stopping(&self) -> bool {
+        self.lock().stop
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// Threads that spin on checkpoints like vCPUs, counting their turns.
+    fn spinners(
+        control: &Arc<VcpuControl>,
+        n: usize,
+    ) -> (
+        Vec<std::thread::JoinHandle<()>>,
+        Arc<std::sync::atomic::AtomicU64>,
+    ) {
+        let turns = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let handles = (0..n)
+            .map(|_| {
+                let control = control.clone();
+                let turns = turns.clone();
+                std::thread::spawn(move || {
+                    while control.checkpoint() == Next::Run {
+                        turns.fetch_add(1, Ordering::Relaxed);
+                        std::thread::yield_now();
+                    }
+                })
+            })
+            .collect();
+        (handles, turns)
+    }
+
+    #[test]
+    fn pause_parks_every_thread_and_resume_releases_them() {
+        let control = Arc::new(VcpuControl::new(2));
+        let (handles, turns) = spinners(&control, 2);
+        // No VmFd in a unit test: drive the state machine the way pause() does.
+        {
+            let mut state = control.lock();
+            state.pause = true;
+            control.attention.store(true, Ordering::Release);
+            while state.parked < 2 {
+                state = control.changed.wait(state).unwrap();
+            }
+        }
+        assert_eq!(control.run_state(), RunState::Paused);
+        let before = turns.load(Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(turns.load(Ordering::Relaxed), before, "a parked thread ran");
+        {
+            let mut state = control.lock();
+            state.pause = false;
+            control.attention.store(false, Ordering::Release);
+            control.changed.notify_all();
+        }
+        while turns.load(Ordering::Relaxed) == before {
+            std::thread::yield_now();
+        }
+        control.request_stop();
+        for h in handles {
+            h.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn stop_releases_parked_threads() {
+        let control = Arc::new(VcpuControl::new(1));
+        let (handles, _) = spinners(&control, 1);
+        {
+            let mut state = control.lock();
+            state.pause = true;
+            control.attention.store(true, Ordering::Release);
+            while state.parked < 1 {
+                state = control.changed.wait(state).unwrap();
+            }
+        }
+        control.request_stop();
+        for h in handles {
+            h.join().unwrap();
+        }
+        assert!(control.stopping());
+        assert_eq!(control.lock().parked, 0);
+    }
+}
