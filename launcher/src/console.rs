@@ -52,12 +52,16 @@ pub fn attach(path: &Path, escape: char) -> Result<(), AttachError> {
         "[podvm] attached to {}; Ctrl-{escape_name} detaches\r\n",
         path.display()
     );
+    // Termination signals are taken through a signalfd, so they end the relay like the
+    // escape key does and the terminal is restored before podvm exits.
+    let signals = SignalFd::block_termination()?;
     let raw = RawMode::enter();
 
-    let result = relay(stream, escape);
+    let result = relay(stream, escape, &signals);
     drop(raw);
     match result {
         Ok(End::Detached) => eprintln!("\r\n[podvm] detached"),
+        Ok(End::Signal(name)) => eprintln!("\r\n[podvm] detached on {name}"),
         Ok(End::VmGone) => eprintln!("\r\n[podvm] the VM closed the console (it has stopped)"),
         Ok(End::InputClosed) => {}
         Err(e) => return Err(e.into()),
@@ -67,12 +71,13 @@ pub fn attach(path: &Path, escape: char) -> Result<(), AttachError> {
 
 enum End {
     Detached,
+    Signal(&'static str),
     VmGone,
     InputClosed,
 }
 
 /// Copies keys to the VM and output to the terminal, whichever is ready, until one ends.
-fn relay(mut vm: UnixStream, escape: u8) -> io::Result<End> {
+fn relay(mut vm: UnixStream, escape: u8, signals: &SignalFd) -> io::Result<End> {
     let mut stdin = io::stdin();
     let mut stdout = io::stdout();
     let mut buf = [0u8; 4096];
@@ -87,10 +92,15 @@ fn relay(mut vm: UnixStream, escape: u8) -> io::Result<End> {
             events: libc::POLLIN,
             revents: 0,
         },
+        libc::pollfd {
+            fd: signals.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
     ];
     loop {
-        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call, and both
-        // descriptors are open (stdin, and the stream this function owns).
+        // SAFETY: `fds` is a valid array of three pollfd for the duration of the call, and both
+        // descriptors are open (stdin, the stream this function owns, and the signalfd).
         let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
         if ready < 0 {
             let e = io::Error::last_os_error();
@@ -98,6 +108,11 @@ fn relay(mut vm: UnixStream, escape: u8) -> io::Result<End> {
                 continue;
             }
             return Err(e);
+        }
+        if fds[2].revents != 0 {
+            if let Some(name) = signals.read() {
+                return Ok(End::Signal(name));
+            }
         }
         if fds[1].revents != 0 {
             let n = vm.read(&mut buf)?;
@@ -121,6 +136,62 @@ fn relay(mut vm: UnixStream, escape: u8) -> io::Result<End> {
                 return Ok(End::VmGone);
             }
         }
+    }
+}
+
+/// SIGTERM, SIGHUP, SIGINT and SIGQUIT, blocked and readable from a descriptor.
+struct SignalFd {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl SignalFd {
+    const SIGNALS: [(libc::c_int, &'static str); 4] = [
+        (libc::SIGTERM, "SIGTERM"),
+        (libc::SIGHUP, "SIGHUP"),
+        (libc::SIGINT, "SIGINT"),
+        (libc::SIGQUIT, "SIGQUIT"),
+    ];
+
+    fn block_termination() -> io::Result<Self> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: sigset_t is plain data; sigemptyset initializes it before any use.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid sigset_t owned by this frame; the signal numbers are valid.
+        unsafe {
+            libc::sigemptyset(&mut set);
+            for (signo, _) in Self::SIGNALS {
+                libc::sigaddset(&mut set, signo);
+            }
+        }
+        // SAFETY: `set` is initialized; the old mask is not needed. This thread is the only
+        // one, so the signals now reach only the signalfd.
+        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        // SAFETY: `set` is valid; -1 asks for a new descriptor, checked below.
+        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        Ok(Self { fd })
+    }
+
+    /// The name of a pending signal, if one is.
+    fn read(&self) -> Option<&'static str> {
+        let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
+        // SAFETY: reads at most `info.len()` bytes into `info`, a buffer this frame owns.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) };
+        if n != info.len() as isize {
+            return None;
+        }
+        let signo = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]);
+        Self::SIGNALS
+            .iter()
+            .find(|(s, _)| *s as u32 == signo)
+            .map(|(_, name)| *name)
     }
 }
 

@@ -94,3 +94,244 @@ fn console_socket_serves_history_keyboard_and_log() {
     assert!(logged.contains("BOOT-MARKER") && logged.contains("GOT=[typed words]"));
     assert!(logged.contains("PODVM-EXIT 0"), "log:\n{logged}");
 }
+
+/// A guest whose background loop prints `SEQ n` continuously until a line is typed on
+/// the console, then prints `SEQ-DONE n` and powers off. Echo is off, so typing cannot land
+/// in the middle of a line.
+const COUNTER: &str = "stty -echo\n\
+( i=0; while [ ! -e /tmp/stop ]; do i=$((i+1)); echo \"SEQ $i\"; done; echo \"SEQ-DONE $i\" ) &\n\
+echo COUNTER-RUNNING\n\
+read -r line\n\
+touch /tmp/stop\n\
+wait\n";
+
+#[test]
+fn console_attach_detach_100_times_loses_no_output() {
+    if !kvm_available() {
+        return;
+    }
+    let mut vm = podvm_tests::SocketVm::start("console-100", COUNTER, &[]);
+    vm.wait_log("SEQ 1\n");
+    for round in 0..100 {
+        let mut client = std::process::Command::new(podvm_tests::podvm_bin())
+            .arg("console")
+            .arg(&vm.console)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn podvm console");
+        // Wait for live output (the history replay alone would do; this is the guest's).
+        let mut out = client.stdout.take().unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains("SEQ ") {
+            let n = out.read(&mut buf).expect("read console output");
+            if n == 0 {
+                let status = client.wait().unwrap();
+                let mut err = String::new();
+                let _ = client.stderr.take().unwrap().read_to_string(&mut err);
+                panic!(
+                    "round {round}: podvm console ended ({status}) before any output; it said:\n{err}\nafter:\n{}",
+                    String::from_utf8_lossy(&seen)
+                );
+            }
+            seen.extend_from_slice(&buf[..n]);
+        }
+        // Ctrl-], the default escape.
+        client.stdin.as_mut().unwrap().write_all(&[0x1d]).unwrap();
+        let status = client.wait().unwrap();
+        let mut err = String::new();
+        client
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert!(
+            status.success(),
+            "round {round}: podvm console: {status}\n{err}"
+        );
+        assert!(err.contains("[podvm] detached"), "round {round}: {err}");
+    }
+    // The VM kept running through all of it.
+    assert_eq!(vm.api_json(&["info"])["state"], "running");
+    let counters = vm.api_json(&["counters"]);
+    assert!(
+        counters["console"]["clients_connected"].as_u64().unwrap() >= 100,
+        "{counters}"
+    );
+
+    let typist = UnixStream::connect(&vm.console).unwrap();
+    (&typist).write_all(b"stop\n").unwrap();
+    let out = vm.wait();
+    assert!(out.status.success(), "{}", out.stderr);
+
+    // Every number from 1 to the last, once each, in order.
+    let log = out.stdout;
+    let last: u64 = log
+        .lines()
+        .find_map(|l| l.strip_prefix("SEQ-DONE "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no SEQ-DONE in the log:\n{}", tail(&log)));
+    let seq: Vec<u64> = log
+        .lines()
+        .filter_map(|l| l.strip_prefix("SEQ ")?.parse().ok())
+        .collect();
+    let expected: Vec<u64> = (1..=last).collect();
+    if seq != expected {
+        let gap = seq
+            .windows(2)
+            .find(|w| w[1] != w[0] + 1)
+            .map(|w| format!("{} then {}", w[0], w[1]));
+        panic!(
+            "the log is not SEQ 1..={last} ({} lines; first break: {gap:?})",
+            seq.len()
+        );
+    }
+    eprintln!("100 attach/detach cycles while the guest printed {last} numbered lines, none lost");
+}
+
+fn tail(s: &str) -> &str {
+    &s[s.len().saturating_sub(2000)..]
+}
+
+/// tmux from PATH, if there is one here.
+fn tmux() -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain([std::path::PathBuf::from("/usr/bin")])
+        .map(|d| d.join("tmux"))
+        .find(|p| p.is_file())
+}
+
+struct Tmux {
+    bin: std::path::PathBuf,
+    socket: std::path::PathBuf,
+}
+
+impl Tmux {
+    fn run(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new(&self.bin)
+            .arg("-u")
+            .arg("-S")
+            .arg(&self.socket)
+            .args(args)
+            .env("TERM", "xterm")
+            // tmux insists on a UTF-8 locale; glibc's built-in C.UTF-8 needs no locale files.
+            .env("LC_ALL", "C.UTF-8")
+            .output()
+            .expect("run tmux");
+        assert!(
+            out.status.success(),
+            "tmux {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits until the pane shows `needle`; returns the pane's text.
+    fn wait_pane(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let pane = self.run(&["capture-pane", "-p", "-t", "t"]);
+            if pane.contains(needle) {
+                return pane;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the tmux pane never showed {needle:?}; it shows:\n{pane}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(&self.bin)
+            .arg("-S")
+            .arg(&self.socket)
+            .arg("kill-server")
+            .output();
+    }
+}
+
+#[test]
+fn podvm_console_in_tmux_types_into_the_guest_shell_and_detaches() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(bin) = tmux() else {
+        let msg = "tmux is not installed here (apt-get install tmux; .ci/run does)";
+        if std::env::var("PODVM_REQUIRE_KVM").as_deref() == Ok("1") {
+            panic!("{msg}");
+        }
+        eprintln!("\n*** console tmux test SKIPPED: {msg} ***\n");
+        return;
+    };
+    let mut vm = podvm_tests::SocketVm::start(
+        "console-tmux",
+        "echo SHELL-READY\nPS1='guest# ' sh -i\n",
+        &[],
+    );
+    vm.wait_log("SHELL-READY");
+    let tmux = Tmux {
+        bin,
+        socket: vm.dir.0.join("tmux.sock"),
+    };
+    let before = vm.dir.0.join("stty-before");
+    let after = vm.dir.0.join("stty-after");
+    let pane_cmd = format!(
+        "stty -a > {before}; {podvm} console {console}; echo CONSOLE-EXIT=$?; stty -a > {after}; sleep 600",
+        before = before.display(),
+        after = after.display(),
+        podvm = podvm_tests::podvm_bin().display(),
+        console = vm.console.display(),
+    );
+    tmux.run(&[
+        "-f",
+        "/dev/null",
+        "new-session",
+        "-d",
+        "-s",
+        "t",
+        "-x",
+        "120",
+        "-y",
+        "40",
+        &pane_cmd,
+    ]);
+    tmux.wait_pane("Ctrl-] detaches");
+    // The shell's prompt arrives with the history; type a command into it.
+    tmux.run(&["send-keys", "-t", "t", "echo $((6*7))-FROM-TMUX", "Enter"]);
+    let pane = tmux.wait_pane("42-FROM-TMUX");
+    assert!(pane.contains("guest# "), "{pane}");
+
+    // While attached, the terminal is raw (no canonical mode, no echo by the host).
+    tmux.run(&["send-keys", "-t", "t", "C-]"]);
+    let pane = tmux.wait_pane("CONSOLE-EXIT=");
+    assert!(pane.contains("[podvm] detached"), "{pane}");
+    assert!(pane.contains("CONSOLE-EXIT=0"), "{pane}");
+    // Detaching restored the terminal exactly.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !after.exists() {
+        assert!(Instant::now() < deadline, "stty after detach never ran");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let (b, a) = (
+        std::fs::read_to_string(&before).unwrap(),
+        std::fs::read_to_string(&after).unwrap(),
+    );
+    assert!(b.contains(" icanon") && b.contains(" echo"), "{b}");
+    assert_eq!(a, b, "the terminal settings differ after detaching");
+
+    // The guest noticed nothing: it still runs, and shuts down cleanly.
+    assert_eq!(vm.api_json(&["info"])["state"], "running");
+    vm.api_json(&["shutdown"]);
+    let out = vm.wait();
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(out.stdout.contains("42-FROM-TMUX"));
+}

@@ -167,6 +167,7 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
         event_loop: parts.event_loop,
         exit: parts.exit,
         serial: parts.serial,
+        console_hub: parts.console_hub,
         blocks: parts.blocks,
         vcpu_control: parts.vcpu_control,
         _vm: vm,
@@ -180,6 +181,7 @@ struct Parts {
     event_loop: EventLoop,
     exit: ExitRequest,
     serial: Arc<std::sync::Mutex<devices::legacy::Serial>>,
+    console_hub: Option<Arc<ConsoleHub>>,
     blocks: Vec<Arc<std::sync::Mutex<devices::virtio::block::Block>>>,
     vcpu_control: Arc<VcpuControl>,
 }
@@ -299,6 +301,7 @@ fn populate(
         event_loop,
         exit,
         serial: devices.serial,
+        console_hub: hub,
         blocks: devices.blocks,
         vcpu_control,
     })

@@ -144,17 +144,19 @@ impl ConsoleHub {
         state.history.extend(bytes);
         let excess = state.history.len().saturating_sub(max);
         state.history.drain(..excess);
-        let mut dropped = Vec::new();
+        let mut gone = Vec::new();
         for client in &mut state.clients {
             client.backlog.extend(bytes);
-            if !client.drain() || client.backlog.len() > CLIENT_BACKLOG_MAX {
-                dropped.push(client.id);
+            if !client.drain() {
+                gone.push(client.id);
+            } else if client.backlog.len() > CLIENT_BACKLOG_MAX {
+                self.metrics
+                    .clients_dropped_slow
+                    .fetch_add(1, Ordering::Relaxed);
+                gone.push(client.id);
             }
         }
-        for id in dropped {
-            self.metrics
-                .clients_dropped_slow
-                .fetch_add(1, Ordering::Relaxed);
+        for id in gone {
             remove_client(&mut state, id);
         }
     }
@@ -162,6 +164,7 @@ impl ConsoleHub {
     /// A new client: history first, then the keyboard or a read-only notice.
     fn add_client(&self, stream: UnixStream) -> Option<u64> {
         stream.set_nonblocking(true).ok()?;
+        limit_send_buffer(&stream);
         let mut state = self.lock();
         let id = state.next_id;
         state.next_id += 1;
@@ -189,6 +192,20 @@ impl ConsoleHub {
         Some(id)
     }
 
+    /// Writes what a client's socket takes now of its backlog (called when it becomes
+    /// writable); a client that has gone is removed.
+    fn drain_client(&self, id: u64) {
+        let mut state = self.lock();
+        let gone = state
+            .clients
+            .iter_mut()
+            .find(|c| c.id == id)
+            .is_some_and(|c| !c.drain());
+        if gone {
+            remove_client(&mut state, id);
+        }
+    }
+
     fn is_writer(&self, id: u64) -> bool {
         self.lock().writer == Some(id)
     }
@@ -197,11 +214,56 @@ impl ConsoleHub {
         remove_client(&mut self.lock(), id);
     }
 
+    /// At VM exit: gives every client up to `grace` (in all) to take what is still waiting
+    /// for it, so the last words of the guest ("reboot: Power down") reach slow readers too.
+    pub fn flush_clients(&self, grace: std::time::Duration) {
+        let deadline = std::time::Instant::now() + grace;
+        let mut state = self.lock();
+        for client in &mut state.clients {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if client.backlog.is_empty() || left.is_zero() {
+                continue;
+            }
+            let _ = client.stream.set_nonblocking(false);
+            let _ = client.stream.set_write_timeout(Some(left));
+            let (a, b) = client.backlog.as_slices();
+            let _ = client
+                .stream
+                .write_all(a)
+                .and_then(|()| client.stream.write_all(b));
+            client.backlog.clear();
+        }
+    }
+
     /// Flushes the log file.
     pub fn flush(&self) {
         if let Some(log) = self.lock().log.as_mut() {
             let _ = log.flush();
         }
+    }
+}
+
+/// Kernel send buffer requested for each client (the kernel doubles it). What a client has
+/// not taken waits in its backlog, where podvm counts it against [`CLIENT_BACKLOG_MAX`];
+/// a large kernel buffer would only hide how far behind a client is.
+const CLIENT_SNDBUF: libc::c_int = 16 * 1024;
+
+fn limit_send_buffer(stream: &UnixStream) {
+    use std::os::fd::AsRawFd;
+    let size = CLIENT_SNDBUF;
+    // SAFETY: `stream` is an open socket; the option value is a c_int that lives for the call
+    // and its size is passed with it.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "cannot shrink a console client's send buffer");
     }
 }
 
@@ -276,10 +338,10 @@ impl ConsoleServer {
                         continue;
                     };
                     let token = (id % u64::from(u32::MAX)) as u32;
-                    if ops
-                        .add(Events::with_data(&reader, token, EventSet::IN))
-                        .is_err()
-                    {
+                    // Edge-triggered: OUT fires when a full socket has room again (its backlog
+                    // is then sent even if the guest has gone quiet); IN is read to the end.
+                    let set = EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED;
+                    if ops.add(Events::with_data(&reader, token, set)).is_err() {
                         self.hub.remove(id);
                         continue;
                     }
@@ -295,7 +357,7 @@ impl ConsoleServer {
         }
     }
 
-    fn read_client(&mut self, token: u32, ops: &mut EventOps) {
+    fn client_event(&mut self, token: u32, set: EventSet, ops: &mut EventOps) {
         let Some(pos) = self
             .readers
             .iter()
@@ -304,31 +366,39 @@ impl ConsoleServer {
             return;
         };
         let id = self.readers[pos].0;
-        let mut buf = [0u8; 64];
-        let n = match self.readers[pos].1.read(&mut buf) {
-            Ok(0) => None,
-            Ok(n) => Some(n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => return,
-            Err(_) => None,
-        };
-        let Some(n) = n else {
-            let (_, stream) = self.readers.remove(pos);
-            let _ = ops.remove(Events::empty(&stream));
-            self.hub.remove(id);
-            return;
-        };
-        if !self.hub.is_writer(id) {
-            return; // read-only clients' keys go nowhere
+        if set.contains(EventSet::OUT) {
+            self.hub.drain_client(id);
         }
-        self.hub
-            .metrics
-            .input_bytes
-            .fetch_add(n as u64, Ordering::Relaxed);
-        // A person types far slower than the guest drains its 64-byte FIFO; a paste that
-        // overflows it loses the excess, like a real UART.
-        let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
-        serial.enqueue_input(&buf[..n]);
+        if !set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
+            return;
+        }
+        let mut buf = [0u8; 256];
+        loop {
+            let n = match self.readers[pos].1.read(&mut buf) {
+                Ok(0) => None,
+                Ok(n) => Some(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => None,
+            };
+            let Some(n) = n else {
+                let (_, stream) = self.readers.remove(pos);
+                let _ = ops.remove(Events::empty(&stream));
+                self.hub.remove(id);
+                return;
+            };
+            if !self.hub.is_writer(id) {
+                continue; // read-only clients' keys go nowhere
+            }
+            self.hub
+                .metrics
+                .input_bytes
+                .fetch_add(n as u64, Ordering::Relaxed);
+            // A person types far slower than the guest drains its 64-byte FIFO; a paste that
+            // overflows it loses the excess, like a real UART.
+            let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+            serial.enqueue_input(&buf[..n]);
+        }
     }
 }
 
@@ -353,7 +423,7 @@ impl MutEventSubscriber for ConsoleServer {
         if events.data() == TOKEN_LISTENER {
             self.accept(ops);
         } else {
-            self.read_client(events.data(), ops);
+            self.client_event(events.data(), events.event_set(), ops);
         }
     }
 }
@@ -408,6 +478,44 @@ mod tests {
             hub.metrics().clients_dropped_slow.load(Ordering::Relaxed),
             1
         );
+    }
+
+    #[test]
+    fn console_backlog_is_sent_when_the_client_has_room_again_without_more_output() {
+        let hub = ConsoleHub::new(1024, None).unwrap();
+        let (client, mut peer) = UnixStream::pair().unwrap();
+        let id = hub.add_client(client).unwrap();
+        let sent: Vec<u8> = (0..200 * 1024).map(|i| (i % 251) as u8).collect();
+        hub.output(&sent);
+        let mut got = read_available(&mut peer);
+        assert!(got.len() < sent.len(), "the kernel took everything at once");
+        // The guest is quiet now; each time the socket has room (what the event loop's
+        // writable event signals), more of the backlog goes out.
+        for _ in 0..1000 {
+            if got.len() == sent.len() {
+                break;
+            }
+            hub.drain_client(id);
+            got.extend(read_available(&mut peer));
+        }
+        assert_eq!(got, sent);
+    }
+
+    #[test]
+    fn console_exit_hands_slow_clients_what_is_left() {
+        let hub = ConsoleHub::new(16, None).unwrap();
+        let (client, mut peer) = UnixStream::pair().unwrap();
+        hub.add_client(client).unwrap();
+        let sent: Vec<u8> = (0..300 * 1024).map(|i| (i % 253) as u8).collect();
+        hub.output(&sent);
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            peer.read_to_end(&mut got).unwrap();
+            got
+        });
+        hub.flush_clients(std::time::Duration::from_secs(10));
+        drop(hub); // the VM is gone: the connection closes
+        assert_eq!(reader.join().unwrap(), sent);
     }
 
     #[test]

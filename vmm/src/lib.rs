@@ -37,6 +37,7 @@ pub struct Vm {
     event_loop: EventLoop,
     exit: ExitRequest,
     serial: Arc<Mutex<Serial>>,
+    console_hub: Option<Arc<console::ConsoleHub>>,
     blocks: Vec<Arc<Mutex<devices::virtio::block::Block>>>,
     vcpu_control: Arc<VcpuControl>,
     // Dropped after the vCPUs have stopped: the VM fd, then guest memory.
@@ -60,6 +61,9 @@ pub enum RunError {
         source: std::io::Error,
     },
 }
+
+/// How long console clients get, in all, to take the guest's last output at exit.
+const CONSOLE_FLUSH_GRACE: Duration = Duration::from_millis(500);
 
 /// How often a stopping vCPU is kicked until its thread ends, and how often it is checked.
 const KICK_INTERVAL: Duration = Duration::from_millis(10);
@@ -102,6 +106,10 @@ impl Vm {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .flush();
+        if let Some(hub) = &self.console_hub {
+            hub.flush_clients(CONSOLE_FLUSH_GRACE);
+            hub.flush();
+        }
         // Everything the guest saw completed is made durable before podvm reports the end.
         for block in &self.blocks {
             let mut block = block.lock().unwrap_or_else(|p| p.into_inner());
