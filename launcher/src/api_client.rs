@@ -1,7 +1,6 @@
 //! `podvm api SOCKET ACTION`: one request to a VM's control API, its JSON answer on stdout.
 
 use std::io::{self, Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -13,12 +12,8 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// The API call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiClientError {
-    #[error("api socket {path}: no such socket; is the VM running with --api-socket {path}?")]
-    Missing { path: PathBuf },
-    #[error("api socket {path}: connection refused; the VM that created it has exited")]
-    Refused { path: PathBuf },
-    #[error("api socket {path}: permission denied; call it as the user that runs the VM")]
-    Permission { path: PathBuf },
+    #[error(transparent)]
+    Connect(#[from] crate::vm_socket::ConnectError),
     #[error("api socket {path}: {source}")]
     Io {
         path: PathBuf,
@@ -59,12 +54,7 @@ pub fn call(path: &Path, action: &ApiAction) -> Result<(), ApiClientError> {
         path: path.into(),
         source,
     };
-    let mut stream = UnixStream::connect(path).map_err(|source| match source.kind() {
-        io::ErrorKind::NotFound => ApiClientError::Missing { path: path.into() },
-        io::ErrorKind::ConnectionRefused => ApiClientError::Refused { path: path.into() },
-        io::ErrorKind::PermissionDenied => ApiClientError::Permission { path: path.into() },
-        _ => io_err(source),
-    })?;
+    let mut stream = crate::vm_socket::connect(path, "api socket", "--api-socket")?;
     stream
         .set_read_timeout(Some(ANSWER_TIMEOUT))
         .map_err(io_err)?;

@@ -4,25 +4,17 @@
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+use vmm::signals::SignalFd;
 
 use crate::terminal::RawMode;
 
 /// Attaching failed, or the VM went away.
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
-    #[error("console {path}: no such socket; is the VM running with --console {path}?")]
-    Missing { path: PathBuf },
-    #[error("console {path}: connection refused; the VM that created it has exited")]
-    Refused { path: PathBuf },
-    #[error("console {path}: permission denied; attach as the user that runs the VM")]
-    Permission { path: PathBuf },
-    #[error("console {path}: cannot connect: {source}")]
-    Connect {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Connect(#[from] crate::vm_socket::ConnectError),
     #[error("--escape {0:?}: use a character from @ to _ (Ctrl-@ .. Ctrl-_), e.g. ]")]
     Escape(char),
     #[error("console I/O failed: {0}")]
@@ -38,15 +30,7 @@ fn control(c: char) -> Option<u8> {
 /// Attaches to `path` until the escape key, end of input, or the VM closing the socket.
 pub fn attach(path: &Path, escape: char) -> Result<(), AttachError> {
     let escape = control(escape).ok_or(AttachError::Escape(escape))?;
-    let stream = UnixStream::connect(path).map_err(|source| match source.kind() {
-        io::ErrorKind::NotFound => AttachError::Missing { path: path.into() },
-        io::ErrorKind::ConnectionRefused => AttachError::Refused { path: path.into() },
-        io::ErrorKind::PermissionDenied => AttachError::Permission { path: path.into() },
-        _ => AttachError::Connect {
-            path: path.into(),
-            source,
-        },
-    })?;
+    let stream = crate::vm_socket::connect(path, "console", "--console")?;
     let escape_name = (escape + b'@') as char;
     eprint!(
         "[podvm] attached to {}; Ctrl-{escape_name} detaches\r\n",
@@ -54,7 +38,9 @@ pub fn attach(path: &Path, escape: char) -> Result<(), AttachError> {
     );
     // Termination signals are taken through a signalfd, so they end the relay like the
     // escape key does and the terminal is restored before podvm exits.
-    let signals = SignalFd::block_termination()?;
+    let numbers = DETACH_SIGNALS.map(|(signo, _)| signo);
+    vmm::signals::block(&numbers)?;
+    let signals = SignalFd::new(&numbers)?;
     let raw = RawMode::enter();
 
     let result = relay(stream, escape, &signals);
@@ -93,7 +79,7 @@ fn relay(mut vm: UnixStream, escape: u8, signals: &SignalFd) -> io::Result<End> 
             revents: 0,
         },
         libc::pollfd {
-            fd: signals.fd.as_raw_fd(),
+            fd: signals.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         },
@@ -110,7 +96,11 @@ fn relay(mut vm: UnixStream, escape: u8, signals: &SignalFd) -> io::Result<End> 
             return Err(e);
         }
         if fds[2].revents != 0 {
-            if let Some(name) = signals.read() {
+            if let Some(signo) = signals.read() {
+                let name = DETACH_SIGNALS
+                    .iter()
+                    .find(|(s, _)| *s == signo)
+                    .map_or("a signal", |(_, name)| *name);
                 return Ok(End::Signal(name));
             }
         }
@@ -139,61 +129,13 @@ fn relay(mut vm: UnixStream, escape: u8, signals: &SignalFd) -> io::Result<End> 
     }
 }
 
-/// SIGTERM, SIGHUP, SIGINT and SIGQUIT, blocked and readable from a descriptor.
-struct SignalFd {
-    fd: std::os::fd::OwnedFd,
-}
-
-impl SignalFd {
-    const SIGNALS: [(libc::c_int, &'static str); 4] = [
-        (libc::SIGTERM, "SIGTERM"),
-        (libc::SIGHUP, "SIGHUP"),
-        (libc::SIGINT, "SIGINT"),
-        (libc::SIGQUIT, "SIGQUIT"),
-    ];
-
-    fn block_termination() -> io::Result<Self> {
-        use std::os::fd::FromRawFd;
-        // SAFETY: sigset_t is plain data; sigemptyset initializes it before any use.
-        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `set` is a valid sigset_t owned by this frame; the signal numbers are valid.
-        unsafe {
-            libc::sigemptyset(&mut set);
-            for (signo, _) in Self::SIGNALS {
-                libc::sigaddset(&mut set, signo);
-            }
-        }
-        // SAFETY: `set` is initialized; the old mask is not needed. This thread is the only
-        // one, so the signals now reach only the signalfd.
-        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-        if rc != 0 {
-            return Err(io::Error::from_raw_os_error(rc));
-        }
-        // SAFETY: `set` is valid; -1 asks for a new descriptor, checked below.
-        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor nothing else owns.
-        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-        Ok(Self { fd })
-    }
-
-    /// The name of a pending signal, if one is.
-    fn read(&self) -> Option<&'static str> {
-        let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
-        // SAFETY: reads at most `info.len()` bytes into `info`, a buffer this frame owns.
-        let n = unsafe { libc::read(self.fd.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) };
-        if n != info.len() as isize {
-            return None;
-        }
-        let signo = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]);
-        Self::SIGNALS
-            .iter()
-            .find(|(s, _)| *s as u32 == signo)
-            .map(|(_, name)| *name)
-    }
-}
+/// The signals that end an attached console (detaching first), with their names.
+const DETACH_SIGNALS: [(libc::c_int, &str); 4] = [
+    (libc::SIGTERM, "SIGTERM"),
+    (libc::SIGHUP, "SIGHUP"),
+    (libc::SIGINT, "SIGINT"),
+    (libc::SIGQUIT, "SIGQUIT"),
+];
 
 #[cfg(test)]
 mod tests {

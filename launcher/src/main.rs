@@ -5,6 +5,7 @@ mod cli;
 mod console;
 mod preflight;
 mod terminal;
+mod vm_socket;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;

@@ -14,6 +14,7 @@ pub mod device_manager;
 pub mod event_loop;
 pub mod memory;
 pub mod shutdown;
+pub mod signals;
 pub mod socket;
 pub mod vcpu;
 
@@ -108,7 +109,6 @@ impl Vm {
             .flush();
         if let Some(hub) = &self.console_hub {
             hub.flush_clients(CONSOLE_FLUSH_GRACE);
-            hub.flush();
         }
         // Everything the guest saw completed is made durable before podvm reports the end.
         for block in &self.blocks {
@@ -126,6 +126,8 @@ impl Vm {
 /// has ended (a kick that lands outside `KVM_RUN` is lost, hence the repeat).
 fn stop_vcpus(control: &VcpuControl, threads: Vec<JoinHandle<()>>) {
     control.request_stop();
+    // From here on only these handles kick: the control must not hold a joined thread's.
+    control.set_threads(Vec::new());
     for thread in threads {
         let mut last_kick: Option<std::time::Instant> = None;
         while !thread.is_finished() {

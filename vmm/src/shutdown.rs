@@ -6,7 +6,7 @@
 //! in every thread ([`block_termination_signals`]) before any thread starts.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,33 +16,18 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use kvm_ioctls::VmFd;
 use vmm_sys_util::timerfd::TimerFd;
 
+use crate::signals::{self, SignalFd};
 use crate::vcpu::control::{RunState, VcpuControl};
 
 const TOKEN_SIGNAL: u32 = 0;
 const TOKEN_TIMEOUT: u32 = 1;
 
-fn termination_set() -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data; sigemptyset initializes it before any use.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t owned by this frame; the signal numbers are valid.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-    }
-    set
-}
+/// The signals that ask podvm to shut the guest down.
+const TERMINATION: [libc::c_int; 2] = [libc::SIGTERM, libc::SIGINT];
 
 /// Blocks SIGTERM and SIGINT in the calling thread and every thread it starts afterwards.
 pub fn block_termination_signals() -> io::Result<()> {
-    let set = termination_set();
-    // SAFETY: `set` is a valid, initialized sigset_t; the old mask is not needed.
-    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::from_raw_os_error(rc))
-    }
+    signals::block(&TERMINATION)
 }
 
 /// Graceful shutdown, shared by the signal handler and the API: press the power button once,
@@ -167,7 +152,7 @@ impl GracefulShutdown {
 
 /// The event-loop side of graceful shutdown: termination signals and the stop timer.
 pub struct ShutdownOnSignal {
-    signals: OwnedFd,
+    signals: SignalFd,
     timer_fd: RawFd,
     shutdown: Arc<GracefulShutdown>,
 }
@@ -175,28 +160,13 @@ pub struct ShutdownOnSignal {
 impl ShutdownOnSignal {
     /// Watches SIGTERM and SIGINT (which must already be blocked) and `shutdown`'s timer.
     pub fn new(shutdown: Arc<GracefulShutdown>) -> io::Result<Self> {
-        let set = termination_set();
-        // SAFETY: `set` is a valid sigset_t; -1 asks for a new descriptor, which is checked.
-        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-        let signals = unsafe { OwnedFd::from_raw_fd(fd) };
+        let signals = SignalFd::new(&TERMINATION)?;
         let timer_fd = shutdown.lock().timer.as_raw_fd();
         Ok(Self {
             signals,
             timer_fd,
             shutdown,
         })
-    }
-
-    fn read_signal(&self) -> Option<u32> {
-        let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
-        let fd: RawFd = self.signals.as_raw_fd();
-        // SAFETY: reads at most `info.len()` bytes into `info`, a buffer this frame owns.
-        let n = unsafe { libc::read(fd, info.as_mut_ptr().cast(), info.len()) };
-        (n == info.len() as isize).then(|| u32::from_ne_bytes([info[0], info[1], info[2], info[3]]))
     }
 }
 
@@ -216,8 +186,8 @@ impl MutEventSubscriber for ShutdownOnSignal {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         match events.data() {
             TOKEN_SIGNAL => {
-                while let Some(signo) = self.read_signal() {
-                    let name = if signo == libc::SIGINT as u32 {
+                while let Some(signo) = self.signals.read() {
+                    let name = if signo == libc::SIGINT {
                         "SIGINT"
                     } else {
                         "SIGTERM"

@@ -125,8 +125,8 @@ impl VcpuControl {
     fn kick_all(&self) {
         let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
         for &thread in threads.iter() {
-            // SAFETY: the handles are of vCPU threads that are joined only after the VM's
-            // event loop (the only caller of pause) has ended, so each is still valid; the
+            // SAFETY: the handles are of live or unjoined vCPU threads: `Vm::run` forgets
+            // them (`set_threads(vec![])`) before it joins any, so each is still valid; the
             // kick signal has a handler that does nothing.
             unsafe { libc::pthread_kill(thread, super::kick_signal()) };
         }
@@ -230,11 +230,6 @@ impl VcpuControl {
         drop(state);
         self.kick_all();
     }
-
-    /// Whether [`request_stop`](Self::request_stop) was called.
-    pub fn stopping(&self) -> bool {
-        self.lock().stop
-    }
 }
 
 #[cfg(test)]
@@ -266,19 +261,22 @@ mod tests {
         (handles, turns)
     }
 
+    /// Asks for a pause and waits until `n` threads have parked: what `pause` does, without
+    /// the kicks and the KVM clock (there is no VM in a unit test).
+    fn park(control: &VcpuControl, n: usize) {
+        let mut state = control.lock();
+        state.pause = true;
+        control.attention.store(true, Ordering::Release);
+        while state.parked < n {
+            state = control.changed.wait(state).unwrap();
+        }
+    }
+
     #[test]
     fn pause_parks_every_thread_and_resume_releases_them() {
         let control = Arc::new(VcpuControl::new(2));
         let (handles, turns) = spinners(&control, 2);
-        // No VmFd in a unit test: drive the state machine the way pause() does.
-        {
-            let mut state = control.lock();
-            state.pause = true;
-            control.attention.store(true, Ordering::Release);
-            while state.parked < 2 {
-                state = control.changed.wait(state).unwrap();
-            }
-        }
+        park(&control, 2);
         assert_eq!(control.run_state(), RunState::Paused);
         let before = turns.load(Ordering::Relaxed);
         std::thread::sleep(Duration::from_millis(50));
@@ -302,19 +300,12 @@ mod tests {
     fn stop_releases_parked_threads() {
         let control = Arc::new(VcpuControl::new(1));
         let (handles, _) = spinners(&control, 1);
-        {
-            let mut state = control.lock();
-            state.pause = true;
-            control.attention.store(true, Ordering::Release);
-            while state.parked < 1 {
-                state = control.changed.wait(state).unwrap();
-            }
-        }
+        park(&control, 1);
         control.request_stop();
         for h in handles {
             h.join().unwrap();
         }
-        assert!(control.stopping());
+        assert!(control.lock().stop);
         assert_eq!(control.lock().parked, 0);
     }
 }
