@@ -192,6 +192,108 @@ fn console_attach_detach_100_times_loses_no_output() {
     eprintln!("100 attach/detach cycles while the guest printed {last} numbered lines, none lost");
 }
 
+/// The highest `SEQ n` in `text`.
+fn last_seq(text: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("SEQ ")?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Complete `SEQ n` lines of a client's stream must be consecutive.
+fn assert_consecutive(what: &str, text: &str) -> (u64, u64) {
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    let seq: Vec<u64> = complete
+        .lines()
+        .skip(1) // the history starts mid-line
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("SEQ ")?.parse().ok())
+        .collect();
+    let gap = seq
+        .windows(2)
+        .find(|w| w[1] != w[0] + 1)
+        .map(|w| format!("{} then {}", w[0], w[1]));
+    assert!(
+        gap.is_none() && seq.len() > 1,
+        "{what}: break {gap:?} in {} lines",
+        seq.len()
+    );
+    (seq[0], *seq.last().unwrap())
+}
+
+#[test]
+fn console_client_that_never_reads_does_not_hold_the_guest_back() {
+    if !kvm_available() {
+        return;
+    }
+    let mut vm = podvm_tests::SocketVm::start("console-stuck", COUNTER, &[]);
+    vm.wait_log("SEQ 1\n");
+    // The first client holds the keyboard and reads nothing. The history replay alone is more
+    // than its socket takes, so from here on podvm holds output for it.
+    let stuck = UnixStream::connect(&vm.console).unwrap();
+    let backlog = |vm: &podvm_tests::SocketVm| {
+        vm.api_json(&["counters"])["console"]["backlog_bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    let held_before = backlog(&vm);
+    assert!(
+        held_before > 0,
+        "nothing held for a client that reads nothing"
+    );
+    let from = last_seq(&vm.log_text());
+
+    // The guest goes on printing at its own pace: 2000 more lines reach the log while the
+    // client is still stuck and its backlog grows.
+    let target = from + 2000;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let now = last_seq(&vm.log_text());
+        if now >= target {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest stalled at SEQ {now} (from {from}) while a client was stuck"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let counters = vm.api_json(&["counters"]);
+    let held_after = counters["console"]["backlog_bytes"].as_u64().unwrap();
+    assert!(
+        held_after > held_before,
+        "the backlog did not grow ({held_before} then {held_after}): {counters}"
+    );
+    assert_eq!(counters["console"]["clients_dropped_slow"], 0, "{counters}");
+
+    // When the client finally reads, it gets everything since it attached, in order.
+    stuck
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    let want = format!("SEQ {target}\r\n");
+    while !String::from_utf8_lossy(&seen).contains(&want) {
+        let n = (&stuck)
+            .read(&mut buf)
+            .unwrap_or_else(|e| panic!("reading the stuck client's backlog: {e}"));
+        assert!(n > 0, "podvm closed the stuck client");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let (first, last) = assert_consecutive("the stuck client", &String::from_utf8_lossy(&seen));
+    assert!(first <= from && last >= target, "{first}..{last}");
+
+    // It still holds the keyboard.
+    (&stuck).write_all(b"stop\n").unwrap();
+    let out = vm.wait();
+    assert!(out.status.success(), "{}", out.stderr);
+    let (_, done) = assert_consecutive("the log", &out.stdout);
+    eprintln!(
+        "the guest printed SEQ {from}..{target} while a client read nothing ({held_before} -> \
+         {held_after} bytes held for it); the client then got SEQ {first}..{last} gapless; \
+         the log is gapless to {done}"
+    );
+}
+
 fn tail(s: &str) -> &str {
     &s[s.len().saturating_sub(2000)..]
 }

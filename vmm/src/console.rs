@@ -49,6 +49,8 @@ pub struct ConsoleMetrics {
     pub output_bytes: AtomicU64,
     pub input_bytes: AtomicU64,
     pub log_errors: AtomicU64,
+    /// Output podvm holds now for clients that are behind (a gauge, not a total).
+    pub backlog_bytes: AtomicU64,
 }
 
 struct Client {
@@ -124,6 +126,14 @@ impl ConsoleHub {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Refreshes the backlog gauge; called with the state locked after any change.
+    fn note_backlog(&self, state: &HubState) {
+        let total: usize = state.clients.iter().map(|c| c.backlog.len()).sum();
+        self.metrics
+            .backlog_bytes
+            .store(total as u64, Ordering::Relaxed);
+    }
+
     /// Counters.
     pub fn metrics(&self) -> &ConsoleMetrics {
         &self.metrics
@@ -159,6 +169,7 @@ impl ConsoleHub {
         for id in gone {
             remove_client(&mut state, id);
         }
+        self.note_backlog(&state);
     }
 
     /// A new client: history first, then the keyboard or a read-only notice.
@@ -186,6 +197,7 @@ impl ConsoleHub {
             return None;
         }
         state.clients.push(client);
+        self.note_backlog(&state);
         self.metrics
             .clients_connected
             .fetch_add(1, Ordering::Relaxed);
@@ -204,6 +216,7 @@ impl ConsoleHub {
         if gone {
             remove_client(&mut state, id);
         }
+        self.note_backlog(&state);
     }
 
     fn is_writer(&self, id: u64) -> bool {
@@ -211,7 +224,9 @@ impl ConsoleHub {
     }
 
     fn remove(&self, id: u64) {
-        remove_client(&mut self.lock(), id);
+        let mut state = self.lock();
+        remove_client(&mut state, id);
+        self.note_backlog(&state);
     }
 
     /// At VM exit: gives every client up to `grace` (in all) to take what is still waiting
@@ -233,6 +248,7 @@ impl ConsoleHub {
                 .and_then(|()| client.stream.write_all(b));
             client.backlog.clear();
         }
+        self.note_backlog(&state);
     }
 
     /// Flushes the log file.
@@ -478,6 +494,7 @@ mod tests {
             hub.metrics().clients_dropped_slow.load(Ordering::Relaxed),
             1
         );
+        assert_eq!(hub.metrics().backlog_bytes.load(Ordering::Relaxed), 0);
     }
 
     #[test]
@@ -489,6 +506,8 @@ mod tests {
         hub.output(&sent);
         let mut got = read_available(&mut peer);
         assert!(got.len() < sent.len(), "the kernel took everything at once");
+        let held = hub.metrics().backlog_bytes.load(Ordering::Relaxed) as usize;
+        assert!(held > 0 && held <= sent.len() - got.len(), "{held}");
         // The guest is quiet now; each time the socket has room (what the event loop's
         // writable event signals), more of the backlog goes out.
         for _ in 0..1000 {
@@ -499,6 +518,7 @@ mod tests {
             got.extend(read_available(&mut peer));
         }
         assert_eq!(got, sent);
+        assert_eq!(hub.metrics().backlog_bytes.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -137,6 +137,7 @@ impl Control for VmControl {
                 "output_bytes": get(&m.output_bytes),
                 "input_bytes": get(&m.input_bytes),
                 "log_errors": get(&m.log_errors),
+                "backlog_bytes": get(&m.backlog_bytes),
             })
         });
         json!({
