@@ -92,6 +92,13 @@ pub struct RunArgs {
     /// kernel or seccomp forbids it). Repeat for more disks; the guest sees them in this order (vda, vdb, ...).
     #[arg(long, value_name = "PATH[,readonly][,direct=on|off][,serial=ID][,aio=io_uring|sync]", value_parser = parse_disk)]
     pub disk: Vec<vmm::config::DiskConfig>,
+    /// A virtio-net NIC. `user`: the userspace masquerade NAT (KubeVirt's masquerade
+    /// binding, no privileges): the guest gets 10.0.2.2/24 by DHCP, gateway 10.0.2.1, the
+    /// DNS servers of the pod's resolv.conf, and its traffic leaves from the pod's address.
+    /// Options: `mac=52:54:00:xx:xx:xx`, `mtu=N` (default 65520: the link is podvm's own),
+    /// `resolv=PATH` (default /etc/resolv.conf). Repeat for more NICs (eth0, eth1, ...).
+    #[arg(long, value_name = "user[,mac=MAC][,mtu=N][,resolv=PATH]", value_parser = parse_net)]
+    pub net: Vec<vmm::config::NicConfig>,
     /// Seconds the guest has to power off after SIGTERM presses its ACPI power button, before
     /// podvm stops it (Kubernetes' default grace period is 30 s).
     #[arg(long, value_name = "SECS", default_value_t = 30)]
@@ -143,6 +150,57 @@ pub fn parse_disk(value: &str) -> Result<vmm::config::DiskConfig, String> {
     Ok(disk)
 }
 
+/// Parses one `--net` value.
+pub fn parse_net(value: &str) -> Result<vmm::config::NicConfig, String> {
+    use vmm::config::{NetBackendConfig, NicConfig};
+    let mut parts = value.split(',');
+    let mut nic = match parts.next() {
+        Some("user") => NicConfig::user(),
+        Some(other) => {
+            return Err(format!(
+                "unknown network backend {other:?}; use --net user[,mac=MAC][,mtu=N][,resolv=PATH]"
+            ))
+        }
+        None => unreachable!("split yields at least one item"),
+    };
+    for option in parts {
+        match (option.split_once('='), &mut nic.backend) {
+            (Some(("mac", mac)), _) => nic.mac = Some(parse_mac(mac)?),
+            (Some(("mtu", n)), NetBackendConfig::User { mtu, .. }) => {
+                *mtu = n.parse().map_err(|_| {
+                    format!("mtu {n:?} is not a number; use mtu=N with N from 68 to 65520")
+                })?
+            }
+            (Some(("resolv", path)), NetBackendConfig::User { resolv_conf, .. }) => {
+                *resolv_conf = PathBuf::from(path)
+            }
+            _ => {
+                return Err(format!(
+                    "unknown network option {option:?}; use mac=MAC, mtu=N or resolv=PATH"
+                ))
+            }
+        }
+    }
+    Ok(nic)
+}
+
+fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let bytes: Vec<u8> = text
+        .split(':')
+        .map(|b| {
+            if b.len() == 2 {
+                u8::from_str_radix(b, 16).ok()
+            } else {
+                None
+            }
+        })
+        .collect::<Option<_>>()
+        .ok_or_else(|| format!("mac {text:?} is not six hex bytes; use mac=52:54:00:12:34:56"))?;
+    bytes
+        .try_into()
+        .map_err(|_| format!("mac {text:?} is not six hex bytes; use mac=52:54:00:12:34:56"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,6 +216,34 @@ mod tests {
         assert_eq!(d.io_engine, vmm::config::IoEngine::Sync);
         let d = parse_disk("disk.img").unwrap();
         assert_eq!((d.read_only, d.direct, d.serial), (false, None, None));
+    }
+
+    #[test]
+    fn net_flag_parses_backend_and_options() {
+        use vmm::config::NetBackendConfig;
+        let n = parse_net("user").unwrap();
+        assert_eq!(n, vmm::config::NicConfig::user());
+        let n = parse_net("user,mac=52:54:00:aa:bb:0c,mtu=1500,resolv=/tmp/r").unwrap();
+        assert_eq!(n.mac, Some([0x52, 0x54, 0, 0xaa, 0xbb, 0x0c]));
+        assert_eq!(
+            n.backend,
+            NetBackendConfig::User {
+                mtu: 1500,
+                resolv_conf: "/tmp/r".into()
+            }
+        );
+        assert!(parse_net("slirp")
+            .unwrap_err()
+            .contains("unknown network backend"));
+        assert!(parse_net("user,mac=52:54")
+            .unwrap_err()
+            .contains("six hex bytes"));
+        assert!(parse_net("user,mtu=big")
+            .unwrap_err()
+            .contains("not a number"));
+        assert!(parse_net("user,port=80")
+            .unwrap_err()
+            .contains("unknown network option"));
     }
 
     #[test]

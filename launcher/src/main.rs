@@ -83,6 +83,7 @@ fn run(args: RunArgs) -> Result<(), Error> {
             },
         },
         disks: args.disk,
+        nics: args.net,
         shutdown_timeout: std::time::Duration::from_secs(args.shutdown_timeout),
         api_socket: args.api_socket,
     };

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 
+pub mod netns;
+
 /// podvm's default kernel command line (kept equal to `vmm::config::DEFAULT_CMDLINE`).
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
 

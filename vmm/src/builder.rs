@@ -11,7 +11,7 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use devices::exit::ExitRequest;
 
 use crate::api::{ApiError, ApiServer};
-use crate::config::{ConfigError, ConsoleConfig, DiskConfig, VmConfig};
+use crate::config::{ConfigError, ConsoleConfig, DiskConfig, NetBackendConfig, VmConfig};
 use crate::console::{self, ConsoleError, ConsoleHub, ConsoleServer};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::event_loop::{EventLoop, EventLoopError};
@@ -104,6 +104,14 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
         .collect::<Result<Vec<_>, OpenError>>()
         .map_err(DeviceError::from)?;
 
+    // 1b'. NIC backends: a tap that cannot be opened fails here.
+    let nics = config
+        .nics
+        .iter()
+        .enumerate()
+        .map(|(index, nic)| open_nic(config, index, nic))
+        .collect::<Result<Vec<_>, _>>()?;
+
     // 1c. The console socket, bound now so a bad path fails before the VM exists.
     let console = match &config.console {
         ConsoleConfig::Socket { path, history, log } => {
@@ -155,7 +163,7 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
     let mem = memory::create(config.memory_bytes())?;
     let parts = std::thread::scope(|scope| {
         let registering = scope.spawn(|| register_memory(&vm, &mem));
-        let parts = populate(config, disks, console, api, &kvm, &vm, &mem, &step);
+        let parts = populate(config, disks, nics, console, api, &kvm, &vm, &mem, &step);
         match registering.join() {
             Ok(registered) => registered.and(parts),
             Err(panic) => std::panic::resume_unwind(panic),
@@ -191,6 +199,7 @@ struct Parts {
 fn populate(
     config: &VmConfig,
     disks: Vec<(Disk, &DiskConfig)>,
+    nics: Vec<devices::virtio::net::Net>,
     console: Option<(
         Arc<ConsoleHub>,
         std::os::unix::net::UnixListener,
@@ -209,6 +218,9 @@ fn populate(
     let mut devices = DeviceManager::new(vm, &config.console, hub.as_ref(), &exit)?;
     for (disk, disk_config) in disks {
         devices.add_disk(vm, mem, disk, disk_config)?;
+    }
+    for nic in nics {
+        devices.add_net(vm, mem, nic)?;
     }
 
     step("acpi+boot");
@@ -281,6 +293,7 @@ fn populate(
                 .iter()
                 .map(|b| b.lock().unwrap_or_else(|p| p.into_inner()).metrics())
                 .collect(),
+            nics: devices.nics.clone(),
             console: hub.clone(),
             api: metrics.clone(),
             pauses: Default::default(),
@@ -304,6 +317,50 @@ fn populate(
         console_hub: hub,
         blocks: devices.blocks,
         vcpu_control,
+    })
+}
+
+/// NIC `index`'s device with its backend.
+fn open_nic(
+    config: &VmConfig,
+    index: usize,
+    nic: &crate::config::NicConfig,
+) -> Result<devices::virtio::net::Net, DeviceError> {
+    use devices::virtio::net::{user, Net, NetConfig, NetMetrics};
+    let mac = config.nic_mac(index);
+    let metrics = Arc::new(NetMetrics::default());
+    let (backend, mtu): (Box<dyn devices::virtio::net::NetBackend>, u16) = match &nic.backend {
+        NetBackendConfig::User { mtu, resolv_conf } => {
+            let resolv = user::resolv::Resolv::load(resolv_conf);
+            tracing::info!(
+                nic = index,
+                mac = %crate::config::format_mac(mac),
+                dns = ?resolv.dns4,
+                search = ?resolv.search,
+                "NIC on the user-mode masquerade NAT"
+            );
+            let user_config = user::UserConfig {
+                mtu: *mtu,
+                resolv,
+                ..Default::default()
+            };
+            let net = user::UserNet::new(&user_config, mac, metrics.clone()).map_err(|e| {
+                DeviceError::Create {
+                    device: format!("nic {index}"),
+                    source: std::io::Error::other(e),
+                }
+            })?;
+            (Box::new(net), *mtu)
+        }
+    };
+    let device_config = NetConfig {
+        mac,
+        mtu,
+        rx_checksums_valid: true,
+    };
+    Net::new(device_config, backend, metrics).map_err(|source| DeviceError::Create {
+        device: format!("nic {index}"),
+        source,
     })
 }
 

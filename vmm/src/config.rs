@@ -54,6 +54,43 @@ pub struct DiskConfig {
 
 pub use devices::virtio::block::IoEngine;
 
+/// The default MAC of the first NIC; later NICs count up in the last byte. Locally
+/// administered (bit 1 of the first byte), like QEMU's 52:54:00 prefix.
+pub const DEFAULT_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+
+/// Where a NIC's frames go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetBackendConfig {
+    /// The userspace masquerade NAT (KubeVirt's `masquerade` binding, no privileges).
+    User {
+        /// The link MTU handed to the guest (device config and DHCP).
+        mtu: u16,
+        /// Where the pod's name servers and search domains come from.
+        resolv_conf: PathBuf,
+    },
+}
+
+/// One virtio-net NIC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicConfig {
+    pub backend: NetBackendConfig,
+    /// The guest's MAC; `None` means [`DEFAULT_MAC`] (counted up per NIC).
+    pub mac: Option<[u8; 6]>,
+}
+
+impl NicConfig {
+    /// The user backend with its defaults.
+    pub fn user() -> Self {
+        Self {
+            backend: NetBackendConfig::User {
+                mtu: devices::virtio::net::user::DEFAULT_MTU,
+                resolv_conf: PathBuf::from("/etc/resolv.conf"),
+            },
+            mac: None,
+        }
+    }
+}
+
 /// Everything needed to build and boot a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
@@ -71,6 +108,8 @@ pub struct VmConfig {
     pub console: ConsoleConfig,
     /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...).
     pub disks: Vec<DiskConfig>,
+    /// virtio-net NICs, in the order the guest sees them (eth0, ...).
+    pub nics: Vec<NicConfig>,
     /// After SIGTERM presses the power button, how long the guest has to power off before
     /// it is stopped.
     pub shutdown_timeout: std::time::Duration,
@@ -98,8 +137,14 @@ pub enum ConfigError {
     Serial { index: usize, serial: String },
     #[error("--api-socket {0}: is also the --console socket; give the two different paths")]
     SocketClash(PathBuf),
-    #[error("disks: {count} disks is more than podvm's {max}; give fewer --disk")]
-    TooManyDisks { count: usize, max: usize },
+    #[error("disks and nics: {count} virtio devices is more than podvm's {max}; give fewer --disk or --net")]
+    TooManyDevices { count: usize, max: usize },
+    #[error("--net {index}: mtu {mtu} is out of range; use a value from 68 to {max}")]
+    Mtu { index: usize, mtu: u16, max: u16 },
+    #[error("--net {index}: mac {mac} is not a unicast address; use one whose first byte is even, such as 52:54:00:xx:xx:xx")]
+    Mac { index: usize, mac: String },
+    #[error("--net: two NICs have the MAC {0}; give each its own mac=")]
+    DuplicateMac(String),
 }
 
 impl VmConfig {
@@ -113,6 +158,7 @@ impl VmConfig {
             cmdline: DEFAULT_CMDLINE.to_string(),
             console: ConsoleConfig::Stdio,
             disks: Vec::new(),
+            nics: Vec::new(),
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             api_socket: None,
         }
@@ -129,11 +175,38 @@ impl VmConfig {
         if !self.cmdline.bytes().all(|b| (0x20..0x7f).contains(&b)) {
             return Err(ConfigError::Cmdline);
         }
-        if self.disks.len() > MAX_DISKS {
-            return Err(ConfigError::TooManyDisks {
-                count: self.disks.len(),
+        let count = self.disks.len() + self.nics.len();
+        if count > MAX_DISKS {
+            return Err(ConfigError::TooManyDevices {
+                count,
                 max: MAX_DISKS,
             });
+        }
+        let mut macs = Vec::new();
+        for (index, nic) in self.nics.iter().enumerate() {
+            let mac = self.nic_mac(index);
+            if mac[0] & 1 != 0 || mac == [0; 6] {
+                return Err(ConfigError::Mac {
+                    index,
+                    mac: format_mac(mac),
+                });
+            }
+            if macs.contains(&mac) {
+                return Err(ConfigError::DuplicateMac(format_mac(mac)));
+            }
+            macs.push(mac);
+            match &nic.backend {
+                NetBackendConfig::User { mtu, .. } => {
+                    let max = devices::virtio::net::user::DEFAULT_MTU;
+                    if !(68..=max).contains(mtu) {
+                        return Err(ConfigError::Mtu {
+                            index,
+                            mtu: *mtu,
+                            max,
+                        });
+                    }
+                }
+            }
         }
         if let (Some(api), ConsoleConfig::Socket { path, .. }) = (&self.api_socket, &self.console) {
             if api == path {
@@ -156,10 +229,27 @@ impl VmConfig {
         Ok(())
     }
 
+    /// The MAC of NIC `index`: its own, or the default counted up by the index.
+    pub fn nic_mac(&self, index: usize) -> [u8; 6] {
+        self.nics[index].mac.unwrap_or_else(|| {
+            let mut mac = DEFAULT_MAC;
+            mac[5] = mac[5].wrapping_add(index as u8);
+            mac
+        })
+    }
+
     /// Guest RAM in bytes.
     pub fn memory_bytes(&self) -> u64 {
         self.memory_mib << 20
     }
+}
+
+/// `52:54:00:12:34:56`.
+pub fn format_mac(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 #[cfg(test)]

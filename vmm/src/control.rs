@@ -23,6 +23,8 @@ pub struct VmControl {
     pub shutdown: Arc<GracefulShutdown>,
     /// One per disk, in config order.
     pub disks: Vec<Arc<BlockMetrics>>,
+    /// One per NIC, in config order.
+    pub nics: Vec<Arc<devices::virtio::net::NetMetrics>>,
     pub console: Option<Arc<ConsoleHub>>,
     pub api: Arc<ApiMetrics>,
     pub pauses: AtomicU64,
@@ -48,6 +50,34 @@ impl VmControl {
     fn state_json(&self) -> Value {
         json!({ "state": self.state() })
     }
+}
+
+fn nic_counters(m: &devices::virtio::net::NetMetrics) -> Value {
+    json!({
+        "tx_frames": get(&m.tx_frames),
+        "tx_bytes": get(&m.tx_bytes),
+        "rx_frames": get(&m.rx_frames),
+        "rx_bytes": get(&m.rx_bytes),
+        "tx_invalid": get(&m.tx_invalid),
+        "rx_dropped": get(&m.rx_dropped),
+        "interrupts": get(&m.interrupts),
+        "nat": {
+            "dropped_malformed": get(&m.nat_dropped_malformed),
+            "dropped_checksum": get(&m.nat_dropped_checksum),
+            "dropped_fragment": get(&m.nat_dropped_fragment),
+            "dropped_unsupported": get(&m.nat_dropped_unsupported),
+            "tcp_opened": get(&m.nat_tcp_opened),
+            "tcp_connect_failed": get(&m.nat_tcp_connect_failed),
+            "tcp_resets_from_guest": get(&m.nat_tcp_resets_from_guest),
+            "tcp_resets_to_guest": get(&m.nat_tcp_resets_to_guest),
+            "tcp_flows": get(&m.nat_tcp_flows),
+            "udp_flows": get(&m.nat_udp_flows),
+            "udp_send_errors": get(&m.nat_udp_send_errors),
+            "flow_limit": get(&m.nat_flow_limit),
+            "expired": get(&m.nat_expired),
+            "dhcp_replies": get(&m.dhcp_replies),
+        },
+    })
 }
 
 impl Control for VmControl {
@@ -76,6 +106,27 @@ impl Control for VmControl {
                 })
             })
             .collect();
+        let nics: Vec<Value> = c
+            .nics
+            .iter()
+            .enumerate()
+            .map(|(index, n)| {
+                let backend = match &n.backend {
+                    crate::config::NetBackendConfig::User { mtu, resolv_conf } => json!({
+                        "kind": "user",
+                        "mtu": mtu,
+                        "resolv_conf": resolv_conf,
+                        "guest_ipv4": "10.0.2.2/24",
+                        "gateway_ipv4": "10.0.2.1",
+                    }),
+                };
+                json!({
+                    "index": index,
+                    "mac": crate::config::format_mac(c.nic_mac(index)),
+                    "backend": backend,
+                })
+            })
+            .collect();
         json!({
             "state": self.state(),
             "shutdown_remaining_s": self.shutdown.remaining().map(|d| d.as_secs_f64()),
@@ -87,7 +138,7 @@ impl Control for VmControl {
             "cmdline": c.cmdline,
             "console": console,
             "disks": disks,
-            "nics": [],
+            "nics": nics,
             "uptime_s": self.started.elapsed().as_secs_f64(),
             "paused_s": self.vcpus.paused_total().as_secs_f64(),
             "pid": std::process::id(),
@@ -142,7 +193,7 @@ impl Control for VmControl {
         });
         json!({
             "disks": disks,
-            "nics": [],
+            "nics": self.nics.iter().map(|m| nic_counters(m)).collect::<Vec<_>>(),
             "console": console,
             "vm": {
                 "pauses": get(&self.pauses),

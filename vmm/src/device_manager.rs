@@ -103,6 +103,8 @@ pub struct DeviceManager {
     pub serial: Arc<Mutex<Serial>>,
     /// virtio-blk devices, in guest order.
     pub blocks: Vec<Arc<Mutex<Block>>>,
+    /// virtio-net devices' counters, in guest order.
+    pub nics: Vec<Arc<devices::virtio::net::NetMetrics>>,
     /// Devices the event loop serves.
     pub subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     /// Devices the DSDT describes.
@@ -167,6 +169,7 @@ impl DeviceManager {
             buses,
             serial,
             blocks: Vec::new(),
+            nics: Vec::new(),
             subscribers: Vec::new(),
             acpi: Vec::new(),
             power_button,
@@ -201,6 +204,21 @@ impl DeviceManager {
         self.add_virtio(vm, mem, &name, block.clone())?;
         self.subscribers.push(block.clone());
         self.blocks.push(block);
+        Ok(())
+    }
+
+    /// Attaches `net` as the next virtio-net device.
+    pub fn add_net(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemory,
+        net: devices::virtio::net::Net,
+    ) -> Result<(), DeviceError> {
+        let name = format!("nic {}", self.nics.len());
+        self.nics.push(net.metrics());
+        let net = Arc::new(Mutex::new(net));
+        self.add_virtio(vm, mem, &name, net.clone())?;
+        self.subscribers.push(net);
         Ok(())
     }
 

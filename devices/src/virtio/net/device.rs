@@ -1,0 +1,415 @@
+//! The virtio-net device: features, configuration space, and moving frames between the
+//! guest's RX/TX queues and a [`NetBackend`].
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::backend::NetBackend;
+use super::header::{rx_header, TxHeader, F_DATA_VALID, HDR_LEN};
+use super::metrics::NetMetrics as M;
+use crate::virtio::{
+    ActivateError, Interrupt, VirtioDevice, F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1,
+};
+use crate::GuestMemoryMmap;
+
+/// virtio device ID of a network card.
+pub const TYPE_NET: u32 = 1;
+/// Size of the RX and of the TX queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Index of the receive queue, then the transmit queue.
+pub const RX: usize = 0;
+pub const TX: usize = 1;
+/// Largest Ethernet frame podvm moves: a 65535-byte IP packet, the Ethernet header and a
+/// VLAN tag.
+pub const MAX_FRAME: usize = 65_535 + 14 + 4;
+
+/// Per-device settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
+    /// The MTU the device advertises (VIRTIO_NET_F_MTU).
+    pub mtu: u16,
+    /// Whether frames for the guest carry valid checksums (offered as DATA_VALID when the
+    /// guest accepts GUEST_CSUM, so it does not check them again).
+    pub rx_checksums_valid: bool,
+}
+
+/// Virtio-net configuration space (virtio 1.x §5.1.4).
+mod cfg {
+    pub const MAC: usize = 0;
+    pub const STATUS: usize = 6;
+    pub const MAX_VIRTQUEUE_PAIRS: usize = 8;
+    pub const MTU: usize = 10;
+    pub const LEN: usize = 12;
+}
+
+pub(crate) struct Active {
+    pub mem: GuestMemoryMmap,
+    pub rx: Queue,
+    pub tx: Queue,
+    pub interrupt: Arc<Interrupt>,
+}
+
+/// One virtio-net device.
+pub struct Net {
+    config: NetConfig,
+    config_space: [u8; cfg::LEN],
+    avail_features: u64,
+    acked_features: u64,
+    queue_events: Vec<EventFd>,
+    pub(crate) activate_event: EventFd,
+    pub(crate) active: Option<Active>,
+    pub(crate) queues_watched: bool,
+    pub(crate) backend: Box<dyn NetBackend>,
+    tx_buf: Vec<u8>,
+    metrics: Arc<M>,
+}
+
+impl Net {
+    /// A device whose frames go to and come from `backend`.
+    pub fn new(
+        config: NetConfig,
+        backend: Box<dyn NetBackend>,
+        metrics: Arc<M>,
+    ) -> std::io::Result<Self> {
+        let avail_features = F_VERSION_1
+            | F_EVENT_IDX
+            | F_INDIRECT_DESC
+            | 1 << VIRTIO_NET_F_MAC
+            | 1 << VIRTIO_NET_F_STATUS
+            | 1 << VIRTIO_NET_F_MTU
+            | 1 << VIRTIO_NET_F_MRG_RXBUF
+            | 1 << VIRTIO_NET_F_CSUM
+            | 1 << VIRTIO_NET_F_GUEST_CSUM;
+        let mut space = [0u8; cfg::LEN];
+        space[cfg::MAC..cfg::MAC + 6].copy_from_slice(&config.mac);
+        space[cfg::STATUS..cfg::STATUS + 2]
+            .copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        space[cfg::MAX_VIRTQUEUE_PAIRS..cfg::MAX_VIRTQUEUE_PAIRS + 2]
+            .copy_from_slice(&1u16.to_le_bytes());
+        space[cfg::MTU..cfg::MTU + 2].copy_from_slice(&config.mtu.to_le_bytes());
+        Ok(Self {
+            config,
+            config_space: space,
+            avail_features,
+            acked_features: 0,
+            queue_events: vec![
+                EventFd::new(libc::EFD_NONBLOCK)?,
+                EventFd::new(libc::EFD_NONBLOCK)?,
+            ],
+            activate_event: EventFd::new(libc::EFD_NONBLOCK)?,
+            active: None,
+            queues_watched: false,
+            backend,
+            tx_buf: Vec::with_capacity(HDR_LEN + MAX_FRAME),
+            metrics,
+        })
+    }
+
+    /// The device's counters.
+    pub fn metrics(&self) -> Arc<M> {
+        self.metrics.clone()
+    }
+
+    /// The device's settings.
+    pub fn config(&self) -> &NetConfig {
+        &self.config
+    }
+
+    fn acked(&self, bit: u32) -> bool {
+        self.acked_features & (1 << bit) != 0
+    }
+
+    /// Sends every frame the guest queued to the backend. Returns false if the queue is
+    /// broken (the device then waits for a reset).
+    pub(crate) fn process_tx(&mut self) -> bool {
+        let Some(mut active) = self.active.take() else {
+            return true;
+        };
+        let mut used_any = false;
+        let mut empty_passes = 0;
+        let healthy = loop {
+            if active.tx.disable_notification(&active.mem).is_err() {
+                break false;
+            }
+            let mut popped = false;
+            while let Some(chain) = active.tx.pop_descriptor_chain(&active.mem) {
+                popped = true;
+                let head = chain.head_index();
+                match read_chain(&active.mem, chain, &mut self.tx_buf) {
+                    Ok(()) => {
+                        let frame = &mut self.tx_buf[HDR_LEN..];
+                        M::inc(&self.metrics.tx_frames);
+                        M::add(&self.metrics.tx_bytes, frame.len() as u64);
+                        self.backend.send(frame);
+                    }
+                    Err(e) => {
+                        M::inc(&self.metrics.tx_invalid);
+                        tracing::debug!(error = %e, "invalid virtio-net TX chain");
+                    }
+                }
+                if active.tx.add_used(&active.mem, head, 0).is_err() {
+                    M::inc(&self.metrics.tx_invalid);
+                }
+                used_any = true;
+            }
+            match active.tx.enable_notification(&active.mem) {
+                Ok(true) => {
+                    // See virtio-blk: two empty passes in a row mean a ring that lies.
+                    empty_passes = if popped { 0 } else { empty_passes + 1 };
+                    if empty_passes == 2 {
+                        break false;
+                    }
+                }
+                Ok(false) => break true,
+                Err(_) => break false,
+            }
+        };
+        if used_any {
+            self.notify(&mut active, TX);
+        }
+        self.active = Some(active);
+        self.backend.flush();
+        self.deliver_rx();
+        healthy
+    }
+
+    /// Hands the guest the frames the backend has for it, as long as the guest has buffers.
+    pub(crate) fn deliver_rx(&mut self) {
+        let Some(mut active) = self.active.take() else {
+            return;
+        };
+        let mergeable = self.acked(VIRTIO_NET_F_MRG_RXBUF);
+        let flags = if self.config.rx_checksums_valid && self.acked(VIRTIO_NET_F_GUEST_CSUM) {
+            F_DATA_VALID
+        } else {
+            0
+        };
+        let mut delivered = false;
+        while let Some(frame) = self.backend.rx_peek() {
+            match write_frame(&mut active, frame, flags, mergeable) {
+                Delivery::Done(n) => {
+                    M::inc(&self.metrics.rx_frames);
+                    M::add(&self.metrics.rx_bytes, n as u64);
+                    self.backend.rx_pop();
+                    delivered = true;
+                }
+                Delivery::Dropped => {
+                    M::inc(&self.metrics.rx_dropped);
+                    self.backend.rx_pop();
+                    delivered = true;
+                }
+                Delivery::NoBuffers => {
+                    // Wait for the driver to post buffers; it notifies us if it adds any
+                    // after this (a race re-checked here).
+                    match active.rx.enable_notification(&active.mem) {
+                        Ok(true) => continue,
+                        _ => break,
+                    }
+                }
+            }
+        }
+        if delivered {
+            self.notify(&mut active, RX);
+        }
+        self.active = Some(active);
+        if delivered {
+            self.backend.rx_room();
+        }
+    }
+
+    fn notify(&self, active: &mut Active, queue: usize) {
+        let q = if queue == RX {
+            &mut active.rx
+        } else {
+            &mut active.tx
+        };
+        if q.needs_notification(&active.mem).unwrap_or(true) {
+            M::inc(&self.metrics.interrupts);
+            if let Err(e) = active.interrupt.signal_used_queue() {
+                tracing::warn!(error = %e, "virtio-net interrupt failed");
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum TxError {
+    #[error("bad descriptor chain")]
+    Chain,
+    #[error("{0}-byte chain is larger than a frame")]
+    TooLarge(usize),
+    #[error("frame shorter than an Ethernet header")]
+    TooShort,
+    #[error(transparent)]
+    Header(#[from] super::header::HeaderError),
+}
+
+/// Reads one TX chain (virtio-net header + frame) into `buf` and finishes the frame.
+fn read_chain(
+    mem: &GuestMemoryMmap,
+    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    buf: &mut Vec<u8>,
+) -> Result<(), TxError> {
+    let mut reader = chain.reader(mem).map_err(|_| TxError::Chain)?;
+    let len = reader.available_bytes();
+    if len > HDR_LEN + MAX_FRAME {
+        return Err(TxError::TooLarge(len));
+    }
+    if len < HDR_LEN + 14 {
+        return Err(TxError::TooShort);
+    }
+    buf.clear();
+    buf.resize(len, 0);
+    reader.read_exact(buf).map_err(|_| TxError::Chain)?;
+    let header = TxHeader::parse(buf)?;
+    header.finish(&mut buf[HDR_LEN..])?;
+    Ok(())
+}
+
+enum Delivery {
+    Done(usize),
+    Dropped,
+    NoBuffers,
+}
+
+/// Writes `frame` behind a virtio-net header into as many RX chains as it needs (one unless
+/// MRG_RXBUF was negotiated).
+fn write_frame(active: &mut Active, frame: &[u8], flags: u8, mergeable: bool) -> Delivery {
+    let total = HDR_LEN + frame.len();
+    let mem = &active.mem;
+    let mut buffers = Vec::new();
+    let mut room = 0usize;
+    while room < total {
+        let Some(chain) = active.rx.pop_descriptor_chain(mem) else {
+            for _ in &buffers {
+                active.rx.go_to_previous_position();
+            }
+            return Delivery::NoBuffers;
+        };
+        let head = chain.head_index();
+        let writer = match chain.writer(mem) {
+            Ok(w) if w.available_bytes() >= HDR_LEN || !buffers.is_empty() => w,
+            _ => {
+                // A chain no frame fits into: give it back empty and drop the frame, so a
+                // broken driver cannot wedge delivery.
+                let _ = active.rx.add_used(mem, head, 0);
+                for (h, _) in buffers {
+                    let _ = active.rx.add_used(mem, h, 0);
+                }
+                return Delivery::Dropped;
+            }
+        };
+        room += writer.available_bytes();
+        buffers.push((head, writer));
+        if !mergeable {
+            break;
+        }
+    }
+    if room < total {
+        for (h, _) in buffers {
+            let _ = active.rx.add_used(mem, h, 0);
+        }
+        return Delivery::Dropped;
+    }
+    let header = rx_header(flags, buffers.len() as u16);
+    let mut src: &[u8] = &header;
+    let mut rest = frame;
+    let mut used = Vec::with_capacity(buffers.len());
+    for (head, mut writer) in buffers {
+        let mut written = 0;
+        while writer.available_bytes() > 0 && (!src.is_empty() || !rest.is_empty()) {
+            if src.is_empty() {
+                src = rest;
+                rest = &[];
+            }
+            match writer.write(src) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    src = &src[n..];
+                    written += n;
+                }
+            }
+        }
+        used.push((head, written as u32));
+    }
+    for (head, len) in used {
+        let _ = active.rx.add_used(mem, head, len);
+    }
+    if !src.is_empty() || !rest.is_empty() {
+        return Delivery::Dropped;
+    }
+    Delivery::Done(frame.len())
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        TYPE_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
+        if let Some(src) = self
+            .config_space
+            .get(start..)
+            .map(|s| &s[..s.len().min(data.len())])
+        {
+            data[..src.len()].copy_from_slice(src);
+        }
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // The MAC is read-only here (no VIRTIO_NET_F_CTRL_MAC_ADDR).
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        let got = queues.len();
+        let Ok([rx, tx]) = <[Queue; 2]>::try_from(queues) else {
+            return Err(ActivateError::QueueCount { expected: 2, got });
+        };
+        self.active = Some(Active {
+            mem,
+            rx,
+            tx,
+            interrupt,
+        });
+        self.activate_event.write(1).map_err(ActivateError::Signal)
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.acked_features = 0;
+    }
+}

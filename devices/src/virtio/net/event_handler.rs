@@ -1,0 +1,73 @@
+//! virtio-net on the event loop: the activation eventfd and the backend's descriptor are
+//! watched from the start; the queue eventfds once the driver has activated the device.
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::device::{Net, RX, TX};
+
+const TOKEN_ACTIVATE: u32 = 0;
+const TOKEN_RX: u32 = 1;
+const TOKEN_TX: u32 = 2;
+const TOKEN_BACKEND: u32 = 3;
+
+impl Net {
+    fn queue_event(&self, index: usize) -> &EventFd {
+        &crate::virtio::VirtioDevice::queue_events(self)[index]
+    }
+
+    fn watch_queues(&mut self, ops: &mut EventOps) {
+        if self.queues_watched {
+            return;
+        }
+        let rx = Events::with_data(self.queue_event(RX), TOKEN_RX, EventSet::IN);
+        let tx = Events::with_data(self.queue_event(TX), TOKEN_TX, EventSet::IN);
+        match ops.add(rx).and_then(|()| ops.add(tx)) {
+            Ok(()) => self.queues_watched = true,
+            Err(e) => tracing::error!(error = ?e, "cannot watch the virtio-net queues"),
+        }
+    }
+}
+
+impl MutEventSubscriber for Net {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::with_data(
+            &self.activate_event,
+            TOKEN_ACTIVATE,
+            EventSet::IN,
+        )) {
+            tracing::error!(error = ?e, "cannot watch the virtio-net activation event");
+        }
+        let fd = self.backend.event_fd();
+        if let Err(e) = ops.add(Events::with_data_raw(fd, TOKEN_BACKEND, EventSet::IN)) {
+            tracing::error!(error = ?e, "cannot watch the network backend");
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            TOKEN_ACTIVATE => {
+                let _ = self.activate_event.read();
+                self.watch_queues(ops);
+                // Frames and buffers the driver queued before the loop started watching.
+                self.process_tx();
+                self.deliver_rx();
+            }
+            TOKEN_RX => {
+                let _ = self.queue_event(RX).read();
+                self.deliver_rx();
+            }
+            TOKEN_TX => {
+                let _ = self.queue_event(TX).read();
+                if !self.process_tx() {
+                    tracing::warn!("virtio-net TX queue is broken; waiting for a reset");
+                }
+            }
+            TOKEN_BACKEND => {
+                self.backend.process();
+                self.deliver_rx();
+            }
+            other => tracing::warn!(token = other, "unexpected virtio-net event"),
+        }
+    }
+}

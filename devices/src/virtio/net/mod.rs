@@ -1,0 +1,14 @@
+//! virtio-net: the device (features, config space, RX and TX queues), the virtio-net header
+//! and checksum helpers, the backend trait, the event-loop glue and the counters, one file
+//! each; `user` is the userspace masquerade NAT backend.
+
+pub mod backend;
+pub mod device;
+pub mod event_handler;
+pub mod header;
+pub mod metrics;
+pub mod user;
+
+pub use backend::NetBackend;
+pub use device::{Net, NetConfig};
+pub use metrics::NetMetrics;

@@ -1,0 +1,291 @@
+//! What to do with a frame from the guest: the NAT's first and only look at untrusted bytes
+//! before they reach smoltcp or a host socket. Pure (no fds, no state), fuzzable.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use smoltcp::wire::{
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
+    Icmpv4Message, Icmpv4Packet, Icmpv6Message, Icmpv6Packet, IpAddress, IpProtocol, Ipv4Packet,
+    Ipv6Packet, NdiscRepr, TcpPacket, UdpPacket,
+};
+
+use super::{GATEWAY4, GATEWAY6, GATEWAY6_LINK_LOCAL, GATEWAY_MAC, GUEST4, GUEST6};
+
+/// A guest's TCP or UDP conversation: its own address and the one it talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub guest: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+/// Why a frame was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Truncated or inconsistent headers.
+    Malformed,
+    /// A wrong IP, TCP, UDP or ICMP checksum.
+    Checksum,
+    /// An IP fragment (the NAT does not reassemble; guests do path-MTU discovery).
+    Fragment,
+    /// A protocol or destination the NAT does not serve, or a spoofed source address.
+    Unsupported,
+}
+
+/// The verdict on one guest frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict<'a> {
+    /// For the stack acting as the gateway: ARP and neighbour discovery for the gateway,
+    /// pings of the gateway, segments of open TCP connections.
+    Stack,
+    /// A SYN: the guest opens a TCP connection.
+    TcpSyn(FlowKey),
+    /// A UDP datagram (not DHCP).
+    Udp { key: FlowKey, payload: &'a [u8] },
+    /// A DHCPv4 message (UDP to port 67).
+    Dhcp4(&'a [u8]),
+    /// A DHCPv6 message (UDP to port 547), with the guest's link-local source.
+    Dhcp6 { src: SocketAddr, payload: &'a [u8] },
+    /// An ICMPv6 router solicitation.
+    RouterSolicit,
+    /// An ICMP echo request to an address other than the gateway.
+    Echo {
+        dst: IpAddr,
+        ident: u16,
+        seq: u16,
+        payload: &'a [u8],
+    },
+    /// Not for anyone here (another MAC, ARP for other hosts, multicast noise): ignored,
+    /// not counted.
+    Ignore,
+    /// Dropped and counted.
+    Drop(DropReason),
+}
+
+use DropReason::*;
+use Verdict::Drop as D;
+
+/// Decides what to do with `frame` (an Ethernet frame without the virtio-net header).
+pub fn classify(frame: &[u8]) -> Verdict<'_> {
+    let Ok(eth) = EthernetFrame::new_checked(frame) else {
+        return D(Malformed);
+    };
+    let dst = eth.dst_addr();
+    if dst != EthernetAddress(GATEWAY_MAC) && !dst.is_broadcast() && !dst.is_multicast() {
+        return Verdict::Ignore;
+    }
+    match eth.ethertype() {
+        EthernetProtocol::Arp => arp(eth.payload()),
+        EthernetProtocol::Ipv4 => ipv4(eth.payload()),
+        EthernetProtocol::Ipv6 => ipv6(eth.payload()),
+        _ => Verdict::Ignore,
+    }
+}
+
+fn arp(payload: &[u8]) -> Verdict<'_> {
+    let Ok(packet) = ArpPacket::new_checked(payload) else {
+        return D(Malformed);
+    };
+    match ArpRepr::parse(&packet) {
+        Ok(ArpRepr::EthernetIpv4 {
+            operation: ArpOperation::Request,
+            target_protocol_addr,
+            ..
+        }) if target_protocol_addr == GATEWAY4 => Verdict::Stack,
+        Ok(ArpRepr::EthernetIpv4 {
+            operation: ArpOperation::Reply,
+            ..
+        }) => Verdict::Stack,
+        Ok(_) => Verdict::Ignore,
+        Err(_) => D(Malformed),
+    }
+}
+
+fn ipv4(payload: &[u8]) -> Verdict<'_> {
+    let Ok(ip) = Ipv4Packet::new_checked(payload) else {
+        return D(Malformed);
+    };
+    if ip.version() != 4 {
+        return D(Malformed);
+    }
+    if !ip.verify_checksum() {
+        return D(Checksum);
+    }
+    if ip.more_frags() || ip.frag_offset() != 0 {
+        return D(Fragment);
+    }
+    let (src, dst) = (ip.src_addr(), ip.dst_addr());
+    let body = ip.payload();
+    let (s, d) = (IpAddress::Ipv4(src), IpAddress::Ipv4(dst));
+    match ip.next_header() {
+        IpProtocol::Udp => {
+            let Ok(udp) = UdpPacket::new_checked(body) else {
+                return D(Malformed);
+            };
+            // A zero UDP checksum means "none" over IPv4.
+            if udp.checksum() != 0 && !udp.verify_checksum(&s, &d) {
+                return D(Checksum);
+            }
+            if udp.dst_port() == 67 {
+                return Verdict::Dhcp4(udp.payload());
+            }
+            if src != GUEST4 {
+                return D(Unsupported);
+            }
+            if dst.is_broadcast() || dst.is_multicast() || dst == GATEWAY4 {
+                return Verdict::Ignore;
+            }
+            Verdict::Udp {
+                key: key4(src, udp.src_port(), dst, udp.dst_port()),
+                payload: udp.payload(),
+            }
+        }
+        IpProtocol::Tcp => {
+            if src != GUEST4 || !unicast4(dst) {
+                return D(Unsupported);
+            }
+            let Ok(tcp) = TcpPacket::new_checked(body) else {
+                return D(Malformed);
+            };
+            if !tcp.verify_checksum(&s, &d) {
+                return D(Checksum);
+            }
+            if tcp.syn() && !tcp.ack() {
+                Verdict::TcpSyn(key4(src, tcp.src_port(), dst, tcp.dst_port()))
+            } else {
+                Verdict::Stack
+            }
+        }
+        IpProtocol::Icmp => {
+            if src != GUEST4 {
+                return D(Unsupported);
+            }
+            let Ok(icmp) = Icmpv4Packet::new_checked(body) else {
+                return D(Malformed);
+            };
+            if !icmp.verify_checksum() {
+                return D(Checksum);
+            }
+            match icmp.msg_type() {
+                Icmpv4Message::EchoRequest if dst == GATEWAY4 => Verdict::Stack,
+                Icmpv4Message::EchoRequest if unicast4(dst) => Verdict::Echo {
+                    dst: IpAddr::V4(dst),
+                    ident: icmp.echo_ident(),
+                    seq: icmp.echo_seq_no(),
+                    payload: icmp.data(),
+                },
+                _ => Verdict::Ignore,
+            }
+        }
+        _ => D(Unsupported),
+    }
+}
+
+fn ipv6(payload: &[u8]) -> Verdict<'_> {
+    let Ok(ip) = Ipv6Packet::new_checked(payload) else {
+        return D(Malformed);
+    };
+    if ip.version() != 6 {
+        return D(Malformed);
+    }
+    let (src, dst) = (ip.src_addr(), ip.dst_addr());
+    let body = ip.payload();
+    let (s, d) = (IpAddress::Ipv6(src), IpAddress::Ipv6(dst));
+    match ip.next_header() {
+        IpProtocol::Icmpv6 => {
+            let Ok(icmp) = Icmpv6Packet::new_checked(body) else {
+                return D(Malformed);
+            };
+            if !icmp.verify_checksum(&src, &dst) {
+                return D(Checksum);
+            }
+            match icmp.msg_type() {
+                Icmpv6Message::RouterSolicit => Verdict::RouterSolicit,
+                Icmpv6Message::NeighborSolicit => match NdiscRepr::parse(&icmp) {
+                    Ok(NdiscRepr::NeighborSolicit { target_addr, .. })
+                        if target_addr == GATEWAY6 || target_addr == GATEWAY6_LINK_LOCAL =>
+                    {
+                        Verdict::Stack
+                    }
+                    Ok(_) => Verdict::Ignore,
+                    Err(_) => D(Malformed),
+                },
+                Icmpv6Message::NeighborAdvert => Verdict::Stack,
+                Icmpv6Message::EchoRequest if dst == GATEWAY6 || dst == GATEWAY6_LINK_LOCAL => {
+                    Verdict::Stack
+                }
+                Icmpv6Message::EchoRequest if src == GUEST6 && unicast6(dst) => Verdict::Echo {
+                    dst: IpAddr::V6(dst),
+                    ident: icmp.echo_ident(),
+                    seq: icmp.echo_seq_no(),
+                    payload: icmp.payload(),
+                },
+                _ => Verdict::Ignore,
+            }
+        }
+        IpProtocol::Udp => {
+            let Ok(udp) = UdpPacket::new_checked(body) else {
+                return D(Malformed);
+            };
+            if !udp.verify_checksum(&s, &d) {
+                return D(Checksum);
+            }
+            if udp.dst_port() == 547 {
+                return Verdict::Dhcp6 {
+                    src: SocketAddr::new(IpAddr::V6(src), udp.src_port()),
+                    payload: udp.payload(),
+                };
+            }
+            if src != GUEST6 {
+                return D(Unsupported);
+            }
+            if !unicast6(dst) || dst == GATEWAY6 {
+                return Verdict::Ignore;
+            }
+            Verdict::Udp {
+                key: key6(src, udp.src_port(), dst, udp.dst_port()),
+                payload: udp.payload(),
+            }
+        }
+        IpProtocol::Tcp => {
+            if src != GUEST6 || !unicast6(dst) {
+                return D(Unsupported);
+            }
+            let Ok(tcp) = TcpPacket::new_checked(body) else {
+                return D(Malformed);
+            };
+            if !tcp.verify_checksum(&s, &d) {
+                return D(Checksum);
+            }
+            if tcp.syn() && !tcp.ack() {
+                Verdict::TcpSyn(key6(src, tcp.src_port(), dst, tcp.dst_port()))
+            } else {
+                Verdict::Stack
+            }
+        }
+        IpProtocol::Ipv6Frag => D(Fragment),
+        IpProtocol::HopByHop => Verdict::Ignore,
+        _ => D(Unsupported),
+    }
+}
+
+fn unicast4(a: Ipv4Addr) -> bool {
+    !(a.is_broadcast() || a.is_multicast() || a.is_unspecified())
+}
+
+fn unicast6(a: Ipv6Addr) -> bool {
+    !(a.is_multicast() || a.is_unspecified())
+}
+
+fn key4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> FlowKey {
+    FlowKey {
+        guest: SocketAddr::new(IpAddr::V4(src), sport),
+        remote: SocketAddr::new(IpAddr::V4(dst), dport),
+    }
+}
+
+fn key6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16) -> FlowKey {
+    FlowKey {
+        guest: SocketAddr::new(IpAddr::V6(src), sport),
+        remote: SocketAddr::new(IpAddr::V6(dst), dport),
+    }
+}

@@ -1,0 +1,323 @@
+//! The `user` backend: a masquerade NAT in podvm's own process, so the pod needs no
+//! privileges. The guest sees KubeVirt's masquerade network: it is 10.0.2.2/24 and
+//! fd10:0:2::2/120, the gateway is 10.0.2.1 and fd10:0:2::1, DHCP comes from the gateway,
+//! and everything it sends out leaves from the pod's own address.
+//!
+//! A guest frame is first classified ([`frame::classify`], pure): ARP, neighbour discovery
+//! and pings for the gateway, and segments of open TCP connections go to a smoltcp
+//! interface that plays the gateway and (with "any IP") every remote host; a TCP SYN opens a
+//! host connection first ([`tcp`]); UDP goes to per-conversation host sockets ([`udp`]);
+//! DHCP is answered here ([`dhcp`]). Host sockets are watched by the backend's own epoll,
+//! which the device's event loop watches in turn.
+
+pub mod dhcp;
+pub mod frame;
+pub mod packet;
+pub mod resolv;
+mod stack;
+pub mod tcp;
+pub mod udp;
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use smoltcp::iface::{Config, Interface, PollResult, SocketSet};
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::timerfd::TimerFd;
+
+use self::frame::{DropReason, Verdict};
+use self::stack::Wire;
+use super::backend::NetBackend;
+use super::metrics::NetMetrics as M;
+
+/// The gateway (podvm) and the guest, as in KubeVirt's masquerade binding.
+pub const GATEWAY4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 1);
+pub const GUEST4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+pub const NETMASK4: Ipv4Addr = Ipv4Addr::new(255, 255, 255, 0);
+pub const PREFIX4: u8 = 24;
+pub const GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfd10, 0, 2, 0, 0, 0, 0, 1);
+pub const GUEST6: Ipv6Addr = Ipv6Addr::new(0xfd10, 0, 2, 0, 0, 0, 0, 2);
+pub const PREFIX6: u8 = 120;
+pub const GATEWAY6_LINK_LOCAL: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+/// The gateway's MAC address.
+pub const GATEWAY_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x35, 0x02];
+/// The link MTU: as large as virtio-net frames go, so bulk TCP moves in 64 KiB segments
+/// without segmentation offload (the pod's MTU does not apply: podvm's own sockets carry
+/// the data out).
+pub const DEFAULT_MTU: u16 = 65_520;
+
+/// Epoll tokens: the kind in the top byte, a flow id below.
+const TOKEN_TIMER: u64 = 0;
+const TOKEN_TCP: u64 = 1 << 56;
+const TOKEN_UDP: u64 = 2 << 56;
+const KIND_MASK: u64 = 0xff << 56;
+
+/// Housekeeping interval: idle expiry, connect timeouts.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
+
+/// How the NAT is set up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserConfig {
+    pub mtu: u16,
+    /// Name servers and search domains handed to the guest (the pod's resolv.conf).
+    pub resolv: resolv::Resolv,
+    /// Most TCP connections, and most UDP conversations, at once.
+    pub max_flows: usize,
+    /// Per-connection socket buffer, each way.
+    pub tcp_buffer: usize,
+}
+
+impl Default for UserConfig {
+    fn default() -> Self {
+        Self {
+            mtu: DEFAULT_MTU,
+            resolv: resolv::Resolv::default(),
+            max_flows: 1024,
+            tcp_buffer: 256 * 1024,
+        }
+    }
+}
+
+/// The smoltcp side: interface, sockets, the frame queues, counters.
+pub struct Stack {
+    iface: Interface,
+    pub wire: Wire,
+    pub sockets: SocketSet<'static>,
+    pub metrics: Arc<M>,
+    epoch: std::time::Instant,
+}
+
+impl Stack {
+    fn now(&self) -> smoltcp::time::Instant {
+        smoltcp::time::Instant::from_micros(self.epoch.elapsed().as_micros() as i64)
+    }
+
+    /// Runs the interface: takes queued frames in, sends what sockets have.
+    pub fn poll(&mut self) -> PollResult {
+        let now = self.now();
+        self.iface.poll(now, &mut self.wire, &mut self.sockets)
+    }
+}
+
+/// Creating the backend failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UserNetError {
+    #[error("cannot create the NAT's epoll or timer: {0}")]
+    Setup(#[source] std::io::Error),
+}
+
+/// The masquerade NAT backend.
+pub struct UserNet {
+    stack: Stack,
+    epoll: Epoll,
+    timer: TimerFd,
+    tcp: tcp::TcpNat,
+    udp: udp::UdpNat,
+    dhcp: dhcp::DhcpOptions,
+    guest_mac: EthernetAddress,
+}
+
+impl UserNet {
+    /// A NAT for a guest whose MAC is `guest_mac`.
+    pub fn new(
+        config: &UserConfig,
+        guest_mac: [u8; 6],
+        metrics: Arc<M>,
+    ) -> Result<Self, UserNetError> {
+        let mut wire = Wire::new(config.mtu as usize);
+        let epoch = std::time::Instant::now();
+        let mut iface_config = Config::new(HardwareAddress::Ethernet(EthernetAddress(GATEWAY_MAC)));
+        iface_config.random_seed = random_seed();
+        let mut iface = Interface::new(iface_config, &mut wire, smoltcp::time::Instant::ZERO);
+        iface.update_ip_addrs(|addrs| {
+            let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(GATEWAY4), PREFIX4));
+            let _ = addrs.push(IpCidr::new(IpAddress::Ipv6(GATEWAY6), PREFIX6));
+            let _ = addrs.push(IpCidr::new(IpAddress::Ipv6(GATEWAY6_LINK_LOCAL), 64));
+        });
+        // "Any IP": the interface accepts packets for every address routed through itself,
+        // which is how it plays every remote host.
+        let _ = iface.routes_mut().add_default_ipv4_route(GATEWAY4);
+        let _ = iface.routes_mut().add_default_ipv6_route(GATEWAY6);
+        iface.set_any_ip(true);
+
+        let epoll = Epoll::new().map_err(UserNetError::Setup)?;
+        let timer = TimerFd::new()
+            .map_err(|e| UserNetError::Setup(std::io::Error::from_raw_os_error(e.errno())))?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                timer.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TOKEN_TIMER),
+            )
+            .map_err(UserNetError::Setup)?;
+        let mut net = Self {
+            stack: Stack {
+                iface,
+                wire,
+                sockets: SocketSet::new(Vec::new()),
+                metrics,
+                epoch,
+            },
+            epoll,
+            timer,
+            tcp: tcp::TcpNat::new(tcp::TcpLimits {
+                max_flows: config.max_flows,
+                buffer: config.tcp_buffer,
+            }),
+            udp: udp::UdpNat::new(config.max_flows),
+            dhcp: dhcp::DhcpOptions {
+                mtu: config.mtu,
+                dns: config.resolv.dns4.clone(),
+                search: config.resolv.search.clone(),
+            },
+            guest_mac: EthernetAddress(guest_mac),
+        };
+        net.arm_timer(HOUSEKEEPING);
+        Ok(net)
+    }
+
+    fn arm_timer(&mut self, after: Duration) {
+        let after = after.max(Duration::from_micros(100));
+        if let Err(e) = self.timer.reset(after, None) {
+            tracing::warn!(error = %e, "cannot arm the NAT timer");
+        }
+    }
+
+    /// Runs the stack and the connections until nothing moves (bounded), then sets the timer
+    /// for the stack's next deadline.
+    fn run(&mut self) {
+        let mut busy = false;
+        for _ in 0..64 {
+            let changed = self.stack.poll();
+            let moved = self.tcp.pump_all(&mut self.stack);
+            busy = moved || changed == PollResult::SocketStateChanged;
+            if !busy {
+                break;
+            }
+        }
+        let now = self.stack.now();
+        let next = if busy {
+            Duration::ZERO
+        } else {
+            self.stack
+                .iface
+                .poll_delay(now, &self.stack.sockets)
+                .map_or(HOUSEKEEPING, |d| Duration::from_micros(d.total_micros()))
+                .min(HOUSEKEEPING)
+        };
+        self.arm_timer(next);
+    }
+
+    fn count_drop(&self, reason: DropReason) {
+        let m = &self.stack.metrics;
+        M::inc(match reason {
+            DropReason::Malformed => &m.nat_dropped_malformed,
+            DropReason::Checksum => &m.nat_dropped_checksum,
+            DropReason::Fragment => &m.nat_dropped_fragment,
+            DropReason::Unsupported => &m.nat_dropped_unsupported,
+        });
+    }
+}
+
+fn random_seed() -> u64 {
+    let mut seed = [0u8; 8];
+    // SAFETY: getrandom writes at most `seed.len()` bytes into the buffer it is given.
+    let n = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
+    if n == seed.len() as isize {
+        u64::from_ne_bytes(seed)
+    } else {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0x5eed, |d| d.as_nanos() as u64)
+    }
+}
+
+impl NetBackend for UserNet {
+    fn send(&mut self, frame: &[u8]) {
+        match frame::classify(frame) {
+            Verdict::Stack => self.stack.wire.to_stack.push_back(frame.to_vec()),
+            Verdict::TcpSyn(key) => self.tcp.on_syn(key, frame, &mut self.stack, &self.epoll),
+            Verdict::Udp { key, payload } => {
+                self.udp
+                    .on_datagram(key, payload, &mut self.stack, &self.epoll)
+            }
+            Verdict::Dhcp4(payload) => {
+                if let Some(reply) = dhcp::answer(payload, &self.dhcp) {
+                    M::inc(&self.stack.metrics.dhcp_replies);
+                    self.stack.wire.to_guest.push_back(reply);
+                }
+            }
+            // IPv6 configuration and pings beyond the gateway come with the next pieces of
+            // the NAT; until then they are counted as unsupported.
+            Verdict::Dhcp6 { .. } | Verdict::RouterSolicit | Verdict::Echo { .. } => {
+                self.count_drop(DropReason::Unsupported)
+            }
+            Verdict::Ignore => {}
+            Verdict::Drop(reason) => self.count_drop(reason),
+        }
+    }
+
+    fn flush(&mut self) {
+        self.run();
+    }
+
+    fn rx_peek(&mut self) -> Option<&[u8]> {
+        self.stack.wire.to_guest.front().map(Vec::as_slice)
+    }
+
+    fn rx_pop(&mut self) {
+        self.stack.wire.to_guest.pop_front();
+    }
+
+    fn rx_room(&mut self) {
+        if self.stack.wire.to_guest.len() < stack::TO_GUEST_HIGH / 2 {
+            self.run();
+        }
+    }
+
+    fn event_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
+    fn process(&mut self) {
+        let mut events = vec![EpollEvent::default(); 64];
+        let mut housekeeping = false;
+        loop {
+            let n = match self.epoll.wait(0, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "NAT epoll failed");
+                    break;
+                }
+            };
+            for ev in &events[..n] {
+                let token = ev.data();
+                let id = token & !KIND_MASK;
+                match token & KIND_MASK {
+                    TOKEN_TIMER => {
+                        let _ = self.timer.wait();
+                        housekeeping = true;
+                    }
+                    TOKEN_TCP => {
+                        self.tcp
+                            .on_host_event(id, ev.event_set(), &mut self.stack, &self.epoll)
+                    }
+                    TOKEN_UDP => self.udp.on_host_event(id, &mut self.stack, self.guest_mac),
+                    _ => {}
+                }
+            }
+            if n < events.len() {
+                break;
+            }
+        }
+        if housekeeping {
+            self.tcp.reap(&mut self.stack, &self.epoll);
+            self.udp.reap(&mut self.stack, &self.epoll);
+        }
+        self.run();
+    }
+}

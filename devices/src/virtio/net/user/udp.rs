@@ -1,0 +1,157 @@
+//! UDP through the NAT: one connected host socket per guest conversation (guest address and
+//! port, remote address and port), so replies come back only from the remote the guest
+//! talked to, as through a masquerading router. Conversations expire when idle.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use smoltcp::wire::EthernetAddress;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::frame::FlowKey;
+use super::tcp::host_destination;
+use super::{packet, Stack, TOKEN_UDP};
+use crate::virtio::net::metrics::NetMetrics as M;
+
+/// How long a conversation lives without a datagram either way.
+pub const IDLE: Duration = Duration::from_secs(120);
+/// Largest datagram read from the far side (a 64 KiB IP packet's payload).
+const MAX_DATAGRAM: usize = 65_507;
+
+struct Flow {
+    key: FlowKey,
+    host: UdpSocket,
+    last_active: Instant,
+}
+
+/// Every UDP conversation the guest has through the NAT.
+pub struct UdpNat {
+    max_flows: usize,
+    flows: HashMap<u64, Flow>,
+    by_key: HashMap<FlowKey, u64>,
+    next_id: u64,
+    buf: Vec<u8>,
+}
+
+impl UdpNat {
+    pub fn new(max_flows: usize) -> Self {
+        Self {
+            max_flows,
+            flows: HashMap::new(),
+            by_key: HashMap::new(),
+            next_id: 1,
+            buf: vec![0u8; MAX_DATAGRAM],
+        }
+    }
+
+    /// A datagram from the guest.
+    pub fn on_datagram(&mut self, key: FlowKey, payload: &[u8], stack: &mut Stack, epoll: &Epoll) {
+        let id = match self.by_key.get(&key) {
+            Some(&id) => id,
+            None => match self.open(key, stack, epoll) {
+                Some(id) => id,
+                None => return,
+            },
+        };
+        let flow = self.flows.get_mut(&id).expect("by_key and flows agree");
+        flow.last_active = Instant::now();
+        if flow.host.send(payload).is_err() {
+            M::inc(&stack.metrics.nat_udp_send_errors);
+        }
+    }
+
+    fn open(&mut self, key: FlowKey, stack: &mut Stack, epoll: &Epoll) -> Option<u64> {
+        if self.flows.len() >= self.max_flows {
+            M::inc(&stack.metrics.nat_flow_limit);
+            return None;
+        }
+        let dst = host_destination(key.remote);
+        let any: SocketAddr = if dst.is_ipv4() {
+            "0.0.0.0:0".parse().ok()?
+        } else {
+            "[::]:0".parse().ok()?
+        };
+        let host = UdpSocket::bind(any)
+            .and_then(|s| s.connect(dst).map(|()| s))
+            .and_then(|s| s.set_nonblocking(true).map(|()| s));
+        let host = match host {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(%dst, error = %e, "NAT UDP socket failed");
+                M::inc(&stack.metrics.nat_udp_send_errors);
+                return None;
+            }
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                host.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TOKEN_UDP | id),
+            )
+            .ok()?;
+        self.flows.insert(
+            id,
+            Flow {
+                key,
+                host,
+                last_active: Instant::now(),
+            },
+        );
+        self.by_key.insert(key, id);
+        M::set(&stack.metrics.nat_udp_flows, self.flows.len() as u64);
+        Some(id)
+    }
+
+    /// Datagrams from the far side of conversation `id`, to the guest.
+    pub fn on_host_event(&mut self, id: u64, stack: &mut Stack, guest_mac: EthernetAddress) {
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return;
+        };
+        loop {
+            match flow.host.recv(&mut self.buf) {
+                Ok(n) => {
+                    flow.last_active = Instant::now();
+                    if stack.wire.to_guest.len() >= super::stack::TO_GUEST_HIGH {
+                        // The guest is not taking frames: drop, as a full router queue does.
+                        M::inc(&stack.metrics.rx_dropped);
+                        continue;
+                    }
+                    let frame =
+                        packet::udp(guest_mac, flow.key.remote, flow.key.guest, &self.buf[..n]);
+                    stack.wire.to_guest.push_back(frame);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // WouldBlock, or an ICMP error the kernel reported on the connected socket.
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Drops idle conversations.
+    pub fn reap(&mut self, stack: &mut Stack, epoll: &Epoll) {
+        let now = Instant::now();
+        let idle: Vec<u64> = self
+            .flows
+            .iter()
+            .filter(|(_, f)| now.duration_since(f.last_active) > IDLE)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in idle {
+            if let Some(flow) = self.flows.remove(&id) {
+                self.by_key.remove(&flow.key);
+                let _ = epoll.ctl(
+                    ControlOperation::Delete,
+                    flow.host.as_raw_fd(),
+                    EpollEvent::default(),
+                );
+                M::inc(&stack.metrics.nat_expired);
+            }
+        }
+        M::set(&stack.metrics.nat_udp_flows, self.flows.len() as u64);
+    }
+}

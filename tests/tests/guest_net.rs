@@ -1,0 +1,182 @@
+//! virtio-net on the user-mode masquerade NAT, from inside the guest and from the pod side.
+//! Each test builds its own pod network namespace with a peer (tests/src/netns.rs); podvm
+//! runs in the pod, the servers in the peer.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use podvm_tests::netns::{PodNet, PEER_IP, POD_IP};
+use podvm_tests::{kvm_available, pattern, run_guest_script, sha256_file, TempDir};
+
+/// Configures eth0 with busybox udhcpc and prints what DHCP handed out.
+const DHCP: &str = r#"ip link set lo up
+ip link set eth0 up
+cat > /tmp/dhcp.sh <<'EOS'
+#!/bin/sh
+case "$1" in bound|renew)
+  ip addr add $ip/$mask dev $interface
+  [ -n "$mtu" ] && ip link set $interface mtu $mtu
+  for r in $router; do ip route add default via $r; done
+  for d in $dns; do echo "nameserver $d"; done > /etc/resolv.conf
+  echo "DHCP-IP=$ip/$mask"
+  echo "DHCP-ROUTER=$router"
+  echo "DHCP-DNS=$dns"
+  echo "DHCP-MTU=$mtu"
+  echo "DHCP-SEARCH=$search";;
+esac
+EOS
+chmod +x /tmp/dhcp.sh
+udhcpc -i eth0 -f -q -n -t 10 -T 2 -s /tmp/dhcp.sh || echo DHCP-FAILED
+"#;
+
+/// A pod resolv.conf as Kubernetes writes it.
+const RESOLV: &str = "search default.svc.cluster.local svc.cluster.local cluster.local\n\
+                      nameserver 10.244.0.1\noptions ndots:5\n";
+
+/// Serves `data` to the first TCP client and records where it came from.
+fn serve_once(listener: TcpListener, data: Vec<u8>) -> JoinHandle<SocketAddr> {
+    std::thread::spawn(move || {
+        let (mut conn, from) = listener.accept().expect("accept");
+        conn.write_all(&data).expect("send to the guest");
+        from
+    })
+}
+
+/// Reads everything the first client sends until it half-closes, answers `GOT n`, and
+/// stores the bytes at `path`.
+fn receive_once(listener: TcpListener, path: String) -> JoinHandle<(SocketAddr, usize)> {
+    std::thread::spawn(move || {
+        let (mut conn, from) = listener.accept().expect("accept");
+        let mut got = Vec::new();
+        conn.read_to_end(&mut got).expect("read the upload");
+        std::fs::write(&path, &got).expect("store the upload");
+        writeln!(conn, "GOT {}", got.len()).expect("answer the guest");
+        (from, got.len())
+    })
+}
+
+/// A name server on the peer: answers A queries for any name with 192.0.2.7 and anything
+/// else with no records; records who asked.
+fn dns_server(socket: UdpSocket, seen: Arc<Mutex<Vec<SocketAddr>>>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        socket
+            .set_read_timeout(Some(Duration::from_secs(600)))
+            .unwrap();
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            seen.lock().unwrap().push(from);
+            if let Some(reply) = dns_answer(&buf[..n]) {
+                let _ = socket.send_to(&reply, from);
+            }
+        }
+    })
+}
+
+fn dns_answer(query: &[u8]) -> Option<Vec<u8>> {
+    // Header (12 bytes), then one question: labels up to a zero byte, QTYPE, QCLASS.
+    let mut end = 12;
+    while *query.get(end)? != 0 {
+        end += 1 + usize::from(query[end]);
+    }
+    let qtype = u16::from_be_bytes([*query.get(end + 1)?, *query.get(end + 2)?]);
+    let question = query.get(12..end + 5)?;
+    let a = qtype == 1;
+    let mut r = Vec::new();
+    r.extend_from_slice(&query[..2]); // ID
+    r.extend_from_slice(&[0x81, 0x80, 0, 1, 0, u8::from(a), 0, 0, 0, 0]);
+    r.extend_from_slice(question);
+    if a {
+        // Name (pointer to the question), A, IN, TTL 60, 4 bytes: 192.0.2.7.
+        r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 7]);
+    }
+    Some(r)
+}
+
+#[test]
+fn net_user_guest_configures_by_dhcp_and_moves_10_mib_each_way_from_the_pod_address() {
+    if !kvm_available() {
+        return;
+    }
+    let net = PodNet::new();
+    let dir = TempDir::new("net-user");
+    let resolv = dir.file("resolv.conf", RESOLV.as_bytes());
+    let download = pattern(10 << 20, 0x0e7);
+    let download_file = dir.file("download", &download);
+    let upload_file = dir.0.join("upload").display().to_string();
+
+    let (down, up, udp, closed) = net.in_peer(|| {
+        let bind = |port| TcpListener::bind((PEER_IP, port)).expect("bind in the peer");
+        let closed = bind(0).local_addr().unwrap().port(); // bound, then closed again
+        let udp = UdpSocket::bind((PEER_IP, 53)).expect("bind the peer's DNS port");
+        (bind(0), bind(0), udp, closed)
+    });
+    let ports = (
+        down.local_addr().unwrap().port(),
+        up.local_addr().unwrap().port(),
+    );
+    let down = serve_once(down, download);
+    let up = receive_once(up, upload_file.clone());
+    let udp_senders = Arc::new(Mutex::new(Vec::new()));
+    let _dns = dns_server(udp, udp_senders.clone());
+
+    let script = format!(
+        "{DHCP}\
+         ping -c 2 -W 10 10.0.2.1 >/dev/null && echo PING-GW=ok\n\
+         nc {PEER_IP} {down} </dev/null >/tmp/down\n\
+         echo DOWN-SHA=$(sha256sum </tmp/down | cut -d' ' -f1)\n\
+         dd if=/dev/urandom of=/tmp/up bs=1M count=10 2>/dev/null\n\
+         echo UP-SHA=$(sha256sum </tmp/up | cut -d' ' -f1)\n\
+         echo UP-REPLY=$(nc {PEER_IP} {up} </tmp/up)\n\
+         nslookup db.example >/tmp/ns 2>&1; sed 's/^/NSLOOKUP: /' /tmp/ns\n\
+         grep -q 'Address: 192.0.2.7' /tmp/ns && echo DNS-ANSWER=192.0.2.7\n\
+         nc -w 10 {PEER_IP} {closed} </dev/null 2>/tmp/refused; echo REFUSED=$(cat /tmp/refused)\n",
+        down = ports.0,
+        up = ports.1,
+    );
+    let out = run_guest_script(
+        &script,
+        &["--memory", "512", "--net", &format!("user,resolv={resolv}")],
+    );
+    assert!(out.status.success(), "{out}");
+    let value = |k: &str| out.value(k).unwrap_or_else(|| panic!("no {k}= in\n{out}"));
+
+    // DHCP: KubeVirt's fixed address and gateway, the pod's DNS server and search list, and
+    // podvm's large link MTU.
+    assert_eq!(value("DHCP-IP"), "10.0.2.2/24");
+    assert_eq!(value("DHCP-ROUTER"), "10.0.2.1");
+    assert_eq!(value("DHCP-DNS"), PEER_IP);
+    assert_eq!(value("DHCP-MTU"), "65520");
+    assert_eq!(
+        value("DHCP-SEARCH"),
+        "default.svc.cluster.local svc.cluster.local cluster.local"
+    );
+    assert_eq!(value("PING-GW"), "ok");
+
+    // 10 MiB down: same bytes; the peer saw the pod's address, not the guest's.
+    assert_eq!(value("DOWN-SHA"), sha256_file(&download_file));
+    let from = down.join().unwrap();
+    assert_eq!(from.ip().to_string(), POD_IP);
+    // 10 MiB up, half-closed by the guest, answered after the peer read it all.
+    let (from, len) = up.join().unwrap();
+    assert_eq!(from.ip().to_string(), POD_IP);
+    assert_eq!(len, 10 << 20);
+    assert_eq!(value("UP-REPLY"), format!("GOT {}", 10 << 20));
+    assert_eq!(value("UP-SHA"), sha256_file(&upload_file));
+
+    // UDP there and back: the guest asked the DNS server DHCP named, from the pod's address.
+    assert_eq!(
+        value("DNS-ANSWER"),
+        "192.0.2.7",
+        "senders seen by the peer: {:?}",
+        udp_senders.lock().unwrap()
+    );
+    let senders = udp_senders.lock().unwrap();
+    assert!(!senders.is_empty() && senders.iter().all(|a| a.ip().to_string() == POD_IP));
+    drop(senders);
+    // A closed port is refused, not timed out.
+    assert!(value("REFUSED").contains("refused"), "{out}");
+    eprintln!("user NAT: DHCP, gateway ping, 10 MiB down and up, DNS over UDP, refusal all seen");
+}
