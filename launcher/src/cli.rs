@@ -96,8 +96,10 @@ pub struct RunArgs {
     /// binding, no privileges): the guest gets 10.0.2.2/24 by DHCP, gateway 10.0.2.1, the
     /// DNS servers of the pod's resolv.conf, and its traffic leaves from the pod's address.
     /// Options: `mac=52:54:00:xx:xx:xx`, `mtu=N` (default 65520: the link is podvm's own),
-    /// `resolv=PATH` (default /etc/resolv.conf). Repeat for more NICs (eth0, eth1, ...).
-    #[arg(long, value_name = "user[,mac=MAC][,mtu=N][,resolv=PATH]", value_parser = parse_net)]
+    /// `resolv=PATH` (default /etc/resolv.conf), and `port=SPEC` (repeatable) to forward the
+    /// pod's ports to the guest: `port=8080`, `port=2222:22`, `port=8000-8100`, with `/udp`
+    /// for UDP (default TCP). Repeat --net for more NICs (eth0, eth1, ...).
+    #[arg(long, value_name = "user[,mac=MAC][,mtu=N][,resolv=PATH][,port=SPEC]...", value_parser = parse_net)]
     pub net: Vec<vmm::config::NicConfig>,
     /// Seconds the guest has to power off after SIGTERM presses its ACPI power button, before
     /// podvm stops it (Kubernetes' default grace period is 30 s).
@@ -174,11 +176,12 @@ pub fn parse_net(value: &str) -> Result<vmm::config::NicConfig, String> {
             (Some(("resolv", path)), NetBackendConfig::User { resolv_conf, .. }) => {
                 *resolv_conf = PathBuf::from(path)
             }
-            _ => {
-                return Err(format!(
-                    "unknown network option {option:?}; use mac=MAC, mtu=N or resolv=PATH"
-                ))
+            (Some(("port", spec)), NetBackendConfig::User { forwards, .. }) => {
+                forwards.extend(vmm::config::parse_port_forward(spec)?)
             }
+            _ => return Err(format!(
+                "unknown network option {option:?}; use mac=MAC, mtu=N, resolv=PATH or port=SPEC"
+            )),
         }
     }
     Ok(nic)
@@ -229,7 +232,8 @@ mod tests {
             n.backend,
             NetBackendConfig::User {
                 mtu: 1500,
-                resolv_conf: "/tmp/r".into()
+                resolv_conf: "/tmp/r".into(),
+                forwards: Vec::new(),
             }
         );
         assert!(parse_net("slirp")
@@ -241,9 +245,15 @@ mod tests {
         assert!(parse_net("user,mtu=big")
             .unwrap_err()
             .contains("not a number"));
-        assert!(parse_net("user,port=80")
+        assert!(parse_net("user,ports=80")
             .unwrap_err()
             .contains("unknown network option"));
+        let n = parse_net("user,port=8080,port=2222:22,port=53/udp,port=7000-7001").unwrap();
+        let NetBackendConfig::User { forwards, .. } = n.backend;
+        assert_eq!(forwards.len(), 5);
+        assert!(parse_net("user,port=99999")
+            .unwrap_err()
+            .contains("not a port"));
     }
 
     #[test]

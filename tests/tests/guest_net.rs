@@ -180,3 +180,94 @@ fn net_user_guest_configures_by_dhcp_and_moves_10_mib_each_way_from_the_pod_addr
     assert!(value("REFUSED").contains("refused"), "{out}");
     eprintln!("user NAT: DHCP, gateway ping, 10 MiB down and up, DNS over UDP, refusal all seen");
 }
+
+/// Sends an HTTP/1.0 GET for `path` to `addr` and returns the body.
+fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    let mut conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(60))?;
+    conn.set_read_timeout(Some(Duration::from_secs(120)))?;
+    write!(conn, "GET {path} HTTP/1.0\r\nHost: guest\r\n\r\n")?;
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer)?;
+    Ok(answer
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or(answer))
+}
+
+/// The client address a `/cgi-bin/who` answer names (busybox httpd writes IPv4 clients of
+/// its dual-stack socket as `[::ffff:a.b.c.d]`).
+fn remote_of(body: std::io::Result<String>) -> String {
+    let body = body.expect("HTTP request through the forwarded port");
+    let line = body
+        .lines()
+        .find_map(|l| l.strip_prefix("REMOTE="))
+        .unwrap_or_else(|| panic!("no REMOTE= in {body:?}"));
+    line.trim_start_matches("[::ffff:")
+        .trim_end_matches(']')
+        .to_string()
+}
+
+/// The guest serves HTTP on 8080 and 8005 (a CGI script tells who asked), then waits for a
+/// line on the console.
+const SERVERS: &str = r#"mkdir -p /www/cgi-bin
+echo hello-from-the-guest > /www/hello.txt
+printf '#!/bin/sh\necho Content-Type: text/plain\necho\necho "REMOTE=$REMOTE_ADDR"\n' > /www/cgi-bin/who
+chmod +x /www/cgi-bin/who
+httpd -p 8080 -h /www
+httpd -p 8005 -h /www
+echo SERVERS-READY
+read -r line
+"#;
+
+#[test]
+fn net_user_forwards_pod_ports_to_the_guest_from_the_cluster_and_the_pod_loopback() {
+    if !kvm_available() {
+        return;
+    }
+    let net = PodNet::new();
+    let vm = podvm_tests::SocketVm::start(
+        "net-forward",
+        &format!("{DHCP}{SERVERS}"),
+        &[
+            "--memory",
+            "512",
+            "--net",
+            "user,port=8080,port=9090:8080,port=18000-18009:8000-8009",
+        ],
+    );
+    let mut vm = vm;
+    vm.wait_log("SERVERS-READY");
+
+    // From another host of the cluster (the peer), to the pod's address: the guest sees
+    // the real client, as behind KubeVirt's DNAT.
+    let pod = |port: u16| SocketAddr::new(POD_IP.parse().unwrap(), port);
+    let (hello, who, renamed, ranged, closed) = net.in_peer(|| {
+        (
+            http_get(pod(8080), "/hello.txt"),
+            http_get(pod(8080), "/cgi-bin/who"),
+            http_get(pod(9090), "/hello.txt"),
+            http_get(pod(18005), "/cgi-bin/who"),
+            http_get(pod(18001), "/hello.txt"),
+        )
+    });
+    assert_eq!(hello.unwrap().trim(), "hello-from-the-guest");
+    assert_eq!(remote_of(who), PEER_IP);
+    assert_eq!(renamed.unwrap().trim(), "hello-from-the-guest");
+    assert_eq!(remote_of(ranged), PEER_IP);
+    // Nothing listens on the guest's 8001: the accepted connection is closed without data.
+    assert!(closed.map_or(true, |body| body.is_empty()));
+
+    // From the pod itself, over its loopback: the guest sees the gateway.
+    let local = SocketAddr::new("127.0.0.1".parse().unwrap(), 8080);
+    assert_eq!(remote_of(http_get(local, "/cgi-bin/who")), "10.0.2.1");
+
+    let counters = vm.api_json(&["counters"]);
+    assert!(
+        counters["nics"][0]["nat"]["tcp_inbound"].as_u64().unwrap() >= 6,
+        "{counters}"
+    );
+    let typist = std::os::unix::net::UnixStream::connect(&vm.console).unwrap();
+    (&typist).write_all(b"done\n").unwrap();
+    let out = vm.wait();
+    assert!(out.status.success(), "{}", out.stderr);
+}

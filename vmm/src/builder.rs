@@ -330,7 +330,11 @@ fn open_nic(
     let mac = config.nic_mac(index);
     let metrics = Arc::new(NetMetrics::default());
     let (backend, mtu): (Box<dyn devices::virtio::net::NetBackend>, u16) = match &nic.backend {
-        NetBackendConfig::User { mtu, resolv_conf } => {
+        NetBackendConfig::User {
+            mtu,
+            resolv_conf,
+            forwards,
+        } => {
             let resolv = user::resolv::Resolv::load(resolv_conf);
             tracing::info!(
                 nic = index,
@@ -342,14 +346,11 @@ fn open_nic(
             let user_config = user::UserConfig {
                 mtu: *mtu,
                 resolv,
+                forwards: forwards.clone(),
                 ..Default::default()
             };
-            let net = user::UserNet::new(&user_config, mac, metrics.clone()).map_err(|e| {
-                DeviceError::Create {
-                    device: format!("nic {index}"),
-                    source: std::io::Error::other(e),
-                }
-            })?;
+            let net = user::UserNet::new(&user_config, mac, metrics.clone())
+                .map_err(|source| DeviceError::Net { index, source })?;
             (Box::new(net), *mtu)
         }
     };

@@ -53,6 +53,7 @@ pub struct DiskConfig {
 }
 
 pub use devices::virtio::block::IoEngine;
+pub use devices::virtio::net::user::forward::{parse as parse_port_forward, PortForward, Proto};
 
 /// The default MAC of the first NIC; later NICs count up in the last byte. Locally
 /// administered (bit 1 of the first byte), like QEMU's 52:54:00 prefix.
@@ -67,6 +68,8 @@ pub enum NetBackendConfig {
         mtu: u16,
         /// Where the pod's name servers and search domains come from.
         resolv_conf: PathBuf,
+        /// The pod's ports forwarded to the guest.
+        forwards: Vec<PortForward>,
     },
 }
 
@@ -85,6 +88,7 @@ impl NicConfig {
             backend: NetBackendConfig::User {
                 mtu: devices::virtio::net::user::DEFAULT_MTU,
                 resolv_conf: PathBuf::from("/etc/resolv.conf"),
+                forwards: Vec::new(),
             },
             mac: None,
         }
@@ -143,6 +147,12 @@ pub enum ConfigError {
     Mtu { index: usize, mtu: u16, max: u16 },
     #[error("--net {index}: mac {mac} is not a unicast address; use one whose first byte is even, such as 52:54:00:xx:xx:xx")]
     Mac { index: usize, mac: String },
+    #[error("--net {index}: the pod's {proto} port {port} is forwarded twice; forward each pod port once")]
+    DuplicatePort {
+        index: usize,
+        proto: String,
+        port: u16,
+    },
     #[error("--net: two NICs have the MAC {0}; give each its own mac=")]
     DuplicateMac(String),
 }
@@ -196,7 +206,15 @@ impl VmConfig {
             }
             macs.push(mac);
             match &nic.backend {
-                NetBackendConfig::User { mtu, .. } => {
+                NetBackendConfig::User { mtu, forwards, .. } => {
+                    let mut seen = std::collections::HashSet::new();
+                    if let Some(f) = forwards.iter().find(|f| !seen.insert((f.proto, f.host))) {
+                        return Err(ConfigError::DuplicatePort {
+                            index,
+                            proto: f.proto.to_string(),
+                            port: f.host,
+                        });
+                    }
                     let max = devices::virtio::net::user::DEFAULT_MTU;
                     if !(68..=max).contains(mtu) {
                         return Err(ConfigError::Mtu {

@@ -67,6 +67,7 @@ fn nic_counters(m: &devices::virtio::net::NetMetrics) -> Value {
             "dropped_fragment": get(&m.nat_dropped_fragment),
             "dropped_unsupported": get(&m.nat_dropped_unsupported),
             "tcp_opened": get(&m.nat_tcp_opened),
+            "tcp_inbound": get(&m.nat_tcp_inbound),
             "tcp_connect_failed": get(&m.nat_tcp_connect_failed),
             "tcp_resets_from_guest": get(&m.nat_tcp_resets_from_guest),
             "tcp_resets_to_guest": get(&m.nat_tcp_resets_to_guest),
@@ -112,10 +113,18 @@ impl Control for VmControl {
             .enumerate()
             .map(|(index, n)| {
                 let backend = match &n.backend {
-                    crate::config::NetBackendConfig::User { mtu, resolv_conf } => json!({
+                    crate::config::NetBackendConfig::User {
+                        mtu,
+                        resolv_conf,
+                        forwards,
+                    } => json!({
                         "kind": "user",
                         "mtu": mtu,
                         "resolv_conf": resolv_conf,
+                        "ports": forwards
+                            .iter()
+                            .map(|f| format!("{}:{}/{}", f.host, f.guest, f.proto))
+                            .collect::<Vec<_>>(),
                         "guest_ipv4": "10.0.2.2/24",
                         "gateway_ipv4": "10.0.2.1",
                     }),

@@ -61,6 +61,12 @@ pub enum DeviceError {
         #[source]
         source: std::io::Error,
     },
+    #[error("--net {index}: {source}")]
+    Net {
+        index: usize,
+        #[source]
+        source: devices::virtio::net::user::UserNetError,
+    },
     #[error("no interrupt line left for {device}")]
     NoIrq { device: String },
 }

@@ -28,6 +28,8 @@ pub struct NetMetrics {
     /// or that failed to connect.
     pub nat_tcp_opened: AtomicU64,
     pub nat_tcp_connect_failed: AtomicU64,
+    /// Connections clients opened to forwarded ports.
+    pub nat_tcp_inbound: AtomicU64,
     /// Connections refused because the flow table was full.
     pub nat_flow_limit: AtomicU64,
     /// NAT entries that expired idle.

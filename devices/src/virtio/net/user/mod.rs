@@ -11,6 +11,7 @@
 //! which the device's event loop watches in turn.
 
 pub mod dhcp;
+pub mod forward;
 pub mod frame;
 pub mod packet;
 pub mod resolv;
@@ -53,6 +54,7 @@ pub const DEFAULT_MTU: u16 = 65_520;
 const TOKEN_TIMER: u64 = 0;
 const TOKEN_TCP: u64 = 1 << 56;
 const TOKEN_UDP: u64 = 2 << 56;
+const TOKEN_FORWARD: u64 = 3 << 56;
 const KIND_MASK: u64 = 0xff << 56;
 
 /// Housekeeping interval: idle expiry, connect timeouts.
@@ -68,6 +70,8 @@ pub struct UserConfig {
     pub max_flows: usize,
     /// Per-connection socket buffer, each way.
     pub tcp_buffer: usize,
+    /// The pod's ports forwarded to the guest.
+    pub forwards: Vec<forward::PortForward>,
 }
 
 impl Default for UserConfig {
@@ -77,6 +81,7 @@ impl Default for UserConfig {
             resolv: resolv::Resolv::default(),
             max_flows: 1024,
             tcp_buffer: 256 * 1024,
+            forwards: Vec::new(),
         }
     }
 }
@@ -107,6 +112,8 @@ impl Stack {
 pub enum UserNetError {
     #[error("cannot create the NAT's epoll or timer: {0}")]
     Setup(#[source] std::io::Error),
+    #[error(transparent)]
+    Forward(#[from] forward::BindError),
 }
 
 /// The masquerade NAT backend.
@@ -117,6 +124,7 @@ pub struct UserNet {
     tcp: tcp::TcpNat,
     udp: udp::UdpNat,
     dhcp: dhcp::DhcpOptions,
+    forwards: Vec<forward::Bound>,
     guest_mac: EthernetAddress,
 }
 
@@ -153,6 +161,20 @@ impl UserNet {
                 EpollEvent::new(EventSet::IN, TOKEN_TIMER),
             )
             .map_err(UserNetError::Setup)?;
+        let forwards = forward::bind_all(&config.forwards)?;
+        for (index, bound) in forwards.iter().enumerate() {
+            let fd = match &bound.listener {
+                forward::Listener::Tcp(l) => l.as_raw_fd(),
+                forward::Listener::Udp(s) => s.as_raw_fd(),
+            };
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, TOKEN_FORWARD | index as u64),
+                )
+                .map_err(UserNetError::Setup)?;
+        }
         let mut net = Self {
             stack: Stack {
                 iface,
@@ -173,6 +195,7 @@ impl UserNet {
                 dns: config.resolv.dns4.clone(),
                 search: config.resolv.search.clone(),
             },
+            forwards,
             guest_mac: EthernetAddress(guest_mac),
         };
         net.arm_timer(HOUSEKEEPING);
@@ -235,6 +258,34 @@ fn random_seed() -> u64 {
     }
 }
 
+impl UserNet {
+    /// A forwarded port's listening socket is readable.
+    fn on_forward(&mut self, index: usize) {
+        let Some(bound) = self.forwards.get(index) else {
+            return;
+        };
+        match &bound.listener {
+            forward::Listener::Tcp(listener) => loop {
+                match listener.accept() {
+                    Ok((stream, client)) => self.tcp.on_accept(
+                        stream,
+                        client,
+                        bound.guest_addr(),
+                        &mut self.stack,
+                        &self.epoll,
+                    ),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            },
+            forward::Listener::Udp(_) => {
+                self.udp
+                    .on_forwarded(index, bound, &mut self.stack, self.guest_mac)
+            }
+        }
+    }
+}
+
 impl NetBackend for UserNet {
     fn send(&mut self, frame: &[u8]) {
         match frame::classify(frame) {
@@ -242,7 +293,7 @@ impl NetBackend for UserNet {
             Verdict::TcpSyn(key) => self.tcp.on_syn(key, frame, &mut self.stack, &self.epoll),
             Verdict::Udp { key, payload } => {
                 self.udp
-                    .on_datagram(key, payload, &mut self.stack, &self.epoll)
+                    .on_datagram(key, payload, &self.forwards, &mut self.stack, &self.epoll)
             }
             Verdict::Dhcp4(payload) => {
                 if let Some(reply) = dhcp::answer(payload, &self.dhcp) {
@@ -307,6 +358,7 @@ impl NetBackend for UserNet {
                             .on_host_event(id, ev.event_set(), &mut self.stack, &self.epoll)
                     }
                     TOKEN_UDP => self.udp.on_host_event(id, &mut self.stack, self.guest_mac),
+                    TOKEN_FORWARD => self.on_forward(id as usize),
                     _ => {}
                 }
             }

@@ -165,6 +165,78 @@ impl TcpNat {
         M::set(&stack.metrics.nat_tcp_flows, self.flows.len() as u64);
     }
 
+    /// A client connected to a forwarded port: open the connection to the guest's
+    /// `guest` address, from the address the guest should see for `client`.
+    pub fn on_accept(
+        &mut self,
+        stream: std::net::TcpStream,
+        client: SocketAddr,
+        guest: SocketAddr,
+        stack: &mut Stack,
+        epoll: &Epoll,
+    ) {
+        if self.flows.len() >= self.limits.max_flows {
+            M::inc(&stack.metrics.nat_flow_limit);
+            return; // dropping the stream closes it
+        }
+        let remote = super::forward::guest_visible(client);
+        let key = FlowKey { guest, remote };
+        if self.by_key.contains_key(&key) || remote.is_ipv4() != guest.is_ipv4() {
+            return;
+        }
+        let host = Socket::from(stream);
+        if host.set_nonblocking(true).is_err() {
+            return;
+        }
+        let _ = host.set_tcp_nodelay(true);
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0u8; self.limits.buffer]),
+            tcp::SocketBuffer::new(vec![0u8; self.limits.buffer]),
+        );
+        socket.set_nagle_enabled(false);
+        let local = IpListenEndpoint {
+            addr: Some(remote.ip().into()),
+            port: remote.port(),
+        };
+        if let Err(e) = socket.connect(stack.iface.context(), guest, local) {
+            tracing::debug!(%client, error = %e, "cannot open a forwarded connection");
+            return;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let events =
+            EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
+        if epoll
+            .ctl(
+                ControlOperation::Add,
+                host.as_raw_fd(),
+                EpollEvent::new(events, TOKEN_TCP | id),
+            )
+            .is_err()
+        {
+            return;
+        }
+        let handle = stack.sockets.add(socket);
+        self.flows.insert(
+            id,
+            Flow {
+                key,
+                host,
+                phase: Phase::Open(handle),
+                host_readable: true,
+                host_writable: true,
+                host_eof: false,
+                host_shut_wr: false,
+                aborted: false,
+                last_active: Instant::now(),
+            },
+        );
+        self.by_key.insert(key, id);
+        M::inc(&stack.metrics.nat_tcp_inbound);
+        M::set(&stack.metrics.nat_tcp_flows, self.flows.len() as u64);
+        stack.poll();
+    }
+
     /// The host socket of connection `id` has events.
     pub fn on_host_event(&mut self, id: u64, events: EventSet, stack: &mut Stack, epoll: &Epoll) {
         let Some(flow) = self.flows.get_mut(&id) else {

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use smoltcp::wire::EthernetAddress;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
+use super::forward::{guest_visible, Bound, Listener};
 use super::frame::FlowKey;
 use super::tcp::host_destination;
 use super::{packet, Stack, TOKEN_UDP};
@@ -27,11 +28,20 @@ struct Flow {
     last_active: Instant,
 }
 
+/// A client of a forwarded UDP port, as the guest sees it.
+struct Inbound {
+    /// Index of the forward's listening socket, which answers the client.
+    listener: usize,
+    client: SocketAddr,
+    last_active: Instant,
+}
+
 /// Every UDP conversation the guest has through the NAT.
 pub struct UdpNat {
     max_flows: usize,
     flows: HashMap<u64, Flow>,
     by_key: HashMap<FlowKey, u64>,
+    inbound: HashMap<FlowKey, Inbound>,
     next_id: u64,
     buf: Vec<u8>,
 }
@@ -42,13 +52,31 @@ impl UdpNat {
             max_flows,
             flows: HashMap::new(),
             by_key: HashMap::new(),
+            inbound: HashMap::new(),
             next_id: 1,
             buf: vec![0u8; MAX_DATAGRAM],
         }
     }
 
-    /// A datagram from the guest.
-    pub fn on_datagram(&mut self, key: FlowKey, payload: &[u8], stack: &mut Stack, epoll: &Epoll) {
+    /// A datagram from the guest: an answer to a client of a forwarded port, or outbound.
+    pub fn on_datagram(
+        &mut self,
+        key: FlowKey,
+        payload: &[u8],
+        forwards: &[Bound],
+        stack: &mut Stack,
+        epoll: &Epoll,
+    ) {
+        if let Some(inbound) = self.inbound.get_mut(&key) {
+            inbound.last_active = Instant::now();
+            if let Some(Listener::Udp(socket)) = forwards.get(inbound.listener).map(|b| &b.listener)
+            {
+                if socket.send_to(payload, inbound.client).is_err() {
+                    M::inc(&stack.metrics.nat_udp_send_errors);
+                }
+            }
+            return;
+        }
         let id = match self.by_key.get(&key) {
             Some(&id) => id,
             None => match self.open(key, stack, epoll) {
@@ -107,6 +135,51 @@ impl UdpNat {
         Some(id)
     }
 
+    /// Datagrams to forward `index` (listening on `socket`), relayed to the guest as from
+    /// their senders.
+    pub fn on_forwarded(
+        &mut self,
+        index: usize,
+        bound: &Bound,
+        stack: &mut Stack,
+        guest_mac: EthernetAddress,
+    ) {
+        let Listener::Udp(socket) = &bound.listener else {
+            return;
+        };
+        let guest = bound.guest_addr();
+        loop {
+            let (n, client) = match socket.recv_from(&mut self.buf) {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            };
+            let remote = guest_visible(client);
+            if remote.is_ipv4() != guest.is_ipv4() {
+                continue;
+            }
+            let key = FlowKey { guest, remote };
+            if !self.inbound.contains_key(&key) && self.inbound.len() >= self.max_flows {
+                M::inc(&stack.metrics.nat_flow_limit);
+                continue;
+            }
+            self.inbound.insert(
+                key,
+                Inbound {
+                    listener: index,
+                    client,
+                    last_active: Instant::now(),
+                },
+            );
+            if stack.wire.to_guest.len() >= super::stack::TO_GUEST_HIGH {
+                M::inc(&stack.metrics.rx_dropped);
+                continue;
+            }
+            let frame = packet::udp(guest_mac, remote, guest, &self.buf[..n]);
+            stack.wire.to_guest.push_back(frame);
+        }
+    }
+
     /// Datagrams from the far side of conversation `id`, to the guest.
     pub fn on_host_event(&mut self, id: u64, stack: &mut Stack, guest_mac: EthernetAddress) {
         let Some(flow) = self.flows.get_mut(&id) else {
@@ -152,6 +225,11 @@ impl UdpNat {
                 M::inc(&stack.metrics.nat_expired);
             }
         }
-        M::set(&stack.metrics.nat_udp_flows, self.flows.len() as u64);
+        self.inbound
+            .retain(|_, i| now.duration_since(i.last_active) <= IDLE);
+        M::set(
+            &stack.metrics.nat_udp_flows,
+            (self.flows.len() + self.inbound.len()) as u64,
+        );
     }
 }
