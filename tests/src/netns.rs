@@ -113,6 +113,10 @@ impl PodNet {
         net.ip(&["link", "set", "eth1", "up"]);
         enter(&net.pod);
         net.ip(&["route", "add", "default", "via", PEER_IP]);
+        net.ip(&["-6", "route", "add", "default", "via", PEER_IP6]);
+        // What Kubernetes runtimes set in every pod: unprivileged ping sockets for all groups.
+        std::fs::write("/proc/sys/net/ipv4/ping_group_range", "0 2147483647")
+            .expect("allow ping sockets in the pod");
         net
     }
 

@@ -125,6 +125,7 @@ fn net_user_guest_configures_by_dhcp_and_moves_10_mib_each_way_from_the_pod_addr
     let script = format!(
         "{DHCP}\
          ping -c 2 -W 10 10.0.2.1 >/dev/null && echo PING-GW=ok\n\
+         ping -c 2 -W 10 {PEER_IP} >/dev/null && echo PING-PEER=ok\n\
          nc {PEER_IP} {down} </dev/null >/tmp/down\n\
          echo DOWN-SHA=$(sha256sum </tmp/down | cut -d' ' -f1)\n\
          dd if=/dev/urandom of=/tmp/up bs=1M count=10 2>/dev/null\n\
@@ -154,6 +155,8 @@ fn net_user_guest_configures_by_dhcp_and_moves_10_mib_each_way_from_the_pod_addr
         "default.svc.cluster.local svc.cluster.local cluster.local"
     );
     assert_eq!(value("PING-GW"), "ok");
+    // Beyond the gateway, through the pod's unprivileged ping sockets.
+    assert_eq!(value("PING-PEER"), "ok");
 
     // 10 MiB down: same bytes; the peer saw the pod's address, not the guest's.
     assert_eq!(value("DOWN-SHA"), sha256_file(&download_file));

@@ -76,6 +76,8 @@ fn nic_counters(m: &devices::virtio::net::NetMetrics) -> Value {
             "udp_send_errors": get(&m.nat_udp_send_errors),
             "flow_limit": get(&m.nat_flow_limit),
             "expired": get(&m.nat_expired),
+            "icmp_replies": get(&m.nat_icmp_replies),
+            "icmp_unanswered": get(&m.nat_icmp_unanswered),
             "dhcp_replies": get(&m.dhcp_replies),
         },
     })

@@ -37,6 +37,10 @@ pub struct NetMetrics {
     /// Resets passed from the guest to the far side, and from the far side to the guest.
     pub nat_tcp_resets_from_guest: AtomicU64,
     pub nat_tcp_resets_to_guest: AtomicU64,
+    /// Echo replies relayed from beyond the gateway, and echo requests that could not be
+    /// sent (no ping sockets in this pod, too many conversations).
+    pub nat_icmp_replies: AtomicU64,
+    pub nat_icmp_unanswered: AtomicU64,
     /// DHCP answers sent.
     pub dhcp_replies: AtomicU64,
     /// TCP connections and UDP conversations in the NAT table now (gauges).

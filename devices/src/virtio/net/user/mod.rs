@@ -13,6 +13,7 @@
 pub mod dhcp;
 pub mod forward;
 pub mod frame;
+pub mod icmp;
 pub mod packet;
 pub mod resolv;
 mod stack;
@@ -55,6 +56,7 @@ const TOKEN_TIMER: u64 = 0;
 const TOKEN_TCP: u64 = 1 << 56;
 const TOKEN_UDP: u64 = 2 << 56;
 const TOKEN_FORWARD: u64 = 3 << 56;
+const TOKEN_ICMP: u64 = 4 << 56;
 const KIND_MASK: u64 = 0xff << 56;
 
 /// Housekeeping interval: idle expiry, connect timeouts.
@@ -123,6 +125,7 @@ pub struct UserNet {
     timer: TimerFd,
     tcp: tcp::TcpNat,
     udp: udp::UdpNat,
+    icmp: icmp::IcmpNat,
     dhcp: dhcp::DhcpOptions,
     forwards: Vec<forward::Bound>,
     guest_mac: EthernetAddress,
@@ -190,6 +193,7 @@ impl UserNet {
                 buffer: config.tcp_buffer,
             }),
             udp: udp::UdpNat::new(config.max_flows),
+            icmp: icmp::IcmpNat::default(),
             dhcp: dhcp::DhcpOptions {
                 mtu: config.mtu,
                 dns: config.resolv.dns4.clone(),
@@ -301,9 +305,17 @@ impl NetBackend for UserNet {
                     self.stack.wire.to_guest.push_back(reply);
                 }
             }
-            // IPv6 configuration and pings beyond the gateway come with the next pieces of
-            // the NAT; until then they are counted as unsupported.
-            Verdict::Dhcp6 { .. } | Verdict::RouterSolicit | Verdict::Echo { .. } => {
+            Verdict::Echo {
+                dst,
+                ident,
+                seq,
+                payload,
+            } => self
+                .icmp
+                .on_echo(dst, ident, seq, payload, &mut self.stack, &self.epoll),
+            // IPv6 configuration comes with the next piece of the NAT; until then it is
+            // counted as unsupported.
+            Verdict::Dhcp6 { .. } | Verdict::RouterSolicit => {
                 self.count_drop(DropReason::Unsupported)
             }
             Verdict::Ignore => {}
@@ -359,6 +371,7 @@ impl NetBackend for UserNet {
                     }
                     TOKEN_UDP => self.udp.on_host_event(id, &mut self.stack, self.guest_mac),
                     TOKEN_FORWARD => self.on_forward(id as usize),
+                    TOKEN_ICMP => self.icmp.on_host_event(id, &mut self.stack, self.guest_mac),
                     _ => {}
                 }
             }
@@ -369,6 +382,7 @@ impl NetBackend for UserNet {
         if housekeeping {
             self.tcp.reap(&mut self.stack, &self.epoll);
             self.udp.reap(&mut self.stack, &self.epoll);
+            self.icmp.reap(&self.epoll);
         }
         self.run();
     }

@@ -1,0 +1,218 @@
+//! Pings beyond the gateway, through unprivileged ICMP datagram ("ping") sockets: the pod may
+//! open them when its `net.ipv4.ping_group_range` includes its group (Kubernetes runtimes
+//! set that range wide by default). Where it does not, the guest's pings go unanswered and
+//! are counted. The kernel picks the echo identifier of a ping socket; replies are given back
+//! to the guest with its own identifier.
+
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{
+    EthernetAddress, Icmpv4Packet, Icmpv4Repr, Icmpv6Packet, Icmpv6Repr, IpProtocol,
+};
+use socket2::{Domain, Protocol, Socket, Type};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::{packet, Stack, GUEST4, GUEST6, TOKEN_ICMP};
+use crate::virtio::net::metrics::NetMetrics as M;
+
+/// How long a ping conversation lives without an echo either way.
+pub const IDLE: Duration = Duration::from_secs(60);
+/// Most ping conversations at once.
+const MAX_FLOWS: usize = 64;
+
+struct Flow {
+    dst: IpAddr,
+    ident: u16,
+    socket: Socket,
+    last_active: Instant,
+}
+
+/// Ping conversations: one ping socket per destination and guest identifier.
+#[derive(Default)]
+pub struct IcmpNat {
+    flows: HashMap<u64, Flow>,
+    by_key: HashMap<(IpAddr, u16), u64>,
+    next_id: u64,
+    /// Ping sockets were refused once: the pod does not allow them; stop trying.
+    unavailable: bool,
+}
+
+impl IcmpNat {
+    /// An echo request from the guest to `dst`.
+    pub fn on_echo(
+        &mut self,
+        dst: IpAddr,
+        ident: u16,
+        seq: u16,
+        payload: &[u8],
+        stack: &mut Stack,
+        epoll: &Epoll,
+    ) {
+        let id = match self.by_key.get(&(dst, ident)) {
+            Some(&id) => id,
+            None => match self.open(dst, ident, epoll) {
+                Some(id) => id,
+                None => {
+                    M::inc(&stack.metrics.nat_icmp_unanswered);
+                    return;
+                }
+            },
+        };
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return;
+        };
+        flow.last_active = Instant::now();
+        // Type, code, checksum (the kernel fills it), identifier (the kernel's), sequence.
+        let mut msg = Vec::with_capacity(8 + payload.len());
+        msg.push(if dst.is_ipv4() { 8 } else { 128 });
+        msg.extend_from_slice(&[0, 0, 0, 0, 0]);
+        msg.extend_from_slice(&seq.to_be_bytes());
+        msg.extend_from_slice(payload);
+        if flow.socket.send(&msg).is_err() {
+            M::inc(&stack.metrics.nat_icmp_unanswered);
+        }
+    }
+
+    fn open(&mut self, dst: IpAddr, ident: u16, epoll: &Epoll) -> Option<u64> {
+        if self.unavailable || self.flows.len() >= MAX_FLOWS {
+            return None;
+        }
+        let (domain, proto) = match dst {
+            IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4),
+            IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6),
+        };
+        let socket = match Socket::new(domain, Type::DGRAM.nonblocking().cloexec(), Some(proto)) {
+            Ok(s) => s,
+            Err(e) => {
+                if matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM)) {
+                    tracing::info!(
+                        "ping sockets are not allowed in this pod (net.ipv4.ping_group_range); \
+                         the guest's pings beyond the gateway go unanswered"
+                    );
+                    self.unavailable = true;
+                }
+                return None;
+            }
+        };
+        socket.connect(&SocketAddr::new(dst, 0).into()).ok()?;
+        let id = self.next_id;
+        self.next_id += 1;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                socket.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TOKEN_ICMP | id),
+            )
+            .ok()?;
+        self.flows.insert(
+            id,
+            Flow {
+                dst,
+                ident,
+                socket,
+                last_active: Instant::now(),
+            },
+        );
+        self.by_key.insert((dst, ident), id);
+        Some(id)
+    }
+
+    /// Echo replies on conversation `id`, to the guest.
+    pub fn on_host_event(&mut self, id: u64, stack: &mut Stack, guest_mac: EthernetAddress) {
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return;
+        };
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            let n = match (&flow.socket).read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            };
+            let msg = &buf[..n];
+            // Only echo replies come back on a ping socket; errors are not relayed.
+            if n < 8 || (msg[0] != 0 && msg[0] != 129) {
+                continue;
+            }
+            flow.last_active = Instant::now();
+            let seq = u16::from_be_bytes([msg[6], msg[7]]);
+            let data = &msg[8..];
+            let frame = echo_reply(guest_mac, flow.dst, flow.ident, seq, data);
+            if stack.wire.to_guest.len() >= super::stack::TO_GUEST_HIGH {
+                M::inc(&stack.metrics.rx_dropped);
+                continue;
+            }
+            M::inc(&stack.metrics.nat_icmp_replies);
+            stack.wire.to_guest.push_back(frame);
+        }
+    }
+
+    /// Drops idle conversations.
+    pub fn reap(&mut self, epoll: &Epoll) {
+        let now = Instant::now();
+        let idle: Vec<u64> = self
+            .flows
+            .iter()
+            .filter(|(_, f)| now.duration_since(f.last_active) > IDLE)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in idle {
+            if let Some(flow) = self.flows.remove(&id) {
+                self.by_key.remove(&(flow.dst, flow.ident));
+                let _ = epoll.ctl(
+                    ControlOperation::Delete,
+                    flow.socket.as_raw_fd(),
+                    EpollEvent::default(),
+                );
+            }
+        }
+    }
+}
+
+/// An echo reply from `from` to the guest.
+pub fn echo_reply(
+    guest_mac: EthernetAddress,
+    from: IpAddr,
+    ident: u16,
+    seq_no: u16,
+    data: &[u8],
+) -> Vec<u8> {
+    let sums = ChecksumCapabilities::default();
+    match from {
+        IpAddr::V4(src) => {
+            let repr = Icmpv4Repr::EchoReply {
+                ident,
+                seq_no,
+                data,
+            };
+            packet::ipv4(
+                guest_mac,
+                src,
+                GUEST4,
+                IpProtocol::Icmp,
+                repr.buffer_len(),
+                |b| repr.emit(&mut Icmpv4Packet::new_unchecked(b), &sums),
+            )
+        }
+        IpAddr::V6(src) => {
+            let repr = Icmpv6Repr::EchoReply {
+                ident,
+                seq_no,
+                data,
+            };
+            packet::ipv6(
+                guest_mac,
+                src,
+                GUEST6,
+                IpProtocol::Icmpv6,
+                repr.buffer_len(),
+                |b| repr.emit(&src, &GUEST6, &mut Icmpv6Packet::new_unchecked(b), &sums),
+            )
+        }
+    }
+}
