@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use podvm_tests::netns::{PodNet, PEER_IP, POD_IP};
+use podvm_tests::netns::{PodNet, PEER_IP, PEER_IP6, POD_IP, POD_IP6};
 use podvm_tests::{kvm_available, pattern, run_guest_script, sha256_file, TempDir};
 
 /// Configures eth0 with busybox udhcpc and prints what DHCP handed out.
@@ -273,4 +273,43 @@ fn net_user_forwards_pod_ports_to_the_guest_from_the_cluster_and_the_pod_loopbac
     (&typist).write_all(b"done\n").unwrap();
     let out = vm.wait();
     assert!(out.status.success(), "{}", out.stderr);
+}
+
+#[test]
+fn net_user_ipv6_router_advert_gives_a_default_route_and_the_guest_reaches_a_v6_peer() {
+    if !kvm_available() {
+        return;
+    }
+    let net = PodNet::new();
+    let dir = TempDir::new("net-v6");
+    let data = pattern(1 << 20, 0x66);
+    let data_file = dir.file("data", &data);
+    let listener = net.in_peer(|| TcpListener::bind((PEER_IP6, 0)).expect("bind v6 in the peer"));
+    let port = listener.local_addr().unwrap().port();
+    let server = serve_once(listener, data);
+    let script = format!(
+        "ip link set lo up\n\
+         ip link set eth0 up\n\
+         for i in $(seq 60); do ip -6 route show default | grep -q fe80::1 && break; sleep 0.5; done\n\
+         ip -6 route show | sed 's/^/ROUTE6: /'\n\
+         ip -6 route show default | grep -q 'via fe80::1 dev eth0' && echo V6-DEFAULT=ok\n\
+         ip -6 route show | grep -q '^fd10:0:2::/120 dev eth0' && echo V6-ONLINK=ok\n\
+         ip -6 addr add fd10:0:2::2/120 dev eth0\n\
+         for i in $(seq 40); do ip -6 addr show dev eth0 | grep fd10 | grep -q tentative || break; sleep 0.5; done\n\
+         ping6 -c 2 -W 10 fd10:0:2::1 >/dev/null && echo PING6-GW=ok\n\
+         ping6 -c 2 -W 10 {peer} >/dev/null && echo PING6-PEER=ok\n\
+         nc {peer} {port} </dev/null >/tmp/down6\n\
+         echo DOWN6-SHA=$(sha256sum </tmp/down6 | cut -d' ' -f1)\n",
+        peer = PEER_IP6,
+    );
+    let out = run_guest_script(&script, &["--memory", "512", "--net", "user"]);
+    assert!(out.status.success(), "{out}");
+    let value = |k: &str| out.value(k).unwrap_or_else(|| panic!("no {k}= in\n{out}"));
+    assert_eq!(value("V6-DEFAULT"), "ok");
+    assert_eq!(value("V6-ONLINK"), "ok");
+    assert_eq!(value("PING6-GW"), "ok");
+    assert_eq!(value("PING6-PEER"), "ok");
+    assert_eq!(value("DOWN6-SHA"), sha256_file(&data_file));
+    let from = server.join().unwrap();
+    assert_eq!(from.ip().to_string(), POD_IP6);
 }

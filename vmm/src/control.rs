@@ -79,6 +79,7 @@ fn nic_counters(m: &devices::virtio::net::NetMetrics) -> Value {
             "icmp_replies": get(&m.nat_icmp_replies),
             "icmp_unanswered": get(&m.nat_icmp_unanswered),
             "dhcp_replies": get(&m.dhcp_replies),
+            "router_adverts": get(&m.router_adverts),
         },
     })
 }

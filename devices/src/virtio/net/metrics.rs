@@ -41,8 +41,10 @@ pub struct NetMetrics {
     /// sent (no ping sockets in this pod, too many conversations).
     pub nat_icmp_replies: AtomicU64,
     pub nat_icmp_unanswered: AtomicU64,
-    /// DHCP answers sent.
+    /// DHCP and DHCPv6 answers sent.
     pub dhcp_replies: AtomicU64,
+    /// Router advertisements sent.
+    pub router_adverts: AtomicU64,
     /// TCP connections and UDP conversations in the NAT table now (gauges).
     pub nat_tcp_flows: AtomicU64,
     pub nat_udp_flows: AtomicU64,

@@ -14,6 +14,7 @@ pub mod dhcp;
 pub mod forward;
 pub mod frame;
 pub mod icmp;
+pub mod ipv6;
 pub mod packet;
 pub mod resolv;
 mod stack;
@@ -127,6 +128,7 @@ pub struct UserNet {
     udp: udp::UdpNat,
     icmp: icmp::IcmpNat,
     dhcp: dhcp::DhcpOptions,
+    ipv6: ipv6::Ipv6Options,
     forwards: Vec<forward::Bound>,
     guest_mac: EthernetAddress,
 }
@@ -197,6 +199,11 @@ impl UserNet {
             dhcp: dhcp::DhcpOptions {
                 mtu: config.mtu,
                 dns: config.resolv.dns4.clone(),
+                search: config.resolv.search.clone(),
+            },
+            ipv6: ipv6::Ipv6Options {
+                mtu: config.mtu,
+                dns: config.resolv.dns6.clone(),
                 search: config.resolv.search.clone(),
             },
             forwards,
@@ -313,10 +320,16 @@ impl NetBackend for UserNet {
             } => self
                 .icmp
                 .on_echo(dst, ident, seq, payload, &mut self.stack, &self.epoll),
-            // IPv6 configuration comes with the next piece of the NAT; until then it is
-            // counted as unsupported.
-            Verdict::Dhcp6 { .. } | Verdict::RouterSolicit => {
-                self.count_drop(DropReason::Unsupported)
+            Verdict::RouterSolicit => {
+                M::inc(&self.stack.metrics.router_adverts);
+                let ra = ipv6::router_advert(&self.ipv6);
+                self.stack.wire.to_guest.push_back(ra);
+            }
+            Verdict::Dhcp6 { src, payload } => {
+                if let Some(reply) = ipv6::dhcp6_answer(self.guest_mac, src, payload, &self.ipv6) {
+                    M::inc(&self.stack.metrics.dhcp_replies);
+                    self.stack.wire.to_guest.push_back(reply);
+                }
             }
             Verdict::Ignore => {}
             Verdict::Drop(reason) => self.count_drop(reason),

@@ -61,6 +61,19 @@ pub fn ipv6(
     payload_len: usize,
     body: impl FnOnce(&mut [u8]),
 ) -> Vec<u8> {
+    ipv6_hops(dst_mac, src, dst, protocol, TTL, payload_len, body)
+}
+
+/// [`ipv6`] with a chosen hop limit (neighbour discovery wants 255).
+pub fn ipv6_hops(
+    dst_mac: EthernetAddress,
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    protocol: IpProtocol,
+    hop_limit: u8,
+    payload_len: usize,
+    body: impl FnOnce(&mut [u8]),
+) -> Vec<u8> {
     let mut frame = vec![0u8; ETH + IP6 + payload_len];
     ethernet(dst_mac, EthernetProtocol::Ipv6, &mut frame);
     let repr = Ipv6Repr {
@@ -68,7 +81,7 @@ pub fn ipv6(
         dst_addr: dst,
         next_header: protocol,
         payload_len,
-        hop_limit: TTL,
+        hop_limit,
     };
     let mut ip = Ipv6Packet::new_unchecked(&mut frame[ETH..]);
     repr.emit(&mut ip);
