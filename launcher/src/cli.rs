@@ -179,9 +179,11 @@ pub fn parse_net(value: &str) -> Result<vmm::config::NicConfig, String> {
             (Some(("port", spec)), NetBackendConfig::User { forwards, .. }) => {
                 forwards.extend(vmm::config::parse_port_forward(spec)?)
             }
-            _ => return Err(format!(
+            _ => {
+                return Err(format!(
                 "unknown network option {option:?}; use mac=MAC, mtu=N, resolv=PATH or port=SPEC"
-            )),
+            ))
+            }
         }
     }
     Ok(nic)

@@ -5,6 +5,8 @@
 pub mod backend;
 pub mod device;
 pub mod event_handler;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod header;
 pub mod metrics;
 pub mod user;

@@ -289,3 +289,101 @@ fn key6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16) -> FlowKey {
         remote: SocketAddr::new(IpAddr::V6(dst), dport),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::net::user::packet;
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{TcpControl, TcpRepr, TcpSeqNumber};
+
+    const GW: EthernetAddress = EthernetAddress(GATEWAY_MAC);
+
+    fn guest(port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(GUEST4), port)
+    }
+
+    fn remote() -> SocketAddr {
+        "192.0.2.7:53".parse().unwrap()
+    }
+
+    fn syn(src: Ipv4Addr) -> Vec<u8> {
+        let repr = TcpRepr {
+            src_port: 40000,
+            dst_port: 80,
+            control: TcpControl::Syn,
+            seq_number: TcpSeqNumber(1),
+            ack_number: None,
+            window_len: 1000,
+            window_scale: None,
+            max_seg_size: Some(1460),
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload: &[],
+        };
+        let dst = Ipv4Addr::new(192, 0, 2, 7);
+        packet::ipv4(GW, src, dst, IpProtocol::Tcp, repr.buffer_len(), |b| {
+            repr.emit(
+                &mut TcpPacket::new_unchecked(b),
+                &IpAddress::Ipv4(src),
+                &IpAddress::Ipv4(dst),
+                &ChecksumCapabilities::default(),
+            )
+        })
+    }
+
+    #[test]
+    fn frame_udp_and_dhcp_and_syn_are_recognised() {
+        let f = packet::udp(GW, guest(5353), remote(), b"query");
+        assert_eq!(
+            classify(&f),
+            Verdict::Udp {
+                key: FlowKey {
+                    guest: guest(5353),
+                    remote: remote()
+                },
+                payload: b"query"
+            }
+        );
+        let dhcp = packet::udp(
+            EthernetAddress::BROADCAST,
+            "0.0.0.0:68".parse().unwrap(),
+            "255.255.255.255:67".parse().unwrap(),
+            b"x",
+        );
+        assert_eq!(classify(&dhcp), Verdict::Dhcp4(b"x"));
+        assert!(matches!(classify(&syn(GUEST4)), Verdict::TcpSyn(k) if k.remote.port() == 80));
+    }
+
+    #[test]
+    fn frame_bad_checksums_fragments_truncation_and_spoofing_are_dropped() {
+        let good = packet::udp(GW, guest(5353), remote(), b"query");
+        let mut bad_sum = good.clone();
+        *bad_sum.last_mut().unwrap() ^= 0xff;
+        assert_eq!(classify(&bad_sum), Verdict::Drop(DropReason::Checksum));
+
+        let mut fragment = good.clone();
+        fragment[14 + 6] |= 0x20; // more fragments
+        let mut ip = Ipv4Packet::new_unchecked(&mut fragment[14..]);
+        ip.fill_checksum();
+        assert_eq!(classify(&fragment), Verdict::Drop(DropReason::Fragment));
+
+        assert_eq!(classify(&good[..30]), Verdict::Drop(DropReason::Malformed));
+        assert_eq!(classify(&good[..10]), Verdict::Drop(DropReason::Malformed));
+
+        let spoofed = syn(Ipv4Addr::new(10, 0, 2, 99));
+        assert_eq!(classify(&spoofed), Verdict::Drop(DropReason::Unsupported));
+
+        let mut bad_ip_sum = good;
+        bad_ip_sum[14 + 10] ^= 0xff;
+        assert_eq!(classify(&bad_ip_sum), Verdict::Drop(DropReason::Checksum));
+    }
+
+    #[test]
+    fn frame_for_another_mac_is_ignored() {
+        let mut f = packet::udp(GW, guest(1), remote(), b"");
+        f[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 9]);
+        assert_eq!(classify(&f), Verdict::Ignore);
+    }
+}

@@ -22,8 +22,6 @@ use crate::virtio::net::metrics::NetMetrics as M;
 
 /// How long a ping conversation lives without an echo either way.
 pub const IDLE: Duration = Duration::from_secs(60);
-/// Most ping conversations at once.
-const MAX_FLOWS: usize = 64;
 
 struct Flow {
     dst: IpAddr,
@@ -33,8 +31,8 @@ struct Flow {
 }
 
 /// Ping conversations: one ping socket per destination and guest identifier.
-#[derive(Default)]
 pub struct IcmpNat {
+    max_flows: usize,
     flows: HashMap<u64, Flow>,
     by_key: HashMap<(IpAddr, u16), u64>,
     next_id: u64,
@@ -43,6 +41,17 @@ pub struct IcmpNat {
 }
 
 impl IcmpNat {
+    /// At most `max_flows` conversations at once.
+    pub fn new(max_flows: usize) -> Self {
+        Self {
+            max_flows,
+            flows: HashMap::new(),
+            by_key: HashMap::new(),
+            next_id: 1,
+            unavailable: false,
+        }
+    }
+
     /// An echo request from the guest to `dst`.
     pub fn on_echo(
         &mut self,
@@ -79,7 +88,7 @@ impl IcmpNat {
     }
 
     fn open(&mut self, dst: IpAddr, ident: u16, epoll: &Epoll) -> Option<u64> {
-        if self.unavailable || self.flows.len() >= MAX_FLOWS {
+        if self.unavailable || self.flows.len() >= self.max_flows {
             return None;
         }
         let (domain, proto) = match dst {

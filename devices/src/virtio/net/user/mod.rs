@@ -69,7 +69,8 @@ pub struct UserConfig {
     pub mtu: u16,
     /// Name servers and search domains handed to the guest (the pod's resolv.conf).
     pub resolv: resolv::Resolv,
-    /// Most TCP connections, and most UDP conversations, at once.
+    /// Most TCP connections, and most UDP conversations, at once (0: no traffic beyond the
+    /// gateway at all).
     pub max_flows: usize,
     /// Per-connection socket buffer, each way.
     pub tcp_buffer: usize,
@@ -195,7 +196,7 @@ impl UserNet {
                 buffer: config.tcp_buffer,
             }),
             udp: udp::UdpNat::new(config.max_flows),
-            icmp: icmp::IcmpNat::default(),
+            icmp: icmp::IcmpNat::new(config.max_flows.min(64)),
             dhcp: dhcp::DhcpOptions {
                 mtu: config.mtu,
                 dns: config.resolv.dns4.clone(),
