@@ -98,8 +98,10 @@ pub struct RunArgs {
     /// Options: `mac=52:54:00:xx:xx:xx`, `mtu=N` (default 65520: the link is podvm's own),
     /// `resolv=PATH` (default /etc/resolv.conf), and `port=SPEC` (repeatable) to forward the
     /// pod's ports to the guest: `port=8080`, `port=2222:22`, `port=8000-8100`, with `/udp`
-    /// for UDP (default TCP). Repeat --net for more NICs (eth0, eth1, ...).
-    #[arg(long, value_name = "user[,mac=MAC][,mtu=N][,resolv=PATH][,port=SPEC]...", value_parser = parse_net)]
+    /// for UDP (default TCP); `max-flows=N`: most TCP connections, and UDP conversations, at
+    /// once (default 1024; beyond it new ones are refused and counted). Repeat --net for more
+    /// NICs (eth0, eth1, ...).
+    #[arg(long, value_name = "user[,mac=MAC][,mtu=N][,resolv=PATH][,port=SPEC]...[,max-flows=N]", value_parser = parse_net)]
     pub net: Vec<vmm::config::NicConfig>,
     /// Seconds the guest has to power off after SIGTERM presses its ACPI power button, before
     /// podvm stops it (Kubernetes' default grace period is 30 s).
@@ -179,9 +181,14 @@ pub fn parse_net(value: &str) -> Result<vmm::config::NicConfig, String> {
             (Some(("port", spec)), NetBackendConfig::User { forwards, .. }) => {
                 forwards.extend(vmm::config::parse_port_forward(spec)?)
             }
+            (Some(("max-flows", n)), NetBackendConfig::User { max_flows, .. }) => {
+                *max_flows = n.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
+                    format!("max-flows {n:?} is not a positive number; use max-flows=N (default 1024)")
+                })?
+            }
             _ => {
                 return Err(format!(
-                "unknown network option {option:?}; use mac=MAC, mtu=N, resolv=PATH or port=SPEC"
+                "unknown network option {option:?}; use mac=MAC, mtu=N, resolv=PATH, port=SPEC or max-flows=N"
             ))
             }
         }
@@ -236,6 +243,7 @@ mod tests {
                 mtu: 1500,
                 resolv_conf: "/tmp/r".into(),
                 forwards: Vec::new(),
+                max_flows: vmm::config::DEFAULT_MAX_FLOWS,
             }
         );
         assert!(parse_net("slirp")

@@ -313,3 +313,145 @@ fn net_user_ipv6_router_advert_gives_a_default_route_and_the_guest_reaches_a_v6_
     let from = server.join().unwrap();
     assert_eq!(from.ip().to_string(), POD_IP6);
 }
+
+/// Accepts connections until `want` are open at once (or `patience` passes), then answers
+/// each with `ok` and closes them; returns the most that were open together.
+fn hold_then_answer(listener: TcpListener, want: usize, patience: Duration) -> JoinHandle<usize> {
+    std::thread::spawn(move || {
+        listener.set_nonblocking(true).unwrap();
+        let deadline = std::time::Instant::now() + patience;
+        let mut open = Vec::new();
+        while open.len() < want && std::time::Instant::now() < deadline {
+            match listener.accept() {
+                Ok((conn, _)) => open.push(conn),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        let most = open.len();
+        for mut conn in open {
+            let _ = conn.set_nonblocking(false);
+            let _ = conn.write_all(b"ok\n");
+        }
+        most
+    })
+}
+
+/// Closes the first connection with a reset (SO_LINGER 0).
+fn reset_once(listener: TcpListener) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let (conn, _) = listener.accept().expect("accept");
+        use std::os::fd::AsRawFd;
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: `conn` is an open socket; the option value lives for the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                conn.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+        std::thread::sleep(Duration::from_millis(500));
+        drop(conn);
+    })
+}
+
+/// Sends data until the guest resets the connection; returns the error it saw.
+fn flood_until_reset(listener: TcpListener) -> JoinHandle<std::io::ErrorKind> {
+    std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().expect("accept");
+        let chunk = vec![7u8; 64 * 1024];
+        loop {
+            if let Err(e) = conn.write_all(&chunk) {
+                return e.kind();
+            }
+        }
+    })
+}
+
+#[test]
+fn net_user_200_concurrent_connections_complete_and_resets_cross_both_ways() {
+    if !kvm_available() {
+        return;
+    }
+    let net = PodNet::new();
+    let (many, rst, flood) = net.in_peer(|| {
+        let bind = || TcpListener::bind((PEER_IP, 0)).expect("bind in the peer");
+        (bind(), bind(), bind())
+    });
+    let port = |l: &TcpListener| l.local_addr().unwrap().port();
+    let (p_many, p_rst, p_flood) = (port(&many), port(&rst), port(&flood));
+    let most = hold_then_answer(many, 200, Duration::from_secs(300));
+    let _rst = reset_once(rst);
+    let flood = flood_until_reset(flood);
+    let script = format!(
+        "{DHCP}\
+         i=0; while [ $i -lt 200 ]; do i=$((i+1)); nc {PEER_IP} {p_many} </dev/null >/tmp/c$i 2>&1 & done; wait\n\
+         ok=0; for f in /tmp/c*; do grep -q '^ok$' $f && ok=$((ok+1)); done; echo CONCURRENT-OK=$ok\n\
+         wget -q -O /dev/null http://{PEER_IP}:{p_rst}/ 2>/tmp/rst; echo FAR-RESET=$(cat /tmp/rst)\n\
+         (nc {PEER_IP} {p_flood} </dev/null | sleep 600) & sleep 5; kill -9 $(pidof nc); echo GUEST-RESET-SENT=1\n\
+         sleep 3\n"
+    );
+    let out = run_guest_script(&script, &["--memory", "512", "--net", "user"]);
+    assert!(out.status.success(), "{out}");
+    let value = |k: &str| out.value(k).unwrap_or_else(|| panic!("no {k}= in\n{out}"));
+    // All 200 were open at the far side at once, and each got its answer.
+    assert_eq!(most.join().unwrap(), 200);
+    assert_eq!(value("CONCURRENT-OK"), "200");
+    // The far side's reset reached the guest's nc as a reset.
+    assert!(value("FAR-RESET").contains("reset"), "{out}");
+    // The guest's reset (a killed reader with unread data) reached the far side.
+    assert_eq!(value("GUEST-RESET-SENT"), "1");
+    let kind = flood.join().unwrap();
+    assert!(
+        matches!(
+            kind,
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        ),
+        "the far side saw {kind:?}"
+    );
+}
+
+#[test]
+fn net_user_connection_flood_hits_the_flow_limit_and_is_counted() {
+    if !kvm_available() {
+        return;
+    }
+    let net = PodNet::new();
+    let listener = net.in_peer(|| TcpListener::bind((PEER_IP, 0)).expect("bind in the peer"));
+    let p = listener.local_addr().unwrap().port();
+    let most = hold_then_answer(listener, 30, Duration::from_secs(60));
+    let script = format!(
+        "{DHCP}\
+         i=0; while [ $i -lt 30 ]; do i=$((i+1)); nc {PEER_IP} {p} </dev/null >/tmp/c$i 2>&1 & done; wait\n\
+         ok=0; refused=0; for f in /tmp/c*; do grep -q '^ok$' $f && ok=$((ok+1)); grep -q refused $f && refused=$((refused+1)); done\n\
+         echo FLOOD-OK=$ok; echo FLOOD-REFUSED=$refused\n\
+         read -r line\n"
+    );
+    let mut vm = podvm_tests::SocketVm::start(
+        "net-flood",
+        &script,
+        &["--memory", "512", "--net", "user,max-flows=20"],
+    );
+    let log = vm.wait_log("FLOOD-REFUSED=");
+    let counters = vm.api_json(&["counters"]);
+    let typist = std::os::unix::net::UnixStream::connect(&vm.console).unwrap();
+    (&typist).write_all(b"done\n").unwrap();
+    let out = vm.wait();
+    assert!(out.status.success(), "{}", out.stderr);
+    let value = |k: &str| {
+        log.lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("{k}=")).map(str::to_string))
+            .unwrap_or_else(|| panic!("no {k}= in\n{log}"))
+    };
+    // At most 20 at once got through; the rest were refused at once, not left hanging.
+    assert_eq!(most.join().unwrap(), 20);
+    assert_eq!(value("FLOOD-OK"), "20");
+    assert_eq!(value("FLOOD-REFUSED"), "10");
+    assert_eq!(counters["nics"][0]["nat"]["flow_limit"], 10, "{counters}");
+}

@@ -334,6 +334,7 @@ fn open_nic(
             mtu,
             resolv_conf,
             forwards,
+            max_flows,
         } => {
             let resolv = user::resolv::Resolv::load(resolv_conf);
             tracing::info!(
@@ -347,6 +348,7 @@ fn open_nic(
                 mtu: *mtu,
                 resolv,
                 forwards: forwards.clone(),
+                max_flows: *max_flows,
                 ..Default::default()
             };
             let net = user::UserNet::new(&user_config, mac, metrics.clone())

@@ -59,6 +59,9 @@ pub use devices::virtio::net::user::forward::{parse as parse_port_forward, PortF
 /// administered (bit 1 of the first byte), like QEMU's 52:54:00 prefix.
 pub const DEFAULT_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 
+/// Default limit of the user NAT's table: TCP connections, and UDP conversations, at once.
+pub const DEFAULT_MAX_FLOWS: usize = 1024;
+
 /// Where a NIC's frames go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetBackendConfig {
@@ -70,6 +73,8 @@ pub enum NetBackendConfig {
         resolv_conf: PathBuf,
         /// The pod's ports forwarded to the guest.
         forwards: Vec<PortForward>,
+        /// Most TCP connections (and, separately, UDP conversations) at once.
+        max_flows: usize,
     },
 }
 
@@ -89,6 +94,7 @@ impl NicConfig {
                 mtu: devices::virtio::net::user::DEFAULT_MTU,
                 resolv_conf: PathBuf::from("/etc/resolv.conf"),
                 forwards: Vec::new(),
+                max_flows: DEFAULT_MAX_FLOWS,
             },
             mac: None,
         }

@@ -120,7 +120,9 @@ impl Control for VmControl {
                         mtu,
                         resolv_conf,
                         forwards,
+                        max_flows,
                     } => json!({
+                        "max_flows": max_flows,
                         "kind": "user",
                         "mtu": mtu,
                         "resolv_conf": resolv_conf,
