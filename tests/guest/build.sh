@@ -6,13 +6,14 @@
 # anything into the host and without root:
 #
 #   OUTDIR/vmlinuz            the Debian cloud kernel (bzImage)
-#   OUTDIR/initramfs.cpio.gz  static busybox + /init + virtio/button modules
+#   OUTDIR/initramfs.cpio.gz  static busybox + /init + virtio/button modules +
+#                             socat and iperf3 with their libraries
 #   OUTDIR/VERSIONS           package versions used and sha256 of both outputs
 #
 # OUTDIR defaults to target/guest/ in the repository. Packages are cached in
 # target/debs/ (PODVM_DEB_CACHE). When the outputs exist and match the inputs
-# recorded in VERSIONS (package versions, these scripts, the module list),
-# nothing is rebuilt. The contract of the image is in tests/guest/README.md.
+# recorded in VERSIONS (package versions, these scripts, the module and
+# program lists), nothing is rebuilt. The contract of the image is in tests/guest/README.md.
 #
 # Environment:
 #   PODVM_GUEST_KERNEL_PKG     kernel package (see podvm_resolve_kernel in
@@ -48,7 +49,19 @@ modules=(
 read -r -a extra <<<"${PODVM_GUEST_EXTRA_MODULES:-}"
 modules+=("${extra[@]}")
 
+# Dynamically linked programs from Debian, as PACKAGE:PATH-IN-PACKAGE. Their
+# libraries and the loader come from Debian packages too (the ones the
+# programs' ELF NEEDED entries lead to, found among each package's Depends;
+# see podvm_resolve_programs in lib.sh), staged at their usual paths.
+# socat: UDP echo server, TCP client and server for the network tests;
+# iperf3: the network throughput benchmark.
+programs=(
+    socat:usr/bin/socat
+    iperf3:usr/bin/iperf3
+)
+
 podvm_resolve_packages
+podvm_resolve_programs "${programs[@]}"
 
 # Everything the outputs depend on; a change of any of it means a rebuild.
 inputs=$(podvm_inputs_hash \
@@ -56,6 +69,8 @@ inputs=$(podvm_inputs_hash \
     "kernel-deb ${KERNEL_DEB:+$(podvm_sha256 "$KERNEL_DEB")}" \
     "busybox $PODVM_BUSYBOX_PKG=$BUSYBOX_VER" \
     "modules ${modules[*]}" \
+    "programs ${programs[*]}" \
+    "program-packages ${PODVM_PROG_PKGS[*]}" \
     "$here/build.sh" "$here/lib.sh" "$here/init.sh" "$here/modload.sh" \
     "$here/power-button.sh")
 
@@ -66,12 +81,24 @@ if podvm_outputs_current "$outdir/VERSIONS" "$inputs" \
 fi
 
 podvm_fetch_packages
+podvm_fetch_programs
 
 stage=$(mktemp -d "${TMPDIR:-/tmp}/podvm-guest.XXXXXX")
 trap 'rm -rf -- "$stage"' EXIT
 
 podvm_stage_base "$stage"
 podvm_stage_modules "$stage" "${modules[@]}"
+program_paths=()
+for p in "${programs[@]}"; do
+    program_paths+=("${PODVM_PKG_TREE[${p%%:*}]}/${p#*:}")
+done
+podvm_stage_program "$stage" "${program_paths[@]}"
+# Enough of /etc for programs that look up users, groups or hosts (glibc
+# reads these directly; there is no nsswitch.conf, its defaults do).
+printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' \
+    >"$stage/etc/passwd"
+printf 'root:x:0:\ntty:x:5:\nnogroup:x:65534:\n' >"$stage/etc/group"
+printf '127.0.0.1 localhost podvm-guest\n::1 localhost\n' >"$stage/etc/hosts"
 install -m 0755 -- "$here/init.sh" "$stage/init"
 install -m 0644 -- "$here/modload.sh" "$stage/lib/podvm/modload.sh"
 install -D -m 0755 -- "$here/power-button.sh" "$stage/etc/acpi/PWRF/00000080"

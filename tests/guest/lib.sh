@@ -53,6 +53,7 @@ podvm_require_cmds() {
             xz) pkg=xz-utils ;;
             sha256sum | realpath | timeout | mktemp) pkg=coreutils ;;
             ldd) pkg=libc-bin ;;
+            readelf | objdump) pkg=binutils ;;
             *) pkg=$cmd ;;
         esac
         missing+=("$pkg")
@@ -184,6 +185,13 @@ podvm_extract_deb() {
     printf '%s\n' "$out"
 }
 
+# _podvm_apt_lists_stamp: print a short hash that changes whenever apt's
+# package lists or its configuration of sources and pins do.
+_podvm_apt_lists_stamp() {
+    stat -c '%n %s %Y' /var/lib/apt/lists/*Packages* /etc/apt/preferences* \
+        /etc/apt/sources.list* 2>/dev/null | sha256sum | cut -c1-16
+}
+
 # podvm_resolve_packages: decide which package versions to use (apt metadata
 # only, no download). Sets KERNEL_PKG KERNEL_VER KERNEL_DEB (may be empty) and
 # BUSYBOX_VER. apt-cache needs about a second per query here, so the answer is
@@ -192,8 +200,7 @@ podvm_resolve_packages() {
     podvm_require_cmds apt-get apt-cache dpkg-deb cpio gzip sha256sum realpath
     local spec=${PODVM_GUEST_KERNEL_PKG:-$PODVM_DEFAULT_KERNEL_PKG}
     local lists memo key value
-    lists=$(stat -c '%n %s %Y' /var/lib/apt/lists/*Packages* /etc/apt/preferences* \
-        /etc/apt/sources.list* 2>/dev/null | sha256sum | cut -c1-16)
+    lists=$(_podvm_apt_lists_stamp)
     memo=$PODVM_DEB_CACHE/resolved-$(printf '%s|%s' "$spec" "$PODVM_BUSYBOX_PKG" | sha256sum | cut -c1-16)
     KERNEL_PKG='' KERNEL_VER='' KERNEL_DEB='' BUSYBOX_VER=''
     if [[ $spec != *.deb && -f $memo && $(head -n 1 -- "$memo") == "lists=$lists" ]]; then
@@ -351,6 +358,316 @@ podvm_stage_modules() {
     } >"$stage/etc/podvm/modules"
 }
 
+# ---------------------------------------------------------------------------
+# Dynamically linked programs from Debian packages
+#
+# A program is named PACKAGE:PATH, PATH being where the package has it
+# (socat:usr/bin/socat). Its shared libraries and the dynamic loader come from
+# Debian packages too, never from the host:
+#
+#   podvm_resolve_programs SPEC...  which packages: the programs' packages, and
+#       the ones their ELF dependencies are found in (see _podvm_walk);
+#       remembered in the package cache until apt's package lists change.
+#   podvm_fetch_programs            fetch and unpack those (cached).
+#   podvm_stage_program STAGE PATH...  copy programs out of the unpacked trees
+#       into STAGE, with every library they need, recursively.
+#
+# Libraries are staged where the package puts them, which is in the loader's
+# built-in search path (PODVM_LIB_DIRS), and the loader at the path each
+# program's PT_INTERP names (/lib64/ld-linux-x86-64.so.2, a symlink into
+# /lib/x86_64-linux-gnu as in libc6); symlinks are kept as symlinks. The image
+# needs no /etc/ld.so.conf and no ld.so.cache.
+
+# The loader's built-in search path on Debian amd64 (`ld.so --help` lists it);
+# without /etc/ld.so.cache it is all the loader looks in (besides RUNPATH,
+# which Debian's packages do not use; a RUNPATH is reported and ignored).
+PODVM_LIB_DIRS=(lib/x86_64-linux-gnu usr/lib/x86_64-linux-gnu lib usr/lib)
+
+# Set by podvm_resolve_programs: the SPECs, and "package=version" of every
+# package needed, in the order they were found (the programs' own first).
+declare -a PODVM_PROGRAMS=() PODVM_PROG_PKGS=()
+# Set by podvm_fetch_programs: package -> its .deb and its unpacked tree; the
+# trees in search order (a library is taken from the first that has it).
+declare -A PODVM_PKG_DEB=() PODVM_PKG_TREE=()
+declare -a PODVM_LIB_TREES=()
+# Set by podvm_stage_program: what it put into the stage (paths without the
+# leading /), programs, libraries, loader and symlinks alike.
+declare -a PODVM_PROG_STAGED=()
+
+declare -A _podvm_cand=() _podvm_tree_pkg=() _podvm_walk_seen=()
+_podvm_walk_fetch=0 _podvm_hit_tree='' _podvm_hit_rel=''
+
+# _podvm_apt_candidates PKG...: look up the candidate versions of the PKGs not
+# looked up yet, in one apt-cache call (about a second each), into
+# _podvm_cand[PKG] ('' for a package apt has no record of, e.g. a virtual one).
+_podvm_apt_candidates() {
+    local p pkg='' line
+    local -a ask=()
+    for p in "$@"; do
+        [[ -n ${_podvm_cand["$p"]+set} ]] || ask+=("$p")
+    done
+    ((${#ask[@]})) || return 0
+    for p in "${ask[@]}"; do
+        _podvm_cand["$p"]=''
+    done
+    while IFS= read -r line; do
+        case $line in
+            'Package: '*) pkg=${line#Package: } ;;
+            'Version: '*)
+                if [[ -n $pkg && -n ${_podvm_cand["$pkg"]+set} && -z ${_podvm_cand["$pkg"]} ]]; then
+                    _podvm_cand["$pkg"]=${line#Version: }
+                fi
+                ;;
+        esac
+    done < <(apt-cache show --no-all-versions -- "${ask[@]}" 2>/dev/null)
+}
+
+# _podvm_pkg_add PKG VERSION: fetch and unpack PKG (cached), add its tree to
+# the end of the search order.
+_podvm_pkg_add() {
+    local pkg=$1 ver=$2 deb tree
+    [[ -z ${PODVM_PKG_TREE["$pkg"]:-} ]] || return 0
+    deb=$(podvm_fetch_deb "$pkg" "$ver") || exit 1
+    tree=$(podvm_extract_deb "$deb") || exit 1
+    PODVM_PKG_DEB["$pkg"]=$deb
+    PODVM_PKG_TREE["$pkg"]=$tree
+    _podvm_tree_pkg["$tree"]=$pkg
+    PODVM_LIB_TREES+=("$tree")
+}
+
+# _podvm_locate NEED: find NEED, a soname (libc.so.6: in PODVM_LIB_DIRS, in
+# that order, as the loader looks) or an absolute path (the loader; also tried
+# under /usr, for packages that assume a merged /usr), in the trees. Sets
+# _podvm_hit_tree and _podvm_hit_rel (the path inside the tree); false if none
+# has it.
+_podvm_locate() {
+    local need=$1 t d rel
+    local -a rels=()
+    if [[ $need == /* ]]; then
+        rels=("${need#/}" "usr/${need#/}")
+    else
+        for d in "${PODVM_LIB_DIRS[@]}"; do
+            rels+=("$d/$need")
+        done
+    fi
+    for rel in "${rels[@]}"; do
+        for t in "${PODVM_LIB_TREES[@]}"; do
+            if [[ -e $t/$rel || -L $t/$rel ]]; then
+                _podvm_hit_tree=$t _podvm_hit_rel=$rel
+                return 0
+            fi
+        done
+    done
+    return 1
+}
+
+# _podvm_fetch_provider NEED OWNER: NEED is in none of the trees; fetch the
+# packages OWNER depends on (Pre-Depends and Depends, every alternative; not
+# the ones fetched already) until one has it: first the one named like the
+# library (libfoo.so.1 in libfoo1 or libfoo-1, '_' as '-'), then the other
+# lib* ones, then the rest. False if none has it.
+_podvm_fetch_provider() {
+    local need=$1 owner=$2 p key ver
+    local -a deps=() named=() libs=() others=()
+    mapfile -t deps < <(dpkg-deb -f "${PODVM_PKG_DEB[$owner]}" Pre-Depends Depends |
+        sed 's/^[A-Za-z-]*://; s/[,|]/\n/g' |
+        sed 's/([^)]*)//g; s/:[a-z0-9]*//; s/[[:space:]]//g' | awk 'NF && !seen[$0]++')
+    key=${need##*/}
+    ver=${key##*.so.}
+    key=${key%%.so*}
+    key=${key,,}
+    key=${key//_/-}
+    for p in "${deps[@]}"; do
+        [[ -z ${PODVM_PKG_TREE["$p"]:-} ]] || continue
+        if [[ $key == lib* && ($p == "$key$ver" || $p == "$key-$ver" || $p == "$key") ]]; then
+            named+=("$p")
+        elif [[ $p == lib* ]]; then
+            libs+=("$p")
+        else
+            others+=("$p")
+        fi
+    done
+    for p in "${named[@]}" "${libs[@]}" "${others[@]}"; do
+        _podvm_apt_candidates "${named[@]}" "${libs[@]}" "${others[@]}"
+        [[ -n ${_podvm_cand["$p"]} ]] || continue # virtual, or unknown
+        _podvm_pkg_add "$p" "${_podvm_cand["$p"]}"
+        PODVM_PROG_PKGS+=("$p=${_podvm_cand["$p"]}")
+        _podvm_locate "$need" && return 0
+    done
+    return 1
+}
+
+# _podvm_follow TREE REL: print "link<TAB>REL<TAB>TARGET" for each symlink on
+# the way from REL (in TREE) to a regular file, then "file<TAB>TREE<TAB>REL"
+# for that file. A link's target may be in another package's tree.
+_podvm_follow() {
+    local tree=$1 rel=$2 target hops=0
+    while [[ -L $tree/$rel ]]; do
+        ((++hops <= 16)) || podvm_die "/$2: too many levels of symlinks"
+        target=$(readlink -- "$tree/$rel")
+        printf 'link\t%s\t%s\n' "$rel" "$target"
+        if [[ $target == /* ]]; then
+            rel=${target#/}
+        else
+            rel=$(realpath -ms -- "/$(dirname -- "$rel")/$target")
+            rel=${rel#/}
+        fi
+        [[ -e $tree/$rel || -L $tree/$rel ]] && continue
+        _podvm_locate "/$rel" || podvm_die "/$rel (a symlink's target) is in none of the packages"
+        tree=$_podvm_hit_tree
+    done
+    [[ -f $tree/$rel ]] || podvm_die "/$rel: not a regular file in ${tree##*/}"
+    printf 'file\t%s\t%s\n' "$tree" "$rel"
+}
+
+# _podvm_walk STAGE TREE REL: visit TREE/REL (following symlinks) and,
+# depth-first, everything it needs: its PT_INTERP and its NEEDED sonames
+# (readelf). With a STAGE, copy each into it at the same path (symlinks as
+# symlinks). A need no tree has is looked for in the packages the needing
+# package depends on when _podvm_walk_fetch=1, and is an error otherwise.
+_podvm_walk() {
+    local stage=$1 tree=$2 rel=$3 out kind a b ftree='' frel='' dyn need owner
+    local -a needs=()
+    out=$(_podvm_follow "$tree" "$rel") || exit 1
+    while IFS=$'\t' read -r kind a b; do
+        if [[ $kind == link ]]; then
+            if [[ -n $stage && -z ${_podvm_walk_seen["link:$a"]:-} ]]; then
+                _podvm_walk_seen["link:$a"]=1
+                mkdir -p -- "$stage/$(dirname -- "$a")"
+                rm -rf -- "${stage:?}/$a"
+                ln -s -- "$b" "$stage/$a"
+                PODVM_PROG_STAGED+=("$a")
+            fi
+        else
+            ftree=$a frel=$b
+        fi
+    done <<<"$out"
+    [[ -z ${_podvm_walk_seen["file:$frel"]:-} ]] || return 0
+    _podvm_walk_seen["file:$frel"]=1
+    if [[ -n $stage ]]; then
+        mkdir -p -- "$stage/$(dirname -- "$frel")"
+        # Never write through whatever is there (a busybox applet symlink
+        # points at /bin/busybox, which is the host's outside the stage).
+        rm -rf -- "${stage:?}/$frel"
+        cp --preserve=mode -- "$ftree/$frel" "$stage/$frel"
+        PODVM_PROG_STAGED+=("$frel")
+    fi
+    owner=${_podvm_tree_pkg[$ftree]}
+    dyn=$(LC_ALL=C readelf -d -l -W -- "$ftree/$frel" 2>&1) ||
+        podvm_die "/$frel (from $owner) is not an ELF file: $dyn"
+    if grep -qE '\((RPATH|RUNPATH)\)' <<<"$dyn"; then
+        podvm_log "warning: /$frel (from $owner) has an RPATH/RUNPATH; ignored," \
+            "its libraries are looked for in the system directories only"
+    fi
+    mapfile -t needs < <(sed -n \
+        -e 's/.*\[Requesting program interpreter: \(.*\)\]$/\1/p' \
+        -e 's/.*(NEEDED).*Shared library: \[\(.*\)\]$/\1/p' <<<"$dyn")
+    for need in "${needs[@]}"; do
+        if ! _podvm_locate "$need"; then
+            if ! ((_podvm_walk_fetch)) || ! _podvm_fetch_provider "$need" "$owner"; then
+                podvm_die "$need, needed by /$frel (from $owner), is in none of the packages" \
+                    "${PODVM_PROG_PKGS[*]%%=*} nor in those $owner depends on"
+            fi
+        fi
+        if [[ $need == /* && $_podvm_hit_rel != "${need#/}" ]]; then
+            # Found under /usr only (merged-/usr packages): the path
+            # asked for becomes a symlink there.
+            if [[ -n $stage && -z ${_podvm_walk_seen["link:${need#/}"]:-} ]]; then
+                _podvm_walk_seen["link:${need#/}"]=1
+                mkdir -p -- "$stage/$(dirname -- "${need#/}")"
+                rm -rf -- "${stage:?}/${need#/}"
+                ln -s -- "/$_podvm_hit_rel" "$stage/${need#/}"
+                PODVM_PROG_STAGED+=("${need#/}")
+            fi
+        fi
+        _podvm_walk "$stage" "$_podvm_hit_tree" "$_podvm_hit_rel"
+    done
+}
+
+# podvm_resolve_programs SPEC...: decide which packages the programs SPEC
+# (PACKAGE:PATH) need: their own packages (the candidate version) and, from
+# the programs' ELF dependencies, recursively, the library packages (each
+# found among the Depends of the package that needs it, candidate version).
+# This downloads and unpacks packages (into the cache; the build needs them
+# anyway). Sets PODVM_PROGRAMS and PODVM_PROG_PKGS; the answer is remembered
+# in the package cache until apt's package lists change.
+podvm_resolve_programs() {
+    podvm_require_cmds apt-get apt-cache dpkg-deb readelf realpath sha256sum
+    local lists memo spec pkg path
+    PODVM_PROGRAMS=("$@") PODVM_PROG_PKGS=()
+    lists=$(_podvm_apt_lists_stamp)
+    memo=$PODVM_DEB_CACHE/programs-$(printf 'v1 %s\n' "$@" | sha256sum | cut -c1-16)
+    if [[ -f $memo && $(head -n 1 -- "$memo") == "lists=$lists" ]]; then
+        mapfile -t PODVM_PROG_PKGS < <(tail -n +2 -- "$memo")
+        ((${#PODVM_PROG_PKGS[@]})) && return 0
+    fi
+    podvm_log "resolving the packages of ${*%%:*} and of their libraries"
+    PODVM_PKG_DEB=() PODVM_PKG_TREE=() PODVM_LIB_TREES=() _podvm_tree_pkg=() _podvm_walk_seen=()
+    for spec in "$@"; do
+        pkg=${spec%%:*}
+        path=${spec#*:}
+        [[ $pkg != "$spec" && -n $pkg && -n $path ]] || podvm_die "program '$spec' is not PACKAGE:PATH"
+        if [[ -z ${PODVM_PKG_TREE["$pkg"]:-} ]]; then
+            _podvm_apt_candidates "$pkg"
+            if [[ -z ${_podvm_cand["$pkg"]} ]]; then
+                podvm_log "error: apt-cache knows no package '$pkg'"
+                podvm_die "(is the package list current? run 'apt-get update' as root)"
+            fi
+            _podvm_pkg_add "$pkg" "${_podvm_cand["$pkg"]}"
+            PODVM_PROG_PKGS+=("$pkg=${_podvm_cand["$pkg"]}")
+        fi
+        [[ -e ${PODVM_PKG_TREE["$pkg"]}/$path ]] || podvm_die "package $pkg has no /$path"
+        _podvm_walk_fetch=1
+        _podvm_walk '' "${PODVM_PKG_TREE["$pkg"]}" "$path"
+        _podvm_walk_fetch=0
+    done
+    mkdir -p -- "$PODVM_DEB_CACHE"
+    printf 'lists=%s\n' "$lists" >"$memo.tmp"
+    printf '%s\n' "${PODVM_PROG_PKGS[@]}" >>"$memo.tmp"
+    mv -f -- "$memo.tmp" "$memo"
+}
+
+# podvm_fetch_programs: fetch and unpack the packages podvm_resolve_programs
+# chose (cached). Sets PODVM_PKG_DEB, PODVM_PKG_TREE and PODVM_LIB_TREES.
+podvm_fetch_programs() {
+    local pv
+    for pv in "${PODVM_PROG_PKGS[@]}"; do
+        _podvm_pkg_add "${pv%%=*}" "${pv#*=}"
+    done
+}
+
+# podvm_programs_debs_sha256: one sha256 over the sha256 of each program
+# package's .deb, in PODVM_PROG_PKGS order (after podvm_fetch_programs).
+podvm_programs_debs_sha256() {
+    local pv
+    for pv in "${PODVM_PROG_PKGS[@]}"; do
+        printf '%s %s\n' "$pv" "$(podvm_sha256 "${PODVM_PKG_DEB[${pv%%=*}]}")"
+    done | sha256sum | cut -d' ' -f1
+}
+
+# podvm_stage_program STAGE PATH...: copy each PATH (a program, or a library,
+# inside one of the unpacked trees, e.g. ${PODVM_PKG_TREE[socat]}/usr/bin/socat)
+# into STAGE at its path in the package, with its loader and every library it
+# needs, recursively (readelf -d NEEDED, -l PT_INTERP), each found in the trees
+# (PODVM_LIB_TREES, in PODVM_LIB_DIRS) and put at the same path in STAGE.
+# Anything not found is an error. Appends what it staged to PODVM_PROG_STAGED.
+podvm_stage_program() {
+    local stage=$1 path t tree
+    shift
+    podvm_require_cmds readelf realpath
+    ((${#PODVM_LIB_TREES[@]})) || podvm_die "podvm_stage_program: no package trees (podvm_fetch_programs)"
+    _podvm_walk_seen=()
+    _podvm_walk_fetch=0
+    for path in "$@"; do
+        tree=
+        for t in "${PODVM_LIB_TREES[@]}"; do
+            [[ $path == "$t"/* ]] && { tree=$t; break; }
+        done
+        [[ -n $tree ]] || podvm_die "podvm_stage_program: $path is in none of the unpacked packages"
+        _podvm_walk "$stage" "$tree" "${path#"$tree"/}"
+    done
+}
+
 # podvm_mkcpio STAGE OUT: pack STAGE into a gzip'd newc cpio archive OUT,
 # reproducibly (sorted names, fixed mtimes and owners, no gzip timestamp).
 podvm_mkcpio() {
@@ -421,6 +738,12 @@ podvm_write_versions() {
         echo "modules_loaded=${PODVM_MODS_LOADED[*]}"
         echo "modules_builtin=${PODVM_MODS_BUILTIN[*]}"
         echo "modules_absent=${PODVM_MODS_MISSING[*]}"
+        if ((${#PODVM_PROG_PKGS[@]})); then
+            echo "programs=${PODVM_PROGRAMS[*]}"
+            echo "program_packages=${PODVM_PROG_PKGS[*]}"
+            echo "program_debs_sha256=$(podvm_programs_debs_sha256)"
+            echo "program_files=${PODVM_PROG_STAGED[*]}"
+        fi
         echo "inputs_sha256=$inputs"
         for pair in "$@"; do
             echo "${pair%%=*}=$(podvm_sha256 "${pair#*=}")"
@@ -430,5 +753,7 @@ podvm_write_versions() {
 
     podvm_log "built $outdir: $KERNEL_PKG $KERNEL_VER, modules: ${PODVM_MODS_LOADED[*]}"
     ((${#PODVM_MODS_BUILTIN[@]} == 0)) || podvm_log "built into the kernel: ${PODVM_MODS_BUILTIN[*]}"
+    ((${#PODVM_PROG_PKGS[@]} == 0)) || podvm_log "programs: ${PODVM_PROGRAMS[*]#*:}" \
+        "(${#PODVM_PROG_STAGED[@]} files from ${PODVM_PROG_PKGS[*]})"
     ((${#PODVM_MODS_MISSING[@]} == 0)) || podvm_log "not in this kernel: ${PODVM_MODS_MISSING[*]}"
 }
