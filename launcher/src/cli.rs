@@ -100,8 +100,10 @@ pub struct RunArgs {
     /// pod's ports to the guest: `port=8080`, `port=2222:22`, `port=8000-8100`, with `/udp`
     /// for UDP (default TCP); `max-flows=N`: most TCP connections, and UDP conversations, at
     /// once (default 1024; beyond it new ones are refused and counted). Repeat --net for more
-    /// NICs (eth0, eth1, ...).
-    #[arg(long, value_name = "user[,mac=MAC][,mtu=N][,resolv=PATH][,port=SPEC]...[,max-flows=N]", value_parser = parse_net)]
+    /// NICs (eth0, eth1, ...). `tap=NAME`: an existing tap device that a privileged agent
+    /// created for podvm's user (`ip tuntap add dev NAME mode tap user UID`); podvm opens it
+    /// without privileges and never changes its MTU or flags. Option: `mac=MAC`.
+    #[arg(long, value_name = "user[,mac=MAC][,mtu=N][,resolv=PATH][,port=SPEC]...[,max-flows=N] | tap=NAME[,mac=MAC]", value_parser = parse_net)]
     pub net: Vec<vmm::config::NicConfig>,
     /// Seconds the guest has to power off after SIGTERM presses its ACPI power button, before
     /// podvm stops it (Kubernetes' default grace period is 30 s).
@@ -160,9 +162,15 @@ pub fn parse_net(value: &str) -> Result<vmm::config::NicConfig, String> {
     let mut parts = value.split(',');
     let mut nic = match parts.next() {
         Some("user") => NicConfig::user(),
+        Some(tap) if tap.starts_with("tap=") => NicConfig {
+            backend: NetBackendConfig::Tap {
+                name: tap["tap=".len()..].to_string(),
+            },
+            mac: None,
+        },
         Some(other) => {
             return Err(format!(
-                "unknown network backend {other:?}; use --net user[,mac=MAC][,mtu=N][,resolv=PATH]"
+                "unknown network backend {other:?}; use --net user[,OPTIONS] or --net tap=NAME[,mac=MAC]"
             ))
         }
         None => unreachable!("split yields at least one item"),
@@ -259,8 +267,20 @@ mod tests {
             .unwrap_err()
             .contains("unknown network option"));
         let n = parse_net("user,port=8080,port=2222:22,port=53/udp,port=7000-7001").unwrap();
-        let NetBackendConfig::User { forwards, .. } = n.backend;
+        let NetBackendConfig::User { forwards, .. } = n.backend else {
+            panic!("not user: {n:?}")
+        };
         assert_eq!(forwards.len(), 5);
+        let n = parse_net("tap=tap0,mac=52:54:00:00:00:09").unwrap();
+        assert_eq!(
+            n.backend,
+            NetBackendConfig::Tap {
+                name: "tap0".into()
+            }
+        );
+        assert!(parse_net("tap=tap0,port=80")
+            .unwrap_err()
+            .contains("unknown network option"));
         assert!(parse_net("user,port=99999")
             .unwrap_err()
             .contains("not a port"));

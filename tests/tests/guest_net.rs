@@ -455,3 +455,88 @@ fn net_user_connection_flood_hits_the_flow_limit_and_is_counted() {
     assert_eq!(value("FLOOD-REFUSED"), "10");
     assert_eq!(counters["nics"][0]["nat"]["flow_limit"], 10, "{counters}");
 }
+
+/// Drops every capability from the bounding set before exec, so the program runs as root
+/// with no capability at all (what "needs no capability" means, in a test that is root).
+fn without_capabilities(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec and only calls prctl,
+    // which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            for cap in 0..64 {
+                if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0
+                    && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+#[test]
+fn net_tap_backend_opens_an_agents_tap_without_capabilities_and_reaches_a_peer() {
+    if !kvm_available() {
+        return;
+    }
+    let net = PodNet::new();
+    // The privileged agent's part: a tap for podvm's user (root here), addressed, up.
+    net.ip(&[
+        "tuntap", "add", "dev", "tap0", "mode", "tap", "user", "0", "vnet_hdr",
+    ]);
+    net.ip(&["addr", "add", "10.99.0.1/24", "dev", "tap0"]);
+    net.ip(&["link", "set", "tap0", "up"]);
+    let dir = TempDir::new("net-tap");
+    let data = pattern(8 << 20, 0x7a9);
+    let data_file = dir.file("data", &data);
+    let upload_file = dir.0.join("upload").display().to_string();
+    let bind = || TcpListener::bind(("10.99.0.1", 0)).expect("bind on the tap's address");
+    let (down, up) = (bind(), bind());
+    let (p_down, p_up) = (
+        down.local_addr().unwrap().port(),
+        up.local_addr().unwrap().port(),
+    );
+    let down = serve_once(down, data);
+    let up = receive_once(up, upload_file.clone());
+    let script = format!(
+        "ip link set lo up\n\
+         ip link set eth0 up\n\
+         ip addr add 10.99.0.2/24 dev eth0\n\
+         echo TAP-MTU=$(cat /sys/class/net/eth0/mtu)\n\
+         ping -c 2 -W 10 10.99.0.1 >/dev/null && echo PING-TAP=ok\n\
+         nc 10.99.0.1 {p_down} </dev/null >/tmp/down\n\
+         echo DOWN-SHA=$(sha256sum </tmp/down | cut -d' ' -f1)\n\
+         dd if=/dev/urandom of=/tmp/up bs=1M count=8 2>/dev/null\n\
+         echo UP-SHA=$(sha256sum </tmp/up | cut -d' ' -f1)\n\
+         echo UP-REPLY=$(nc 10.99.0.1 {p_up} </tmp/up)\n"
+    );
+    let mut cmd = podvm_tests::guest_command(&script, &["--memory", "512", "--net", "tap=tap0"]);
+    without_capabilities(&mut cmd);
+    let out = podvm_tests::run_command(cmd);
+    assert!(out.status.success(), "{out}");
+    let value = |k: &str| out.value(k).unwrap_or_else(|| panic!("no {k}= in\n{out}"));
+    assert_eq!(value("TAP-MTU"), "1500");
+    assert_eq!(value("PING-TAP"), "ok");
+    assert_eq!(value("DOWN-SHA"), sha256_file(&data_file));
+    assert_eq!(down.join().unwrap().ip().to_string(), "10.99.0.2");
+    assert_eq!(value("UP-REPLY"), format!("GOT {}", 8 << 20));
+    assert_eq!(value("UP-SHA"), sha256_file(&upload_file));
+    assert_eq!(up.join().unwrap().0.ip().to_string(), "10.99.0.2");
+
+    // A tap made for another user, and a tap nobody made: one clear error each.
+    net.ip(&[
+        "tuntap", "add", "dev", "tap1", "mode", "tap", "user", "4242",
+    ]);
+    for (tap, says) in [("tap1", "cannot attach"), ("tap9", "no such tap device")] {
+        let mut cmd = podvm_tests::guest_command("true", &["--net", &format!("tap={tap}")]);
+        without_capabilities(&mut cmd);
+        let out = podvm_tests::run_command(cmd);
+        assert_eq!(out.status.code(), Some(1), "{out}");
+        assert!(
+            out.stderr.contains(says) && !out.stderr.contains("panicked"),
+            "{out}"
+        );
+    }
+}

@@ -355,11 +355,19 @@ fn open_nic(
                 .map_err(|source| DeviceError::Net { index, source })?;
             (Box::new(net), *mtu)
         }
+        NetBackendConfig::Tap { name } => {
+            let tap = devices::virtio::net::tap::Tap::open(name, metrics.clone())
+                .map_err(|source| DeviceError::Tap { index, source })?;
+            let mtu = tap.mtu();
+            tracing::info!(nic = index, tap = %name, mtu, mac = %crate::config::format_mac(mac), "NIC on a tap device");
+            (Box::new(tap), mtu)
+        }
     };
     let device_config = NetConfig {
         mac,
         mtu,
-        rx_checksums_valid: true,
+        // The user NAT checked (or computed) every checksum it hands the guest.
+        rx_checksums_valid: matches!(nic.backend, NetBackendConfig::User { .. }),
     };
     Net::new(device_config, backend, metrics).map_err(|source| DeviceError::Create {
         device: format!("nic {index}"),

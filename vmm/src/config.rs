@@ -76,6 +76,11 @@ pub enum NetBackendConfig {
         /// Most TCP connections (and, separately, UDP conversations) at once.
         max_flows: usize,
     },
+    /// An existing tap device, opened by name (created by a privileged agent).
+    Tap {
+        /// The tap's interface name.
+        name: String,
+    },
 }
 
 /// One virtio-net NIC.
@@ -159,6 +164,8 @@ pub enum ConfigError {
         proto: String,
         port: u16,
     },
+    #[error("--net {index}: tap name {name:?} is not an interface name; use 1 to 15 characters without '/'")]
+    TapName { index: usize, name: String },
     #[error("--net: two NICs have the MAC {0}; give each its own mac=")]
     DuplicateMac(String),
 }
@@ -227,6 +234,14 @@ impl VmConfig {
                             index,
                             mtu: *mtu,
                             max,
+                        });
+                    }
+                }
+                NetBackendConfig::Tap { name } => {
+                    if name.is_empty() || name.len() > 15 || name.contains('/') {
+                        return Err(ConfigError::TapName {
+                            index,
+                            name: name.clone(),
                         });
                     }
                 }

@@ -59,6 +59,7 @@ fn nic_counters(m: &devices::virtio::net::NetMetrics) -> Value {
         "rx_frames": get(&m.rx_frames),
         "rx_bytes": get(&m.rx_bytes),
         "tx_invalid": get(&m.tx_invalid),
+        "tx_dropped": get(&m.tx_dropped),
         "rx_dropped": get(&m.rx_dropped),
         "interrupts": get(&m.interrupts),
         "nat": {
@@ -132,6 +133,10 @@ impl Control for VmControl {
                             .collect::<Vec<_>>(),
                         "guest_ipv4": "10.0.2.2/24",
                         "gateway_ipv4": "10.0.2.1",
+                    }),
+                    crate::config::NetBackendConfig::Tap { name } => json!({
+                        "kind": "tap",
+                        "name": name,
                     }),
                 };
                 json!({

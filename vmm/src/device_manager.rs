@@ -67,6 +67,12 @@ pub enum DeviceError {
         #[source]
         source: devices::virtio::net::user::UserNetError,
     },
+    #[error("--net {index}: {source}")]
+    Tap {
+        index: usize,
+        #[source]
+        source: devices::virtio::net::tap::TapError,
+    },
     #[error("no interrupt line left for {device}")]
     NoIrq { device: String },
 }

@@ -6,11 +6,21 @@ use std::os::fd::RawFd;
 /// A network backend. Frames are whole Ethernet frames without the virtio-net header;
 /// frames from the guest have complete checksums.
 pub trait NetBackend: Send {
-    /// A frame the guest transmitted. The backend must not block.
+    /// Whether frames to and from this backend carry the 12-byte virtio-net header (so
+    /// checksum and segmentation offloads pass through).
+    fn vnet_hdr(&self) -> bool {
+        false
+    }
+    /// The features the driver accepted (a backend with [`vnet_hdr`](Self::vnet_hdr) sets
+    /// up the offloads the guest can take).
+    fn set_guest_features(&mut self, _acked: u64) {}
+    /// A frame the guest transmitted (behind its virtio-net header when
+    /// [`vnet_hdr`](Self::vnet_hdr)). The backend must not block.
     fn send(&mut self, frame: &[u8]);
     /// The guest finished a batch of transmissions: process what `send` queued.
     fn flush(&mut self) {}
-    /// The next frame for the guest, if one is waiting.
+    /// The next frame for the guest, if one is waiting (behind a virtio-net header when
+    /// [`vnet_hdr`](Self::vnet_hdr)).
     fn rx_peek(&mut self) -> Option<&[u8]>;
     /// The frame [`rx_peek`](Self::rx_peek) returned was delivered (or dropped).
     fn rx_pop(&mut self);

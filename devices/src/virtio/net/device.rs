@@ -5,8 +5,10 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
-    VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_S_LINK_UP,
 };
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
@@ -80,7 +82,7 @@ impl Net {
         backend: Box<dyn NetBackend>,
         metrics: Arc<M>,
     ) -> std::io::Result<Self> {
-        let avail_features = F_VERSION_1
+        let mut avail_features = F_VERSION_1
             | F_EVENT_IDX
             | F_INDIRECT_DESC
             | 1 << VIRTIO_NET_F_MAC
@@ -89,6 +91,15 @@ impl Net {
             | 1 << VIRTIO_NET_F_MRG_RXBUF
             | 1 << VIRTIO_NET_F_CSUM
             | 1 << VIRTIO_NET_F_GUEST_CSUM;
+        if backend.vnet_hdr() {
+            // The backend takes and gives segments up to 64 KiB with partial checksums.
+            avail_features |= 1 << VIRTIO_NET_F_HOST_TSO4
+                | 1 << VIRTIO_NET_F_HOST_TSO6
+                | 1 << VIRTIO_NET_F_HOST_ECN
+                | 1 << VIRTIO_NET_F_GUEST_TSO4
+                | 1 << VIRTIO_NET_F_GUEST_TSO6
+                | 1 << VIRTIO_NET_F_GUEST_ECN;
+        }
         let mut space = [0u8; cfg::LEN];
         space[cfg::MAC..cfg::MAC + 6].copy_from_slice(&config.mac);
         space[cfg::STATUS..cfg::STATUS + 2]
@@ -141,15 +152,19 @@ impl Net {
                 break false;
             }
             let mut popped = false;
+            let raw = self.backend.vnet_hdr();
             while let Some(chain) = active.tx.pop_descriptor_chain(&active.mem) {
                 popped = true;
                 let head = chain.head_index();
-                match read_chain(&active.mem, chain, &mut self.tx_buf) {
+                match read_chain(&active.mem, chain, &mut self.tx_buf, raw) {
                     Ok(()) => {
-                        let frame = &mut self.tx_buf[HDR_LEN..];
                         M::inc(&self.metrics.tx_frames);
-                        M::add(&self.metrics.tx_bytes, frame.len() as u64);
-                        self.backend.send(frame);
+                        M::add(&self.metrics.tx_bytes, (self.tx_buf.len() - HDR_LEN) as u64);
+                        if raw {
+                            self.backend.send(&self.tx_buf);
+                        } else {
+                            self.backend.send(&self.tx_buf[HDR_LEN..]);
+                        }
                     }
                     Err(e) => {
                         M::inc(&self.metrics.tx_invalid);
@@ -193,9 +208,18 @@ impl Net {
         } else {
             0
         };
+        let raw = self.backend.vnet_hdr();
         let mut delivered = false;
-        while let Some(frame) = self.backend.rx_peek() {
-            match write_frame(&mut active, frame, flags, mergeable) {
+        while let Some(buf) = self.backend.rx_peek() {
+            let (header, frame) = if raw {
+                // The backend's own header (offloads), num_buffers set below.
+                let mut h = [0u8; HDR_LEN];
+                h.copy_from_slice(&buf[..HDR_LEN]);
+                (h, &buf[HDR_LEN..])
+            } else {
+                (rx_header(flags, 1), buf)
+            };
+            match write_frame(&mut active, header, frame, mergeable) {
                 Delivery::Done(n) => {
                     M::inc(&self.metrics.rx_frames);
                     M::add(&self.metrics.rx_bytes, n as u64);
@@ -253,11 +277,13 @@ enum TxError {
     Header(#[from] super::header::HeaderError),
 }
 
-/// Reads one TX chain (virtio-net header + frame) into `buf` and finishes the frame.
+/// Reads one TX chain (virtio-net header + frame) into `buf`; unless the backend takes the
+/// header (`raw`), finishes the frame (completes its checksum, refuses segmentation).
 fn read_chain(
     mem: &GuestMemoryMmap,
     chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
     buf: &mut Vec<u8>,
+    raw: bool,
 ) -> Result<(), TxError> {
     let mut reader = chain.reader(mem).map_err(|_| TxError::Chain)?;
     let len = reader.available_bytes();
@@ -271,7 +297,9 @@ fn read_chain(
     buf.resize(len, 0);
     reader.read_exact(buf).map_err(|_| TxError::Chain)?;
     let header = TxHeader::parse(buf)?;
-    header.finish(&mut buf[HDR_LEN..])?;
+    if !raw {
+        header.finish(&mut buf[HDR_LEN..])?;
+    }
     Ok(())
 }
 
@@ -281,9 +309,14 @@ enum Delivery {
     NoBuffers,
 }
 
-/// Writes `frame` behind a virtio-net header into as many RX chains as it needs (one unless
-/// MRG_RXBUF was negotiated).
-fn write_frame(active: &mut Active, frame: &[u8], flags: u8, mergeable: bool) -> Delivery {
+/// Writes `frame` behind `header` (its num_buffers filled in here) into as many RX chains as
+/// it needs (one unless MRG_RXBUF was negotiated).
+fn write_frame(
+    active: &mut Active,
+    mut header: [u8; HDR_LEN],
+    frame: &[u8],
+    mergeable: bool,
+) -> Delivery {
     let total = HDR_LEN + frame.len();
     let mem = &active.mem;
     let mut buffers = Vec::new();
@@ -320,7 +353,7 @@ fn write_frame(active: &mut Active, frame: &[u8], flags: u8, mergeable: bool) ->
         }
         return Delivery::Dropped;
     }
-    let header = rx_header(flags, buffers.len() as u16);
+    header[10..12].copy_from_slice(&(buffers.len() as u16).to_le_bytes());
     let mut src: &[u8] = &header;
     let mut rest = frame;
     let mut used = Vec::with_capacity(buffers.len());
@@ -369,6 +402,7 @@ impl VirtioDevice for Net {
 
     fn set_acked_features(&mut self, features: u64) {
         self.acked_features = features & self.avail_features;
+        self.backend.set_guest_features(self.acked_features);
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

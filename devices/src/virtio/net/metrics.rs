@@ -14,6 +14,8 @@ pub struct NetMetrics {
     /// TX chains that were not valid frames (bad descriptors, short or oversized, bad
     /// virtio-net header, unsupported GSO).
     pub tx_invalid: AtomicU64,
+    /// Frames the backend could not take (a full tap queue, a header the host refused).
+    pub tx_dropped: AtomicU64,
     /// Frames for the guest dropped because it posted no buffer for too long or the
     /// buffers were too small.
     pub rx_dropped: AtomicU64,

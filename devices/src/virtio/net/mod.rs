@@ -9,6 +9,7 @@ pub mod event_handler;
 pub mod fuzzing;
 pub mod header;
 pub mod metrics;
+pub mod tap;
 pub mod user;
 
 pub use backend::NetBackend;
