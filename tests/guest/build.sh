@@ -7,7 +7,7 @@
 #
 #   OUTDIR/vmlinuz            the Debian cloud kernel (bzImage)
 #   OUTDIR/initramfs.cpio.gz  static busybox + /init + virtio/button modules +
-#                             socat and iperf3 with their libraries
+#                             socat, iperf3 and dhcpcd with their libraries
 #   OUTDIR/VERSIONS           package versions used and sha256 of both outputs
 #
 # OUTDIR defaults to target/guest/ in the repository. Packages are cached in
@@ -54,10 +54,12 @@ modules+=("${extra[@]}")
 # programs' ELF NEEDED entries lead to, found among each package's Depends;
 # see podvm_resolve_programs in lib.sh), staged at their usual paths.
 # socat: UDP echo server, TCP client and server for the network tests;
-# iperf3: the network throughput benchmark.
+# iperf3: the network throughput benchmark; dhcpcd: a DHCPv6 client (busybox
+# has none), run as `dhcpcd -6 -1 -w -t 30 -c '' eth0` (see README.md).
 programs=(
     socat:usr/bin/socat
     iperf3:usr/bin/iperf3
+    dhcpcd-base:usr/sbin/dhcpcd
 )
 
 podvm_resolve_packages
@@ -95,9 +97,16 @@ done
 podvm_stage_program "$stage" "${program_paths[@]}"
 # Enough of /etc for programs that look up users, groups or hosts (glibc
 # reads these directly; there is no nsswitch.conf, its defaults do).
-printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' \
-    >"$stage/etc/passwd"
+# dhcpcd is Debian's, built with privilege separation: its unprivileged
+# processes run as the user dhcpcd, chrooted to its home, /usr/lib/dhcpcd (as
+# the package's postinst makes it). It keeps its pid file and control socket
+# in /run/dhcpcd and its DUID and leases in /var/lib/dhcpcd, creating only the
+# last component.
+printf '%s\n' 'root:x:0:0:root:/root:/bin/sh' \
+    'dhcpcd:x:100:65534:DHCP Client Daemon:/usr/lib/dhcpcd:/bin/false' \
+    'nobody:x:65534:65534:nobody:/nonexistent:/bin/false' >"$stage/etc/passwd"
 printf 'root:x:0:\ntty:x:5:\nnogroup:x:65534:\n' >"$stage/etc/group"
+mkdir -p -- "$stage/usr/lib/dhcpcd" "$stage/run" "$stage/var/lib"
 printf '127.0.0.1 localhost podvm-guest\n::1 localhost\n' >"$stage/etc/hosts"
 install -m 0755 -- "$here/init.sh" "$stage/init"
 install -m 0644 -- "$here/modload.sh" "$stage/lib/podvm/modload.sh"

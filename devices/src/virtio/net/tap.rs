@@ -248,8 +248,10 @@ impl NetBackend for Tap {
     }
 
     fn send(&mut self, frame: &[u8]) {
+        // A tap takes a frame whole or not at all.
         match (&self.file).write(frame) {
-            Ok(_) => {}
+            Ok(n) if n == frame.len() => {}
+            Ok(_) => M::inc(&self.metrics.tx_dropped),
             Err(e) => {
                 // A full tap queue or a header the kernel refuses: dropped, as a NIC would.
                 tracing::trace!(error = %e, "tap write failed");
