@@ -210,14 +210,15 @@ fn remote_of(body: std::io::Result<String>) -> String {
         .to_string()
 }
 
-/// The guest serves HTTP on 8080 and 8005 (a CGI script tells who asked), then waits for a
-/// line on the console.
+/// The guest serves HTTP on 8080 and 8005 (a CGI script tells who asked) and upper-cases
+/// UDP datagrams on 123, then waits for a line on the console.
 const SERVERS: &str = r#"mkdir -p /www/cgi-bin
 echo hello-from-the-guest > /www/hello.txt
 printf '#!/bin/sh\necho Content-Type: text/plain\necho\necho "REMOTE=$REMOTE_ADDR"\n' > /www/cgi-bin/who
 chmod +x /www/cgi-bin/who
 httpd -p 8080 -h /www
 httpd -p 8005 -h /www
+socat UDP-RECVFROM:123,fork SYSTEM:'tr a-z A-Z' &
 echo SERVERS-READY
 read -r line
 "#;
@@ -235,7 +236,7 @@ fn net_user_forwards_pod_ports_to_the_guest_from_the_cluster_and_the_pod_loopbac
             "--memory",
             "512",
             "--net",
-            "user,port=8080,port=9090:8080,port=18000-18009:8000-8009",
+            "user,port=8080,port=9090:8080,port=18000-18009:8000-8009,port=1123:123/udp",
         ],
     );
     let mut vm = vm;
@@ -263,6 +264,25 @@ fn net_user_forwards_pod_ports_to_the_guest_from_the_cluster_and_the_pod_loopbac
     // From the pod itself, over its loopback: the guest sees the gateway.
     let local = SocketAddr::new("127.0.0.1".parse().unwrap(), 8080);
     assert_eq!(remote_of(http_get(local, "/cgi-bin/who")), "10.0.2.1");
+
+    // UDP: a datagram to the pod's 1123 reaches the guest's 123; the answer comes back from
+    // the pod's 1123.
+    let reply = net.in_peer(|| {
+        let socket = UdpSocket::bind((PEER_IP, 0)).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 128];
+        for _ in 0..20 {
+            socket.send_to(b"hello-udp\n", pod(1123)).unwrap();
+            if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                return Some((String::from_utf8_lossy(&buf[..n]).to_string(), from));
+            }
+        }
+        None
+    });
+    let (text, from) = reply.expect("no answer through the forwarded UDP port");
+    assert_eq!((text.trim(), from), ("HELLO-UDP", pod(1123)));
 
     let counters = vm.api_json(&["counters"]);
     assert!(
