@@ -98,7 +98,9 @@ pub struct RunArgs {
     /// Options: `mac=52:54:00:xx:xx:xx`, `mtu=N` (default 65520: the link is podvm's own),
     /// `resolv=PATH` (default /etc/resolv.conf), and `port=SPEC` (repeatable) to forward the
     /// pod's ports to the guest: `port=8080`, `port=2222:22`, `port=8000-8100`, with `/udp`
-    /// for UDP (default TCP); `max-flows=N`: most TCP connections, and UDP conversations, at
+    /// for UDP (default TCP), or `ports=all`: every free TCP and UDP port of the pod to the same
+    /// guest port, as KubeVirt does for a VMI without ports (costs two sockets per port;
+    /// the default is no ports, see docs/network.md); `max-flows=N`: most TCP connections, and UDP conversations, at
     /// once (default 1024; beyond it new ones are refused and counted). Repeat --net for more
     /// NICs (eth0, eth1, ...). `tap=NAME`: an existing tap device that a privileged agent
     /// created for podvm's user (`ip tuntap add dev NAME mode tap user UID`); podvm opens it
@@ -189,6 +191,9 @@ pub fn parse_net(value: &str) -> Result<vmm::config::NicConfig, String> {
             (Some(("port", spec)), NetBackendConfig::User { forwards, .. }) => {
                 forwards.extend(vmm::config::parse_port_forward(spec)?)
             }
+            (Some(("ports", "all")), NetBackendConfig::User { forward_all, .. }) => {
+                *forward_all = true
+            }
             (Some(("max-flows", n)), NetBackendConfig::User { max_flows, .. }) => {
                 *max_flows = n.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
                     format!("max-flows {n:?} is not a positive number; use max-flows=N (default 1024)")
@@ -196,7 +201,7 @@ pub fn parse_net(value: &str) -> Result<vmm::config::NicConfig, String> {
             }
             _ => {
                 return Err(format!(
-                "unknown network option {option:?}; use mac=MAC, mtu=N, resolv=PATH, port=SPEC or max-flows=N"
+                "unknown network option {option:?}; use mac=MAC, mtu=N, resolv=PATH, port=SPEC, ports=all or max-flows=N"
             ))
             }
         }
@@ -251,6 +256,7 @@ mod tests {
                 mtu: 1500,
                 resolv_conf: "/tmp/r".into(),
                 forwards: Vec::new(),
+                forward_all: false,
                 max_flows: vmm::config::DEFAULT_MAX_FLOWS,
             }
         );
@@ -263,7 +269,7 @@ mod tests {
         assert!(parse_net("user,mtu=big")
             .unwrap_err()
             .contains("not a number"));
-        assert!(parse_net("user,ports=80")
+        assert!(parse_net("user,ports=some")
             .unwrap_err()
             .contains("unknown network option"));
         let n = parse_net("user,port=8080,port=2222:22,port=53/udp,port=7000-7001").unwrap();

@@ -560,3 +560,84 @@ fn net_tap_backend_opens_an_agents_tap_without_capabilities_and_reaches_a_peer()
         );
     }
 }
+
+#[test]
+fn net_user_ports_all_forwards_every_free_port_like_kubevirt_without_a_port_list() {
+    if !kvm_available() {
+        return;
+    }
+    let net = PodNet::new();
+    let slab = || -> u64 {
+        std::fs::read_to_string("/proc/meminfo")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("Slab:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let before = slab();
+    let script = "ip link set lo up\nip link set eth0 up\n\
+                  ip addr add 10.0.2.2/24 dev eth0\nip route add default via 10.0.2.1\n\
+                  mkdir -p /www && echo any-port > /www/index.html\n\
+                  httpd -p 31337 -h /www\n\
+                  socat UDP-RECVFROM:5353,fork SYSTEM:'tr a-z A-Z' &\n\
+                  echo SERVERS-READY\nread -r line\n";
+    // Two sockets per port: the pod's open-file limit must allow ~131 072 (Kubernetes
+    // runtimes give containers 1 048 576).
+    let mut vm = {
+        let raise = libc::rlimit {
+            rlim_cur: 1 << 20,
+            rlim_max: 1 << 20,
+        };
+        // SAFETY: setrlimit reads one rlimit for the duration of the call; the test process
+        // is root (in the sandbox or on a CI host) and the limit is inherited by podvm.
+        let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raise) };
+        assert_eq!(
+            rc,
+            0,
+            "raise RLIMIT_NOFILE: {}",
+            std::io::Error::last_os_error()
+        );
+        podvm_tests::SocketVm::start(
+            "net-ports-all",
+            script,
+            &["--memory", "512", "--net", "user,ports=all"],
+        )
+    };
+    vm.wait_log("SERVERS-READY");
+    let after = slab();
+    let pod = |port: u16| SocketAddr::new(POD_IP.parse().unwrap(), port);
+    let (tcp, udp) = net.in_peer(|| {
+        let tcp = http_get(pod(31337), "/index.html");
+        let socket = UdpSocket::bind((PEER_IP, 0)).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let mut udp = None;
+        for _ in 0..20 {
+            socket.send_to(b"any\n", pod(5353)).unwrap();
+            if let Ok((n, _)) = socket.recv_from(&mut buf) {
+                udp = Some(String::from_utf8_lossy(&buf[..n]).trim().to_string());
+                break;
+            }
+        }
+        (tcp, udp)
+    });
+    assert_eq!(tcp.expect("TCP to an unlisted port").trim(), "any-port");
+    assert_eq!(udp.as_deref(), Some("ANY"));
+    let typist = std::os::unix::net::UnixStream::connect(&vm.console).unwrap();
+    (&typist).write_all(b"done\n").unwrap();
+    let out = vm.wait();
+    assert!(out.status.success(), "{}", out.stderr);
+    let line = out
+        .stderr
+        .lines()
+        .find(|l| l.contains("forwarding every free"))
+        .unwrap_or_default()
+        .to_string();
+    eprintln!(
+        "ports=all: {line}; kernel slab grew by {} MiB",
+        after.saturating_sub(before) / 1024
+    );
+}

@@ -334,6 +334,7 @@ fn open_nic(
             mtu,
             resolv_conf,
             forwards,
+            forward_all,
             max_flows,
         } => {
             let resolv = user::resolv::Resolv::load(resolv_conf);
@@ -348,6 +349,7 @@ fn open_nic(
                 mtu: *mtu,
                 resolv,
                 forwards: forwards.clone(),
+                forward_all: *forward_all,
                 max_flows: *max_flows,
                 ..Default::default()
             };

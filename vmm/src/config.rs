@@ -73,6 +73,8 @@ pub enum NetBackendConfig {
         resolv_conf: PathBuf,
         /// The pod's ports forwarded to the guest.
         forwards: Vec<PortForward>,
+        /// Every free TCP and UDP port of the pod forwarded to the same guest port.
+        forward_all: bool,
         /// Most TCP connections (and, separately, UDP conversations) at once.
         max_flows: usize,
     },
@@ -99,6 +101,7 @@ impl NicConfig {
                 mtu: devices::virtio::net::user::DEFAULT_MTU,
                 resolv_conf: PathBuf::from("/etc/resolv.conf"),
                 forwards: Vec::new(),
+                forward_all: false,
                 max_flows: DEFAULT_MAX_FLOWS,
             },
             mac: None,
@@ -164,6 +167,8 @@ pub enum ConfigError {
         proto: String,
         port: u16,
     },
+    #[error("--net {index}: ports=all already forwards every port to the same guest port; drop the port= options or ports=all")]
+    PortsAllAndList { index: usize },
     #[error("--net {index}: tap name {name:?} is not an interface name; use 1 to 15 characters without '/'")]
     TapName { index: usize, name: String },
     #[error("--net: two NICs have the MAC {0}; give each its own mac=")]
@@ -219,7 +224,15 @@ impl VmConfig {
             }
             macs.push(mac);
             match &nic.backend {
-                NetBackendConfig::User { mtu, forwards, .. } => {
+                NetBackendConfig::User {
+                    mtu,
+                    forwards,
+                    forward_all,
+                    ..
+                } => {
+                    if *forward_all && !forwards.is_empty() {
+                        return Err(ConfigError::PortsAllAndList { index });
+                    }
                     let mut seen = std::collections::HashSet::new();
                     if let Some(f) = forwards.iter().find(|f| !seen.insert((f.proto, f.host))) {
                         return Err(ConfigError::DuplicatePort {

@@ -121,8 +121,10 @@ impl Control for VmControl {
                         mtu,
                         resolv_conf,
                         forwards,
+                        forward_all,
                         max_flows,
                     } => json!({
+                        "ports_all": forward_all,
                         "max_flows": max_flows,
                         "kind": "user",
                         "mtu": mtu,

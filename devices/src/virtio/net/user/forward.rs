@@ -55,22 +55,92 @@ pub enum Listener {
     Udp(UdpSocket),
 }
 
-/// A bound forward: the rule and its listening socket for one address family.
+/// A bound forward: the rule and its listening socket.
 pub struct Bound {
     pub rule: PortForward,
     pub listener: Listener,
+    /// The socket is IPv6 (v6-only, or dual-stack when `dual`).
     pub v6: bool,
+    pub dual: bool,
 }
 
 impl Bound {
-    /// The guest address connections from this listener go to.
-    pub fn guest_addr(&self) -> SocketAddr {
-        let ip = if self.v6 {
-            IpAddr::V6(GUEST6)
-        } else {
+    /// The guest address a connection or datagram from `client` goes to: the guest's
+    /// address of the client's family.
+    pub fn guest_addr(&self, client: SocketAddr) -> SocketAddr {
+        let v4_client = match client.ip() {
+            IpAddr::V4(_) => true,
+            IpAddr::V6(a) => a.to_ipv4_mapped().is_some(),
+        };
+        let ip = if v4_client {
             IpAddr::V4(GUEST4)
+        } else {
+            IpAddr::V6(GUEST6)
         };
         SocketAddr::new(ip, self.rule.guest)
+    }
+
+    /// The listening socket's descriptor.
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        match &self.listener {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Udp(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+/// What `ports=all` bound: every TCP and UDP port that was free, each on one dual-stack
+/// socket (or IPv4 only where the pod has no IPv6).
+pub fn bind_every_port() -> Result<(Vec<Bound>, usize), BindError> {
+    raise_open_file_limit();
+    let mut bound = Vec::new();
+    let mut skipped = 0;
+    for proto in [Proto::Tcp, Proto::Udp] {
+        for port in 1..=u16::MAX {
+            let rule = PortForward {
+                proto,
+                host: port,
+                guest: port,
+            };
+            let attempt = match bind_socket(rule, true, true) {
+                Err(e) if e.source.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+                    bind_socket(rule, false, false)
+                }
+                other => other,
+            };
+            match attempt {
+                Ok(b) => bound.push(b),
+                // Taken by podvm itself (its API or console never are TCP, but another
+                // process in the pod may be), or privileged: not forwarded.
+                Err(e)
+                    if matches!(
+                        e.source.raw_os_error(),
+                        Some(libc::EADDRINUSE) | Some(libc::EACCES)
+                    ) =>
+                {
+                    skipped += 1
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok((bound, skipped))
+}
+
+/// Every port needs two descriptors (TCP and UDP): lift the soft limit to the hard one.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read or write one rlimit, which `limit` is.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
     }
 }
 
@@ -79,8 +149,8 @@ impl Bound {
 pub fn bind_all(rules: &[PortForward]) -> Result<Vec<Bound>, BindError> {
     let mut bound = Vec::new();
     for &rule in rules {
-        bound.push(bind(rule, false)?);
-        match bind(rule, true) {
+        bound.push(bind_socket(rule, false, false)?);
+        match bind_socket(rule, true, false) {
             Ok(b) => bound.push(b),
             // A pod without IPv6 (or with it disabled) forwards IPv4 only.
             Err(e)
@@ -94,7 +164,7 @@ pub fn bind_all(rules: &[PortForward]) -> Result<Vec<Bound>, BindError> {
     Ok(bound)
 }
 
-fn bind(rule: PortForward, v6: bool) -> Result<Bound, BindError> {
+fn bind_socket(rule: PortForward, v6: bool, dual: bool) -> Result<Bound, BindError> {
     let addr = if v6 {
         SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), rule.host)
     } else {
@@ -108,6 +178,7 @@ fn bind(rule: PortForward, v6: bool) -> Result<Bound, BindError> {
         hint: match source.raw_os_error() {
             Some(libc::EACCES) => "; ports below net.ipv4.ip_unprivileged_port_start need CAP_NET_BIND_SERVICE: forward a higher pod port (port=8080:80)",
             Some(libc::EADDRINUSE) => "; another process in the pod uses it: pick another pod port (port=HOSTPORT:GUESTPORT)",
+            Some(libc::EMFILE) | Some(libc::ENFILE) => "; too many open files: raise the pod's open-file limit (ulimit -n) or forward fewer ports",
             _ => "",
         },
         source,
@@ -124,7 +195,7 @@ fn bind(rule: PortForward, v6: bool) -> Result<Bound, BindError> {
     )
     .map_err(err)?;
     if v6 {
-        socket.set_only_v6(true).map_err(err)?;
+        socket.set_only_v6(!dual).map_err(err)?;
     }
     if rule.proto == Proto::Tcp {
         socket.set_reuse_address(true).map_err(err)?;
@@ -137,7 +208,12 @@ fn bind(rule: PortForward, v6: bool) -> Result<Bound, BindError> {
         }
         Proto::Udp => Listener::Udp(socket.into()),
     };
-    Ok(Bound { rule, listener, v6 })
+    Ok(Bound {
+        rule,
+        listener,
+        v6,
+        dual,
+    })
 }
 
 /// The address the guest sees for a client at `client`: itself, or the gateway for the pod's

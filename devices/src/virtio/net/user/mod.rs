@@ -76,6 +76,9 @@ pub struct UserConfig {
     pub tcp_buffer: usize,
     /// The pod's ports forwarded to the guest.
     pub forwards: Vec<forward::PortForward>,
+    /// Forward every free TCP and UDP port of the pod to the same guest port (KubeVirt's
+    /// behaviour when a VMI lists no ports).
+    pub forward_all: bool,
 }
 
 impl Default for UserConfig {
@@ -86,6 +89,7 @@ impl Default for UserConfig {
             max_flows: 1024,
             tcp_buffer: 256 * 1024,
             forwards: Vec::new(),
+            forward_all: false,
         }
     }
 }
@@ -167,12 +171,20 @@ impl UserNet {
                 EpollEvent::new(EventSet::IN, TOKEN_TIMER),
             )
             .map_err(UserNetError::Setup)?;
-        let forwards = forward::bind_all(&config.forwards)?;
+        let mut forwards = forward::bind_all(&config.forwards)?;
+        if config.forward_all {
+            let started = std::time::Instant::now();
+            let (all, skipped) = forward::bind_every_port()?;
+            tracing::info!(
+                ports = all.len(),
+                skipped,
+                ms = started.elapsed().as_millis() as u64,
+                "forwarding every free TCP and UDP port of the pod to the guest"
+            );
+            forwards.extend(all);
+        }
         for (index, bound) in forwards.iter().enumerate() {
-            let fd = match &bound.listener {
-                forward::Listener::Tcp(l) => l.as_raw_fd(),
-                forward::Listener::Udp(s) => s.as_raw_fd(),
-            };
+            let fd = bound.fd();
             epoll
                 .ctl(
                     ControlOperation::Add,
@@ -282,7 +294,7 @@ impl UserNet {
                     Ok((stream, client)) => self.tcp.on_accept(
                         stream,
                         client,
-                        bound.guest_addr(),
+                        bound.guest_addr(client),
                         &mut self.stack,
                         &self.epoll,
                     ),

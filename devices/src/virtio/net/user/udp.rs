@@ -147,13 +147,13 @@ impl UdpNat {
         let Listener::Udp(socket) = &bound.listener else {
             return;
         };
-        let guest = bound.guest_addr();
         loop {
             let (n, client) = match socket.recv_from(&mut self.buf) {
                 Ok(r) => r,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => break,
             };
+            let guest = bound.guest_addr(client);
             let remote = guest_visible(client);
             if remote.is_ipv4() != guest.is_ipv4() {
                 continue;
