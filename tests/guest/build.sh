@@ -55,7 +55,8 @@ modules+=("${extra[@]}")
 # see podvm_resolve_programs in lib.sh), staged at their usual paths.
 # socat: UDP echo server, TCP client and server for the network tests;
 # iperf3: the network throughput benchmark; dhcpcd: a DHCPv6 client (busybox
-# has none), run as `dhcpcd -6 -1 -w -t 30 -c '' eth0` (see README.md).
+# has none), without its hook scripts or dhcpcd.conf; see README.md for the
+# command line.
 programs=(
     socat:usr/bin/socat
     iperf3:usr/bin/iperf3
@@ -97,11 +98,11 @@ done
 podvm_stage_program "$stage" "${program_paths[@]}"
 # Enough of /etc for programs that look up users, groups or hosts (glibc
 # reads these directly; there is no nsswitch.conf, its defaults do).
-# dhcpcd is Debian's, built with privilege separation: its unprivileged
-# processes run as the user dhcpcd, chrooted to its home, /usr/lib/dhcpcd (as
-# the package's postinst makes it). It keeps its pid file and control socket
-# in /run/dhcpcd and its DUID and leases in /var/lib/dhcpcd, creating only the
-# last component.
+# dhcpcd is built with privilege separation: its unprivileged processes run as
+# the user dhcpcd, chrooted to its home, /usr/lib/dhcpcd (the user as the
+# package's postinst adds it; without it dhcpcd says so and runs unseparated). It
+# keeps its pid file in /run/dhcpcd and its DUID and leases in
+# /var/lib/dhcpcd, and creates only the last component of those.
 printf '%s\n' 'root:x:0:0:root:/root:/bin/sh' \
     'dhcpcd:x:100:65534:DHCP Client Daemon:/usr/lib/dhcpcd:/bin/false' \
     'nobody:x:65534:65534:nobody:/nonexistent:/bin/false' >"$stage/etc/passwd"
