@@ -296,7 +296,7 @@ fn net_user_forwards_pod_ports_to_the_guest_from_the_cluster_and_the_pod_loopbac
 }
 
 #[test]
-fn net_user_ipv6_router_advert_gives_a_default_route_and_the_guest_reaches_a_v6_peer() {
+fn net_user_ipv6_router_advert_and_dhcpv6_give_route_and_address_and_reach_a_v6_peer() {
     if !kvm_available() {
         return;
     }
@@ -314,7 +314,9 @@ fn net_user_ipv6_router_advert_gives_a_default_route_and_the_guest_reaches_a_v6_
          ip -6 route show | sed 's/^/ROUTE6: /'\n\
          ip -6 route show default | grep -q 'via fe80::1 dev eth0' && echo V6-DEFAULT=ok\n\
          ip -6 route show | grep -q '^fd10:0:2::/120 dev eth0' && echo V6-ONLINK=ok\n\
-         ip -6 addr add fd10:0:2::2/120 dev eth0\n\
+         dhcpcd -6 -1 -w -t 60 -q -f /dev/null -c '' eth0 && echo DHCP6=ok\n\
+         ip -6 addr show dev eth0 | grep -q 'inet6 fd10:0:2::2/' && echo V6-ADDR=fd10:0:2::2\n\
+         ip -6 route show default | grep -q 'via fe80::1 dev eth0' && echo V6-DEFAULT-AFTER=ok\n\
          for i in $(seq 40); do ip -6 addr show dev eth0 | grep fd10 | grep -q tentative || break; sleep 0.5; done\n\
          ping6 -c 2 -W 10 fd10:0:2::1 >/dev/null && echo PING6-GW=ok\n\
          ping6 -c 2 -W 10 {peer} >/dev/null && echo PING6-PEER=ok\n\
@@ -327,6 +329,10 @@ fn net_user_ipv6_router_advert_gives_a_default_route_and_the_guest_reaches_a_v6_
     let value = |k: &str| out.value(k).unwrap_or_else(|| panic!("no {k}= in\n{out}"));
     assert_eq!(value("V6-DEFAULT"), "ok");
     assert_eq!(value("V6-ONLINK"), "ok");
+    // DHCPv6 hands out KubeVirt's address; the route stays.
+    assert_eq!(value("DHCP6"), "ok");
+    assert_eq!(value("V6-ADDR"), "fd10:0:2::2");
+    assert_eq!(value("V6-DEFAULT-AFTER"), "ok");
     assert_eq!(value("PING6-GW"), "ok");
     assert_eq!(value("PING6-PEER"), "ok");
     assert_eq!(value("DOWN6-SHA"), sha256_file(&data_file));

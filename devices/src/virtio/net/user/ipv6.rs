@@ -172,7 +172,7 @@ pub fn dhcp6_answer(
     if rapid {
         put(&mut msg, OPT_RAPID_COMMIT, &[]);
     }
-    if kind == SOLICIT {
+    if answer == ADVERTISE {
         put(&mut msg, OPT_PREFERENCE, &[255]);
     }
     if lease {
