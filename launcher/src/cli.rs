@@ -104,8 +104,9 @@ pub struct RunArgs {
     /// once (default 1024; beyond it new ones are refused and counted). Repeat --net for more
     /// NICs (eth0, eth1, ...). `tap=NAME`: an existing tap device that a privileged agent
     /// created for podvm's user (`ip tuntap add dev NAME mode tap user UID`); podvm opens it
-    /// without privileges and never changes its MTU or flags. Option: `mac=MAC`.
-    #[arg(long, value_name = "user[,mac=MAC][,mtu=N][,resolv=PATH][,port=SPEC]...[,max-flows=N] | tap=NAME[,mac=MAC]", value_parser = parse_net)]
+    /// without privileges and never changes its MTU or flags; vhost-net moves its frames when
+    /// /dev/vhost-net opens (`vhost=off` to have podvm do it). Options: `mac=MAC`, `vhost=`.
+    #[arg(long, value_name = "user[,mac=MAC][,mtu=N][,resolv=PATH][,port=SPEC]...[,max-flows=N] | tap=NAME[,mac=MAC][,vhost=on|off]", value_parser = parse_net)]
     pub net: Vec<vmm::config::NicConfig>,
     /// Seconds the guest has to power off after SIGTERM presses its ACPI power button, before
     /// podvm stops it (Kubernetes' default grace period is 30 s).
@@ -167,12 +168,13 @@ pub fn parse_net(value: &str) -> Result<vmm::config::NicConfig, String> {
         Some(tap) if tap.starts_with("tap=") => NicConfig {
             backend: NetBackendConfig::Tap {
                 name: tap["tap=".len()..].to_string(),
+                vhost: true,
             },
             mac: None,
         },
         Some(other) => {
             return Err(format!(
-                "unknown network backend {other:?}; use --net user[,OPTIONS] or --net tap=NAME[,mac=MAC]"
+                "unknown network backend {other:?}; use --net user[,OPTIONS] or --net tap=NAME[,mac=MAC][,vhost=on|off]"
             ))
         }
         None => unreachable!("split yields at least one item"),
@@ -190,6 +192,13 @@ pub fn parse_net(value: &str) -> Result<vmm::config::NicConfig, String> {
             }
             (Some(("port", spec)), NetBackendConfig::User { forwards, .. }) => {
                 forwards.extend(vmm::config::parse_port_forward(spec)?)
+            }
+            (Some(("vhost", v)), NetBackendConfig::Tap { vhost, .. }) => {
+                *vhost = match v {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err(format!("vhost {v:?}: use vhost=on or vhost=off")),
+                }
             }
             (Some(("ports", "all")), NetBackendConfig::User { forward_all, .. }) => {
                 *forward_all = true
@@ -281,9 +290,15 @@ mod tests {
         assert_eq!(
             n.backend,
             NetBackendConfig::Tap {
-                name: "tap0".into()
+                name: "tap0".into(),
+                vhost: true
             }
         );
+        let n = parse_net("tap=tap0,vhost=off").unwrap();
+        assert!(matches!(
+            n.backend,
+            NetBackendConfig::Tap { vhost: false, .. }
+        ));
         assert!(parse_net("tap=tap0,port=80")
             .unwrap_err()
             .contains("unknown network option"));

@@ -357,7 +357,7 @@ fn open_nic(
                 .map_err(|source| DeviceError::Net { index, source })?;
             (Box::new(net), *mtu)
         }
-        NetBackendConfig::Tap { name } => {
+        NetBackendConfig::Tap { name, .. } => {
             let tap = devices::virtio::net::tap::Tap::open(name, metrics.clone())
                 .map_err(|source| DeviceError::Tap { index, source })?;
             let mtu = tap.mtu();
@@ -370,6 +370,7 @@ fn open_nic(
         mtu,
         // The user NAT checked (or computed) every checksum it hands the guest.
         rx_checksums_valid: matches!(nic.backend, NetBackendConfig::User { .. }),
+        vhost: matches!(nic.backend, NetBackendConfig::Tap { vhost: true, .. }),
     };
     Net::new(device_config, backend, metrics).map_err(|source| DeviceError::Create {
         device: format!("nic {index}"),

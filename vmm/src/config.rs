@@ -82,6 +82,8 @@ pub enum NetBackendConfig {
     Tap {
         /// The tap's interface name.
         name: String,
+        /// Let vhost-net move the frames where /dev/vhost-net opens (otherwise podvm does).
+        vhost: bool,
     },
 }
 
@@ -250,7 +252,7 @@ impl VmConfig {
                         });
                     }
                 }
-                NetBackendConfig::Tap { name } => {
+                NetBackendConfig::Tap { name, .. } => {
                     if name.is_empty() || name.len() > 15 || name.contains('/') {
                         return Err(ConfigError::TapName {
                             index,

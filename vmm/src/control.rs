@@ -62,6 +62,7 @@ fn nic_counters(m: &devices::virtio::net::NetMetrics) -> Value {
         "tx_dropped": get(&m.tx_dropped),
         "rx_dropped": get(&m.rx_dropped),
         "interrupts": get(&m.interrupts),
+        "vhost_active": get(&m.vhost_active),
         "nat": {
             "dropped_malformed": get(&m.nat_dropped_malformed),
             "dropped_checksum": get(&m.nat_dropped_checksum),
@@ -136,9 +137,10 @@ impl Control for VmControl {
                         "guest_ipv4": "10.0.2.2/24",
                         "gateway_ipv4": "10.0.2.1",
                     }),
-                    crate::config::NetBackendConfig::Tap { name } => json!({
+                    crate::config::NetBackendConfig::Tap { name, vhost } => json!({
                         "kind": "tap",
                         "name": name,
+                        "vhost": vhost,
                     }),
                 };
                 json!({

@@ -14,6 +14,13 @@ pub trait NetBackend: Send {
     /// The features the driver accepted (a backend with [`vnet_hdr`](Self::vnet_hdr) sets
     /// up the offloads the guest can take).
     fn set_guest_features(&mut self, _acked: u64) {}
+    /// The tap a vhost-net datapath could serve instead of this backend, if it is one.
+    fn tap_for_vhost(&self) -> Option<&std::fs::File> {
+        None
+    }
+    /// vhost-net took over the data path (`true`: stop reading and writing frames) or gave
+    /// it back (`false`).
+    fn set_external_datapath(&mut self, _on: bool) {}
     /// A frame the guest transmitted (behind its virtio-net header when
     /// [`vnet_hdr`](Self::vnet_hdr)). The backend must not block.
     fn send(&mut self, frame: &[u8]);

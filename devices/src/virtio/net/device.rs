@@ -42,6 +42,8 @@ pub struct NetConfig {
     /// Whether frames for the guest carry valid checksums (offered as DATA_VALID when the
     /// guest accepts GUEST_CSUM, so it does not check them again).
     pub rx_checksums_valid: bool,
+    /// Let vhost-net move the frames when the backend is a tap and /dev/vhost-net opens.
+    pub vhost: bool,
 }
 
 /// Virtio-net configuration space (virtio 1.x §5.1.4).
@@ -71,6 +73,7 @@ pub struct Net {
     pub(crate) active: Option<Active>,
     pub(crate) queues_watched: bool,
     pub(crate) backend: Box<dyn NetBackend>,
+    pub(crate) vhost: Option<super::vhost::VhostDatapath>,
     tx_buf: Vec<u8>,
     metrics: Arc<M>,
 }
@@ -120,6 +123,7 @@ impl Net {
             active: None,
             queues_watched: false,
             backend,
+            vhost: None,
             tx_buf: Vec::with_capacity(HDR_LEN + MAX_FRAME),
             metrics,
         })
@@ -133,6 +137,49 @@ impl Net {
     /// The device's settings.
     pub fn config(&self) -> &NetConfig {
         &self.config
+    }
+
+    /// Hands the queues to vhost-net when the backend allows it; false if the device moves
+    /// the frames itself.
+    pub(crate) fn start_vhost(&mut self) -> bool {
+        if !self.config.vhost || self.vhost.is_some() {
+            return self.vhost.is_some();
+        }
+        let (Some(active), Some(tap)) = (self.active.as_ref(), self.backend.tap_for_vhost()) else {
+            return false;
+        };
+        match super::vhost::VhostDatapath::start(
+            &active.mem,
+            self.acked_features,
+            [&active.rx, &active.tx],
+            &self.queue_events,
+            tap,
+        ) {
+            Ok(datapath) => {
+                self.vhost = Some(datapath);
+                self.backend.set_external_datapath(true);
+                M::set(&self.metrics.vhost_active, 1);
+                tracing::info!("vhost-net moves this NIC's frames");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "vhost-net unavailable; podvm moves the frames");
+                false
+            }
+        }
+    }
+
+    /// vhost-net used buffers of `queue`: interrupt the guest.
+    pub(crate) fn vhost_used(&mut self, queue: usize) {
+        if let Some(v) = &self.vhost {
+            let _ = v.calls[queue].read();
+        }
+        if let Some(active) = &self.active {
+            M::inc(&self.metrics.interrupts);
+            if let Err(e) = active.interrupt.signal_used_queue() {
+                tracing::warn!(error = %e, "virtio-net interrupt failed");
+            }
+        }
     }
 
     fn acked(&self, bit: u32) -> bool {
@@ -443,6 +490,10 @@ impl VirtioDevice for Net {
     }
 
     fn reset(&mut self) {
+        if self.vhost.take().is_some() {
+            self.backend.set_external_datapath(false);
+            M::set(&self.metrics.vhost_active, 0);
+        }
         self.active = None;
         self.acked_features = 0;
     }

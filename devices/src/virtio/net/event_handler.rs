@@ -10,6 +10,8 @@ const TOKEN_ACTIVATE: u32 = 0;
 const TOKEN_RX: u32 = 1;
 const TOKEN_TX: u32 = 2;
 const TOKEN_BACKEND: u32 = 3;
+const TOKEN_VHOST_RX: u32 = 4;
+const TOKEN_VHOST_TX: u32 = 5;
 
 impl Net {
     fn queue_event(&self, index: usize) -> &EventFd {
@@ -48,6 +50,17 @@ impl MutEventSubscriber for Net {
         match events.data() {
             TOKEN_ACTIVATE => {
                 let _ = self.activate_event.read();
+                if self.start_vhost() {
+                    // The kernel serves the queues; the loop only relays its interrupts.
+                    if let Some(v) = &self.vhost {
+                        let rx = Events::with_data(&v.calls[RX], TOKEN_VHOST_RX, EventSet::IN);
+                        let tx = Events::with_data(&v.calls[TX], TOKEN_VHOST_TX, EventSet::IN);
+                        if let Err(e) = ops.add(rx).and_then(|()| ops.add(tx)) {
+                            tracing::error!(error = ?e, "cannot watch vhost-net's interrupts");
+                        }
+                    }
+                    return;
+                }
                 self.watch_queues(ops);
                 // Frames and buffers the driver queued before the loop started watching.
                 self.process_tx();
@@ -67,6 +80,8 @@ impl MutEventSubscriber for Net {
                 self.backend.process();
                 self.deliver_rx();
             }
+            TOKEN_VHOST_RX => self.vhost_used(RX),
+            TOKEN_VHOST_TX => self.vhost_used(TX),
             other => tracing::warn!(token = other, "unexpected virtio-net event"),
         }
     }

@@ -21,6 +21,8 @@ pub struct NetMetrics {
     pub rx_dropped: AtomicU64,
     /// Interrupts sent to the guest.
     pub interrupts: AtomicU64,
+    /// 1 while vhost-net moves the frames (a gauge).
+    pub vhost_active: AtomicU64,
     /// Guest frames the NAT dropped: malformed, bad checksum, fragments, unsupported.
     pub nat_dropped_malformed: AtomicU64,
     pub nat_dropped_checksum: AtomicU64,

@@ -11,6 +11,7 @@ pub mod header;
 pub mod metrics;
 pub mod tap;
 pub mod user;
+pub mod vhost;
 
 pub use backend::NetBackend;
 pub use device::{Net, NetConfig};

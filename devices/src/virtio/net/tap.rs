@@ -227,6 +227,26 @@ impl NetBackend for Tap {
         true
     }
 
+    fn tap_for_vhost(&self) -> Option<&File> {
+        Some(&self.file)
+    }
+
+    fn set_external_datapath(&mut self, on: bool) {
+        let (op, event) = if on {
+            (ControlOperation::Delete, EpollEvent::default())
+        } else {
+            (
+                ControlOperation::Add,
+                EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, 0),
+            )
+        };
+        if let Err(e) = self.epoll.ctl(op, self.file.as_raw_fd(), event) {
+            tracing::warn!(tap = %self.name, error = %e, "cannot change the tap's watch");
+        }
+        self.rx.clear();
+        self.more = !on;
+    }
+
     fn set_guest_features(&mut self, acked: u64) {
         let has = |bit: u32| acked & (1 << bit) != 0;
         let mut flags = 0;
