@@ -116,6 +116,11 @@ fn ipv4(payload: &[u8]) -> Verdict<'_> {
     let (src, dst) = (ip.src_addr(), ip.dst_addr());
     let body = ip.payload();
     let (s, d) = (IpAddress::Ipv4(src), IpAddress::Ipv4(dst));
+    // The guest's link has only the gateway besides the guest (and DHCP's broadcasts).
+    let on_link = u32::from(dst) & 0xffff_ff00 == u32::from(GATEWAY4) & 0xffff_ff00;
+    if on_link && dst != GATEWAY4 {
+        return Verdict::Ignore;
+    }
     match ip.next_header() {
         IpProtocol::Udp => {
             let Ok(udp) = UdpPacket::new_checked(body) else {
@@ -131,7 +136,8 @@ fn ipv4(payload: &[u8]) -> Verdict<'_> {
             if src != GUEST4 {
                 return D(Unsupported);
             }
-            if dst.is_broadcast() || dst.is_multicast() || dst == GATEWAY4 {
+            // To the gateway: the pod's own loopback (see tcp::host_destination).
+            if dst.is_broadcast() || dst.is_multicast() || dst.is_unspecified() {
                 return Verdict::Ignore;
             }
             Verdict::Udp {
@@ -190,6 +196,10 @@ fn ipv6(payload: &[u8]) -> Verdict<'_> {
     let (src, dst) = (ip.src_addr(), ip.dst_addr());
     let body = ip.payload();
     let (s, d) = (IpAddress::Ipv6(src), IpAddress::Ipv6(dst));
+    let on_link = u128::from(dst) >> 8 == u128::from(GATEWAY6) >> 8;
+    if on_link && dst != GATEWAY6 {
+        return Verdict::Ignore;
+    }
     match ip.next_header() {
         IpProtocol::Icmpv6 => {
             let Ok(icmp) = Icmpv6Packet::new_checked(body) else {
@@ -238,7 +248,7 @@ fn ipv6(payload: &[u8]) -> Verdict<'_> {
             if src != GUEST6 {
                 return D(Unsupported);
             }
-            if !unicast6(dst) || dst == GATEWAY6 {
+            if !unicast6(dst) {
                 return Verdict::Ignore;
             }
             Verdict::Udp {
@@ -378,6 +388,16 @@ mod tests {
         let mut bad_ip_sum = good;
         bad_ip_sum[14 + 10] ^= 0xff;
         assert_eq!(classify(&bad_ip_sum), Verdict::Drop(DropReason::Checksum));
+    }
+
+    #[test]
+    fn frame_to_the_gateway_is_served_and_to_other_link_addresses_ignored() {
+        let to_gw = packet::udp(GW, guest(5), "10.0.2.1:53".parse().unwrap(), b"q");
+        assert!(matches!(classify(&to_gw), Verdict::Udp { .. }));
+        let to_neighbour = packet::udp(GW, guest(5), "10.0.2.7:53".parse().unwrap(), b"q");
+        assert_eq!(classify(&to_neighbour), Verdict::Ignore);
+        let to_link_broadcast = packet::udp(GW, guest(5), "10.0.2.255:53".parse().unwrap(), b"q");
+        assert_eq!(classify(&to_link_broadcast), Verdict::Ignore);
     }
 
     #[test]

@@ -162,8 +162,7 @@ impl IcmpNat {
     }
 
     /// Drops idle conversations.
-    pub fn reap(&mut self, epoll: &Epoll) {
-        let now = Instant::now();
+    pub fn reap(&mut self, now: Instant, epoll: &Epoll) {
         let idle: Vec<u64> = self
             .flows
             .iter()

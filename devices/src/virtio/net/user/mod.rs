@@ -283,6 +283,13 @@ fn random_seed() -> u64 {
 }
 
 impl UserNet {
+    /// Drops finished connections and whatever has been idle too long as of `now`.
+    pub fn housekeeping(&mut self, now: std::time::Instant) {
+        self.tcp.reap(now, &mut self.stack, &self.epoll);
+        self.udp.reap(now, &mut self.stack, &self.epoll);
+        self.icmp.reap(now, &self.epoll);
+    }
+
     /// A forwarded port's listening socket is readable.
     fn on_forward(&mut self, index: usize) {
         let Some(bound) = self.forwards.get(index) else {
@@ -406,10 +413,66 @@ impl NetBackend for UserNet {
             }
         }
         if housekeeping {
-            self.tcp.reap(&mut self.stack, &self.epoll);
-            self.udp.reap(&mut self.stack, &self.epoll);
-            self.icmp.reap(&self.epoll);
+            self.housekeeping(std::time::Instant::now());
         }
         self.run();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smoltcp::wire::{EthernetFrame, Ipv4Packet, UdpPacket};
+    use std::net::{SocketAddr, UdpSocket};
+
+    const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+
+    #[test]
+    fn nat_udp_to_the_gateway_reaches_the_pod_loopback_answers_and_expires_when_idle() {
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        server
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let port = server.local_addr().unwrap().port();
+        let metrics = Arc::new(M::default());
+        let mut net = UserNet::new(&UserConfig::default(), MAC, metrics.clone()).unwrap();
+        let guest = SocketAddr::new(GUEST4.into(), 5000);
+        let gateway = SocketAddr::new(GATEWAY4.into(), port);
+        let frame = packet::udp(EthernetAddress(GATEWAY_MAC), guest, gateway, b"hello");
+        net.send(&frame);
+        net.flush();
+
+        let mut buf = [0u8; 64];
+        let (n, from) = server.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"hello");
+        assert!(from.ip().is_loopback());
+        server.send_to(b"world", from).unwrap();
+
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let reply = loop {
+            net.process();
+            if let Some(f) = net.rx_peek() {
+                break f.to_vec();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no reply reached the guest"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let eth = EthernetFrame::new_checked(&reply[..]).unwrap();
+        let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
+        assert_eq!((ip.src_addr(), ip.dst_addr()), (GATEWAY4, GUEST4));
+        let udp = UdpPacket::new_checked(ip.payload()).unwrap();
+        assert_eq!((udp.src_port(), udp.dst_port()), (port, 5000));
+        assert_eq!(udp.payload(), b"world");
+        assert_eq!(M::get(&metrics.nat_udp_flows), 1);
+
+        // Idle past the limit: the conversation goes, counted.
+        net.housekeeping(std::time::Instant::now() + udp::IDLE / 2);
+        assert_eq!(M::get(&metrics.nat_udp_flows), 1);
+        net.housekeeping(std::time::Instant::now() + udp::IDLE + Duration::from_secs(1));
+        assert_eq!(M::get(&metrics.nat_udp_flows), 0);
+        assert_eq!(M::get(&metrics.nat_expired), 1);
     }
 }

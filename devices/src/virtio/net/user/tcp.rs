@@ -315,8 +315,7 @@ impl TcpNat {
     }
 
     /// Drops finished, failed and idle connections.
-    pub fn reap(&mut self, stack: &mut Stack, epoll: &Epoll) {
-        let now = Instant::now();
+    pub fn reap(&mut self, now: Instant, stack: &mut Stack, epoll: &Epoll) {
         let mut done = Vec::new();
         let mut timed_out = Vec::new();
         for (&id, flow) in &self.flows {

@@ -206,8 +206,7 @@ impl UdpNat {
     }
 
     /// Drops idle conversations.
-    pub fn reap(&mut self, stack: &mut Stack, epoll: &Epoll) {
-        let now = Instant::now();
+    pub fn reap(&mut self, now: Instant, stack: &mut Stack, epoll: &Epoll) {
         let idle: Vec<u64> = self
             .flows
             .iter()
