@@ -227,6 +227,25 @@ fn console_client_that_never_reads_does_not_hold_the_guest_back() {
     }
     let mut vm = podvm_tests::SocketVm::start("console-stuck", COUNTER, &[]);
     vm.wait_log("SEQ 1\n");
+    // How fast the guest prints with no client at all (reported, not asserted).
+    let wait_for = |vm: &podvm_tests::SocketVm, target: u64, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let now = last_seq(&vm.log_text());
+            if now >= target {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the guest stalled at SEQ {now} {what}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let alone_from = last_seq(&vm.log_text());
+    let started = Instant::now();
+    wait_for(&vm, alone_from + 300, "with no client");
+    let alone_rate = 300.0 / started.elapsed().as_secs_f64();
     // The first client holds the keyboard and reads nothing. The history replay alone is more
     // than its socket takes, so from here on podvm holds output for it.
     let stuck = UnixStream::connect(&vm.console).unwrap();
@@ -245,18 +264,9 @@ fn console_client_that_never_reads_does_not_hold_the_guest_back() {
     // The guest goes on printing at its own pace: 500 more lines reach the log while the
     // client is still stuck and its backlog grows.
     let target = from + 500;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let now = last_seq(&vm.log_text());
-        if now >= target {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the guest stalled at SEQ {now} (from {from}) while a client was stuck"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let started = Instant::now();
+    wait_for(&vm, target, "while a client was stuck");
+    let stuck_rate = 500.0 / started.elapsed().as_secs_f64();
     let counters = vm.api_json(&["counters"]);
     let held_after = counters["console"]["backlog_bytes"].as_u64().unwrap();
     assert!(
@@ -287,6 +297,11 @@ fn console_client_that_never_reads_does_not_hold_the_guest_back() {
     let out = vm.wait();
     assert!(out.status.success(), "{}", out.stderr);
     let (_, done) = assert_consecutive("the log", &out.stdout);
+    eprintln!(
+        "the guest printed {alone_rate:.0} lines/s with no client and {stuck_rate:.0} lines/s \
+         with a client that read nothing (x{:.2})",
+        stuck_rate / alone_rate
+    );
     eprintln!(
         "the guest printed SEQ {from}..{target} while a client read nothing ({held_before} -> \
          {held_after} bytes held for it); the client then got SEQ {first}..{last} gapless; \
