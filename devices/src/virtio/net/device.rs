@@ -1,7 +1,7 @@
 //! The virtio-net device: features, configuration space, and moving frames between the
 //! guest's RX/TX queues and a [`NetBackend`].
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_net::{
@@ -10,7 +10,8 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
     VIRTIO_NET_S_LINK_UP,
 };
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::NetBackend;
@@ -74,6 +75,8 @@ pub struct Net {
     pub(crate) queues_watched: bool,
     pub(crate) backend: Box<dyn NetBackend>,
     pub(crate) vhost: Option<super::vhost::VhostDatapath>,
+    /// Receive buffers taken from the ring, waiting for a frame.
+    rx_held: std::collections::VecDeque<RxBuf>,
     tx_buf: Vec<u8>,
     metrics: Arc<M>,
 }
@@ -124,6 +127,7 @@ impl Net {
             queues_watched: false,
             backend,
             vhost: None,
+            rx_held: std::collections::VecDeque::new(),
             tx_buf: Vec::with_capacity(HDR_LEN + MAX_FRAME),
             metrics,
         })
@@ -266,7 +270,7 @@ impl Net {
             } else {
                 (rx_header(flags, 1), buf)
             };
-            match write_frame(&mut active, header, frame, mergeable) {
+            match write_frame(&mut active, &mut self.rx_held, header, frame, mergeable) {
                 Delivery::Done(n) => {
                     M::inc(&self.metrics.rx_frames);
                     M::add(&self.metrics.rx_bytes, n as u64);
@@ -356,76 +360,120 @@ enum Delivery {
     NoBuffers,
 }
 
-/// Writes `frame` behind `header` (its num_buffers filled in here) into as many RX chains as
-/// it needs (one unless MRG_RXBUF was negotiated).
+/// A receive buffer taken from the ring and not used yet: its chain's head and the guest
+/// memory it lends, checked to be guest RAM. Buffers are held across deliveries, so a frame
+/// that needs more merged buffers than the guest has posted waits for more without handing
+/// any back (which would leave the ring's notification index behind the driver).
+pub(crate) struct RxBuf {
+    head: u16,
+    regions: Vec<(GuestAddress, usize)>,
+    len: usize,
+}
+
+/// Takes the next receive chain; `Err(head)` for a chain that lends no valid memory.
+fn take_rx_buffer(active: &mut Active) -> Option<Result<RxBuf, u16>> {
+    let chain = active.rx.pop_descriptor_chain(&active.mem)?;
+    let head = chain.head_index();
+    let mem = &active.mem;
+    let mut regions = Vec::new();
+    let mut len = 0usize;
+    for desc in chain.writable() {
+        let n = desc.len() as usize;
+        if n == 0 {
+            continue;
+        }
+        if !mem.check_range(desc.addr(), n) || len + n > 2 * (HDR_LEN + MAX_FRAME) {
+            return Some(Err(head));
+        }
+        regions.push((desc.addr(), n));
+        len += n;
+    }
+    Some(Ok(RxBuf { head, regions, len }))
+}
+
+/// Writes `pieces` one after the other into `buf`'s memory; returns the bytes written.
+fn fill_buffer(mem: &GuestMemoryMmap, buf: &RxBuf, pieces: &mut [&[u8]; 2]) -> usize {
+    let mut written = 0;
+    for &(addr, len) in &buf.regions {
+        let mut off = 0;
+        while off < len {
+            let Some(piece) = pieces.iter_mut().find(|p| !p.is_empty()) else {
+                return written;
+            };
+            let n = piece.len().min(len - off);
+            if mem
+                .write_slice(&piece[..n], addr.unchecked_add(off as u64))
+                .is_err()
+            {
+                return written;
+            }
+            *piece = &piece[n..];
+            off += n;
+            written += n;
+        }
+    }
+    written
+}
+
+/// Writes `frame` behind `header` (its num_buffers filled in here) into as many receive
+/// buffers as it needs (one unless MRG_RXBUF was negotiated), taking buffers from the ring
+/// into `held` as needed.
 fn write_frame(
     active: &mut Active,
+    held: &mut std::collections::VecDeque<RxBuf>,
     mut header: [u8; HDR_LEN],
     frame: &[u8],
     mergeable: bool,
 ) -> Delivery {
     let total = HDR_LEN + frame.len();
-    let mem = &active.mem;
-    let mut buffers = Vec::new();
-    let mut room = 0usize;
-    while room < total {
-        let Some(chain) = active.rx.pop_descriptor_chain(mem) else {
-            for _ in &buffers {
-                active.rx.go_to_previous_position();
-            }
-            return Delivery::NoBuffers;
+    loop {
+        let have: usize = if mergeable {
+            held.iter().map(|b| b.len).sum()
+        } else {
+            held.front().map_or(0, |b| b.len.max(1))
         };
-        let head = chain.head_index();
-        let writer = match chain.writer(mem) {
-            Ok(w) if w.available_bytes() >= HDR_LEN || !buffers.is_empty() => w,
-            _ => {
-                // A chain no frame fits into: give it back empty and drop the frame, so a
-                // broken driver cannot wedge delivery.
-                let _ = active.rx.add_used(mem, head, 0);
-                for (h, _) in buffers {
-                    let _ = active.rx.add_used(mem, h, 0);
-                }
-                return Delivery::Dropped;
-            }
-        };
-        room += writer.available_bytes();
-        buffers.push((head, writer));
-        if !mergeable {
+        if (mergeable && have >= total) || (!mergeable && have > 0) {
             break;
         }
-    }
-    if room < total {
-        for (h, _) in buffers {
-            let _ = active.rx.add_used(mem, h, 0);
-        }
-        return Delivery::Dropped;
-    }
-    header[10..12].copy_from_slice(&(buffers.len() as u16).to_le_bytes());
-    let mut src: &[u8] = &header;
-    let mut rest = frame;
-    let mut used = Vec::with_capacity(buffers.len());
-    for (head, mut writer) in buffers {
-        let mut written = 0;
-        while writer.available_bytes() > 0 && (!src.is_empty() || !rest.is_empty()) {
-            if src.is_empty() {
-                src = rest;
-                rest = &[];
+        match take_rx_buffer(active) {
+            None => return Delivery::NoBuffers,
+            Some(Ok(buf)) if buf.len >= HDR_LEN => held.push_back(buf),
+            // No frame fits a buffer without room for the header, or one lending bad
+            // memory: it goes back unused, so a broken driver cannot wedge delivery.
+            Some(Ok(buf)) => {
+                let _ = active.rx.add_used(&active.mem, buf.head, 0);
             }
-            match writer.write(src) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    src = &src[n..];
-                    written += n;
-                }
+            Some(Err(head)) => {
+                let _ = active.rx.add_used(&active.mem, head, 0);
             }
         }
-        used.push((head, written as u32));
+    }
+    // How many held buffers this frame takes.
+    let count = if mergeable {
+        let mut sum = 0;
+        held.iter()
+            .take_while(|b| {
+                let more = sum < total;
+                sum += b.len;
+                more
+            })
+            .count()
+    } else {
+        1
+    };
+    header[10..12].copy_from_slice(&(count as u16).to_le_bytes());
+    let mut pieces: [&[u8]; 2] = [&header, frame];
+    let mut used = Vec::with_capacity(count);
+    for _ in 0..count {
+        let Some(buf) = held.pop_front() else { break };
+        let written = fill_buffer(&active.mem, &buf, &mut pieces);
+        used.push((buf.head, written as u32));
     }
     for (head, len) in used {
-        let _ = active.rx.add_used(mem, head, len);
+        let _ = active.rx.add_used(&active.mem, head, len);
     }
-    if !src.is_empty() || !rest.is_empty() {
-        return Delivery::Dropped;
+    if pieces.iter().any(|p| !p.is_empty()) {
+        return Delivery::Dropped; // a single buffer too small, or a failed write
     }
     Delivery::Done(frame.len())
 }
@@ -495,6 +543,110 @@ impl VirtioDevice for Net {
             M::set(&self.metrics.vhost_active, 0);
         }
         self.active = None;
+        self.rx_held.clear();
         self.acked_features = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::irq::IrqTrigger;
+    use std::collections::VecDeque;
+    use vm_memory::GuestMemoryMmap as Mem;
+
+    /// A backend holding frames for the guest.
+    struct Frames(VecDeque<Vec<u8>>);
+
+    impl NetBackend for Frames {
+        fn send(&mut self, _frame: &[u8]) {}
+        fn rx_peek(&mut self) -> Option<&[u8]> {
+            self.0.front().map(Vec::as_slice)
+        }
+        fn rx_pop(&mut self) {
+            self.0.pop_front();
+        }
+        fn event_fd(&self) -> std::os::fd::RawFd {
+            -1
+        }
+        fn process(&mut self) {}
+    }
+
+    const SIZE: u16 = 16;
+    const RX_DESC: u64 = 0x1000;
+    const RX_AVAIL: u64 = 0x2000;
+    const RX_USED: u64 = 0x3000;
+    const BUFS: u64 = 0x10000;
+
+    fn queue(desc: u64, avail: u64, used: u64) -> Queue {
+        let mut q = Queue::new(SIZE).unwrap();
+        q.set_size(SIZE);
+        q.set_ready(true);
+        q.set_desc_table_address(Some(desc as u32), Some(0));
+        q.set_avail_ring_address(Some(avail as u32), Some(0));
+        q.set_used_ring_address(Some(used as u32), Some(0));
+        q.set_event_idx(true);
+        q
+    }
+
+    /// Posts receive buffers `from..to` (1024 bytes each, one descriptor per chain).
+    fn post(mem: &Mem, from: u16, to: u16) {
+        for i in from..to {
+            let d = RX_DESC + 16 * u64::from(i);
+            mem.write_obj(BUFS + 1024 * u64::from(i), GuestAddress(d))
+                .unwrap();
+            mem.write_obj(1024u32, GuestAddress(d + 8)).unwrap();
+            mem.write_obj(2u16, GuestAddress(d + 12)).unwrap(); // VIRTQ_DESC_F_WRITE
+            mem.write_obj(i, GuestAddress(RX_AVAIL + 4 + 2 * u64::from(i % SIZE)))
+                .unwrap();
+        }
+        mem.write_obj(to, GuestAddress(RX_AVAIL + 2)).unwrap();
+    }
+
+    fn used_idx(mem: &Mem) -> u16 {
+        mem.read_obj(GuestAddress(RX_USED + 2)).unwrap()
+    }
+
+    #[test]
+    fn net_rx_frame_waits_for_enough_merged_buffers_and_asks_to_be_told() {
+        let mem = Mem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let frame: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        let config = NetConfig {
+            mac: [0x52, 0x54, 0, 0, 0, 1],
+            mtu: 1500,
+            rx_checksums_valid: false,
+            vhost: false,
+        };
+        let backend = Box::new(Frames(VecDeque::from([frame.clone()])));
+        let mut net = Net::new(config, backend, Arc::new(M::default())).unwrap();
+        net.set_acked_features(F_VERSION_1 | F_EVENT_IDX | 1 << VIRTIO_NET_F_MRG_RXBUF);
+        let interrupt = Arc::new(Interrupt::new(IrqTrigger::new().unwrap()));
+        let queues = vec![
+            queue(RX_DESC, RX_AVAIL, RX_USED),
+            queue(0x4000, 0x5000, 0x6000),
+        ];
+        net.activate(mem.clone(), interrupt, queues).unwrap();
+
+        // Two 1 KiB buffers cannot take 3012 bytes: the frame waits, nothing is used, and the
+        // device asks to be notified when the driver posts past what it has seen.
+        post(&mem, 0, 2);
+        net.deliver_rx();
+        assert_eq!(used_idx(&mem), 0);
+        let avail_event: u16 = mem
+            .read_obj(GuestAddress(RX_USED + 4 + 8 * u64::from(SIZE)))
+            .unwrap();
+        assert_eq!(avail_event, 2);
+
+        // Two more: the frame goes out over three buffers, header first.
+        post(&mem, 2, 4);
+        net.deliver_rx();
+        assert_eq!(used_idx(&mem), 3);
+        let num_buffers: u16 = mem.read_obj(GuestAddress(BUFS + 10)).unwrap();
+        assert_eq!(num_buffers, 3);
+        let mut got = vec![0u8; 3000];
+        mem.read_slice(&mut got, GuestAddress(BUFS + HDR_LEN as u64))
+            .unwrap();
+        assert_eq!(got, frame);
+        assert_eq!(M::get(&net.metrics.rx_frames), 1);
     }
 }
