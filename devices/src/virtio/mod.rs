@@ -60,6 +60,20 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
 }
 
+/// Copies what `data` asks for of a device's configuration `space` at `offset`; bytes
+/// beyond the space read as zero.
+pub fn read_config_space(space: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Some(src) = usize::try_from(offset)
+        .ok()
+        .and_then(|start| space.get(start..))
+    else {
+        return;
+    };
+    let n = src.len().min(data.len());
+    data[..n].copy_from_slice(&src[..n]);
+}
+
 /// Activation failed; the transport reports DEVICE_NEEDS_RESET to the driver.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {

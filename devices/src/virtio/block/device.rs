@@ -594,17 +594,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(src) = self
-            .config_space
-            .get(start..)
-            .map(|s| &s[..s.len().min(data.len())])
-        {
-            data[..src.len()].copy_from_slice(src);
-        }
+        crate::virtio::read_config_space(&self.config_space, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {

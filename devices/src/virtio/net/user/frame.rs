@@ -149,17 +149,7 @@ fn ipv4(payload: &[u8]) -> Verdict<'_> {
             if src != GUEST4 || !unicast4(dst) {
                 return D(Unsupported);
             }
-            let Ok(tcp) = TcpPacket::new_checked(body) else {
-                return D(Malformed);
-            };
-            if !tcp.verify_checksum(&s, &d) {
-                return D(Checksum);
-            }
-            if tcp.syn() && !tcp.ack() {
-                Verdict::TcpSyn(key4(src, tcp.src_port(), dst, tcp.dst_port()))
-            } else {
-                Verdict::Stack
-            }
+            tcp(body, s, d)
         }
         IpProtocol::Icmp => {
             if src != GUEST4 {
@@ -260,22 +250,30 @@ fn ipv6(payload: &[u8]) -> Verdict<'_> {
             if src != GUEST6 || !unicast6(dst) {
                 return D(Unsupported);
             }
-            let Ok(tcp) = TcpPacket::new_checked(body) else {
-                return D(Malformed);
-            };
-            if !tcp.verify_checksum(&s, &d) {
-                return D(Checksum);
-            }
-            if tcp.syn() && !tcp.ack() {
-                Verdict::TcpSyn(key6(src, tcp.src_port(), dst, tcp.dst_port()))
-            } else {
-                Verdict::Stack
-            }
+            tcp(body, s, d)
         }
         IpProtocol::Ipv6Frag => D(Fragment),
         IpProtocol::HopByHop => Verdict::Ignore,
         _ => D(Unsupported),
     }
+}
+
+/// A TCP segment from the guest (its addresses already checked): a SYN opens a
+/// connection, anything else belongs to one the stack knows.
+fn tcp(body: &[u8], s: IpAddress, d: IpAddress) -> Verdict<'_> {
+    let Ok(tcp) = TcpPacket::new_checked(body) else {
+        return D(Malformed);
+    };
+    if !tcp.verify_checksum(&s, &d) {
+        return D(Checksum);
+    }
+    if !tcp.syn() || tcp.ack() {
+        return Verdict::Stack;
+    }
+    Verdict::TcpSyn(FlowKey {
+        guest: SocketAddr::new(IpAddr::from(s), tcp.src_port()),
+        remote: SocketAddr::new(IpAddr::from(d), tcp.dst_port()),
+    })
 }
 
 fn unicast4(a: Ipv4Addr) -> bool {
