@@ -449,14 +449,21 @@ fn net_user_connection_flood_hits_the_flow_limit_and_is_counted() {
         return;
     }
     let net = PodNet::new();
-    let listener = net.in_peer(|| TcpListener::bind((PEER_IP, 0)).expect("bind in the peer"));
+    let (listener, one_by_one) = net.in_peer(|| {
+        let bind = || TcpListener::bind((PEER_IP, 0)).expect("bind in the peer");
+        (bind(), bind())
+    });
     let p = listener.local_addr().unwrap().port();
+    let p2 = one_by_one.local_addr().unwrap().port();
     let most = hold_then_answer(listener, 30, Duration::from_secs(60));
+    let answered = answer_each(one_by_one, 40);
     let script = format!(
         "{DHCP}\
          i=0; while [ $i -lt 30 ]; do i=$((i+1)); nc {PEER_IP} {p} </dev/null >/tmp/c$i 2>&1 & done; wait\n\
          ok=0; refused=0; for f in /tmp/c*; do grep -q '^ok$' $f && ok=$((ok+1)); grep -q refused $f && refused=$((refused+1)); done\n\
          echo FLOOD-OK=$ok; echo FLOOD-REFUSED=$refused\n\
+         i=0; ok=0; while [ $i -lt 40 ]; do i=$((i+1)); nc {PEER_IP} {p2} </dev/null | grep -q '^ok$' && ok=$((ok+1)); done\n\
+         sleep 1; echo ONE-BY-ONE-OK=$ok\n\
          read -r line\n"
     );
     let mut vm = podvm_tests::SocketVm::start(
@@ -464,7 +471,7 @@ fn net_user_connection_flood_hits_the_flow_limit_and_is_counted() {
         &script,
         &["--memory", "512", "--net", "user,max-flows=20"],
     );
-    let log = vm.wait_log("FLOOD-REFUSED=");
+    let log = vm.wait_log("ONE-BY-ONE-OK=");
     let counters = vm.api_json(&["counters"]);
     let typist = std::os::unix::net::UnixStream::connect(&vm.console).unwrap();
     (&typist).write_all(b"done\n").unwrap();
@@ -480,6 +487,28 @@ fn net_user_connection_flood_hits_the_flow_limit_and_is_counted() {
     assert_eq!(value("FLOOD-OK"), "20");
     assert_eq!(value("FLOOD-REFUSED"), "10");
     assert_eq!(counters["nics"][0]["nat"]["flow_limit"], 10, "{counters}");
+    // A closed connection gives its slot back at once (no TIME-WAIT hold in the NAT): 40
+    // connections one after the other all pass a limit of 20, and none is left open.
+    assert_eq!(answered.join().unwrap(), 40);
+    assert_eq!(value("ONE-BY-ONE-OK"), "40");
+    assert_eq!(counters["nics"][0]["nat"]["tcp_flows"], 0, "{counters}");
+}
+
+/// Accepts `n` connections one after the other, answering each with `ok` and closing it;
+/// returns how many it answered.
+fn answer_each(listener: TcpListener, n: usize) -> JoinHandle<usize> {
+    std::thread::spawn(move || {
+        let mut answered = 0;
+        for _ in 0..n {
+            let Ok((mut conn, _)) = listener.accept() else {
+                break;
+            };
+            if conn.write_all(b"ok\n").is_ok() {
+                answered += 1;
+            }
+        }
+        answered
+    })
 }
 
 /// Drops every capability from the bounding set before exec, so the program runs as root

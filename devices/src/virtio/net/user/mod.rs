@@ -245,6 +245,9 @@ impl UserNet {
                 break;
             }
         }
+        if !busy {
+            self.tcp.reap_finished(&mut self.stack, &self.epoll);
+        }
         let now = self.stack.now();
         let next = if busy {
             Duration::ZERO

@@ -163,6 +163,11 @@ impl TcpNat {
         );
         self.by_key.insert(key, id);
         M::set(&stack.metrics.nat_tcp_flows, self.flows.len() as u64);
+        // A connect to the pod itself (the gateway) has usually completed by the time
+        // `connect` returns: answer the guest now rather than one event-loop turn later.
+        if connected(&self.flows[&id].host) {
+            self.on_host_event(id, EventSet::OUT, stack, epoll);
+        }
     }
 
     /// A client connected to a forwarded port: open the connection to the guest's
@@ -189,11 +194,7 @@ impl TcpNat {
             return;
         }
         let _ = host.set_tcp_nodelay(true);
-        let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0u8; self.limits.buffer]),
-            tcp::SocketBuffer::new(vec![0u8; self.limits.buffer]),
-        );
-        socket.set_nagle_enabled(false);
+        let mut socket = new_socket(self.limits.buffer);
         let local = IpListenEndpoint {
             addr: Some(remote.ip().into()),
             port: remote.port(),
@@ -256,11 +257,7 @@ impl TcpNat {
             let syn = std::mem::take(syn);
             match result {
                 Ok(()) => {
-                    let mut socket = tcp::Socket::new(
-                        tcp::SocketBuffer::new(vec![0u8; self.limits.buffer]),
-                        tcp::SocketBuffer::new(vec![0u8; self.limits.buffer]),
-                    );
-                    socket.set_nagle_enabled(false);
+                    let mut socket = new_socket(self.limits.buffer);
                     let endpoint = IpListenEndpoint {
                         addr: Some(flow.key.remote.ip().into()),
                         port: flow.key.remote.port(),
@@ -314,6 +311,25 @@ impl TcpNat {
         moved
     }
 
+    /// Forgets the connections that are over: both sides closed (the stack's TIME-WAIT is
+    /// of no use toward a guest on a lossless link, and keeping it would keep thousands of
+    /// idle sockets in every poll of a guest that opens connections fast), or reset.
+    /// Call after the stack has sent everything (its last ACK included).
+    pub fn reap_finished(&mut self, stack: &mut Stack, epoll: &Epoll) {
+        let finished: Vec<u64> = self
+            .flows
+            .iter()
+            .filter(|(_, flow)| match flow.phase {
+                Phase::Open(h) => finished(flow, stack.sockets.get::<tcp::Socket>(h)),
+                Phase::Connecting { .. } => false,
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in finished {
+            self.remove(id, stack, epoll);
+        }
+    }
+
     /// Drops finished, failed and idle connections.
     pub fn reap(&mut self, now: Instant, stack: &mut Stack, epoll: &Epoll) {
         let mut done = Vec::new();
@@ -326,14 +342,14 @@ impl TcpNat {
                     }
                 }
                 Phase::Open(h) => {
-                    let state = stack.sockets.get::<tcp::Socket>(*h).state();
+                    let socket = stack.sockets.get::<tcp::Socket>(*h);
                     let idle = now.duration_since(flow.last_active);
-                    let limit = if state == State::Established {
+                    let limit = if socket.state() == State::Established {
                         IDLE_ESTABLISHED
                     } else {
                         IDLE_CLOSING
                     };
-                    if state == State::Closed || idle > limit {
+                    if finished(flow, socket) || idle > limit {
                         if idle > limit {
                             M::inc(&stack.metrics.nat_expired);
                         }
@@ -381,6 +397,36 @@ impl TcpNat {
         }
         M::set(&stack.metrics.nat_tcp_flows, self.flows.len() as u64);
     }
+}
+
+/// A stack socket for one connection: no Nagle (the guest's and the far side's own stacks
+/// decide how to batch) and no delayed ACK (a connection's last ACK must leave before the
+/// connection is forgotten, and with the link's 64 KiB segments every segment is ACKed at
+/// once anyway).
+fn new_socket(buffer: usize) -> tcp::Socket<'static> {
+    let mut socket = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0u8; buffer]),
+        tcp::SocketBuffer::new(vec![0u8; buffer]),
+    );
+    socket.set_nagle_enabled(false);
+    socket.set_ack_delay(None);
+    socket
+}
+
+/// Whether a connection is over and everything the guest sent has reached the far side:
+/// closed (normally or by a reset), or in TIME-WAIT with the far side's write half shut.
+fn finished(flow: &Flow, socket: &tcp::Socket) -> bool {
+    let drained = socket.recv_queue() == 0 || flow.aborted;
+    match socket.state() {
+        State::Closed => drained,
+        State::TimeWait => drained && flow.host_shut_wr,
+        _ => false,
+    }
+}
+
+/// Whether a non-blocking connect has already completed.
+fn connected(socket: &Socket) -> bool {
+    matches!(socket.take_error(), Ok(None)) && socket.peer_addr().is_ok()
 }
 
 /// Opens a non-blocking socket and starts connecting it to `dst`.
