@@ -18,6 +18,8 @@ pub enum ExitReason {
     /// The VMM stopped the guest: it did not power off within the shutdown timeout after the
     /// power button, or a second termination signal asked for an immediate stop.
     Stopped,
+    /// The guest moved to another podvm (live migration); it runs there now.
+    Migrated,
 }
 
 /// Shared between the devices that can end the VM and the thread that waits for it.
@@ -40,6 +42,7 @@ const RESET: u8 = 1;
 const POWER_OFF: u8 = 2;
 const ERROR: u8 = 3;
 const STOPPED: u8 = 4;
+const MIGRATED: u8 = 5;
 
 impl ExitRequest {
     /// A request not yet made.
@@ -59,6 +62,7 @@ impl ExitRequest {
             ExitReason::PowerOff => POWER_OFF,
             ExitReason::Error => ERROR,
             ExitReason::Stopped => STOPPED,
+            ExitReason::Migrated => MIGRATED,
         };
         let _ = self
             .inner
@@ -75,6 +79,7 @@ impl ExitRequest {
             POWER_OFF => Some(ExitReason::PowerOff),
             ERROR => Some(ExitReason::Error),
             STOPPED => Some(ExitReason::Stopped),
+            MIGRATED => Some(ExitReason::Migrated),
             _ => None,
         }
     }

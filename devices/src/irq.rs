@@ -16,6 +16,11 @@ impl IrqTrigger {
         Ok(Self(EventFd::new(libc::EFD_NONBLOCK)?))
     }
 
+    /// Another handle on the same line.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self(self.0.try_clone()?))
+    }
+
     /// The eventfd to hand to KVM_IRQFD.
     pub fn eventfd(&self) -> &EventFd {
         &self.0

@@ -12,6 +12,7 @@ pub mod irq;
 pub mod legacy;
 pub mod virtio;
 
-/// Guest memory as devices see it. Dirty-page tracking for migration changes this type (and
-/// only this type) to one with a bitmap.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+/// Guest memory as devices see it: every write a device makes through it marks the pages
+/// dirty in a bitmap, which live migration sends along with the pages KVM logged for the
+/// guest's own writes.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;

@@ -32,6 +32,10 @@ pub enum ApiClientError {
 
 /// Method, path and body of each action.
 fn request(action: &ApiAction) -> (&'static str, &'static str, &'static str, String) {
+    if let ApiAction::Migrate { address } = action {
+        let body = serde_json::json!({ "address": address }).to_string();
+        return ("migrate", "PUT", "/v1/vm/migrate", body);
+    }
     match action {
         ApiAction::Info => ("info", "GET", "/v1/vm", String::new()),
         ApiAction::Counters => ("counters", "GET", "/v1/vm/counters", String::new()),
@@ -44,6 +48,8 @@ fn request(action: &ApiAction) -> (&'static str, &'static str, &'static str, Str
             timeout.map_or_else(String::new, |t| format!("{{\"timeout_s\":{t}}}")),
         ),
         ApiAction::Stop => ("stop", "PUT", "/v1/vm/stop", String::new()),
+        ApiAction::Migration => ("migration", "GET", "/v1/vm/migration", String::new()),
+        ApiAction::Migrate { .. } => unreachable!("answered above"),
     }
 }
 

@@ -15,7 +15,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Boot a VM and run it until the guest powers off or reboots.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Attach this terminal to a VM's console socket (detach with Ctrl-]).
     Console(ConsoleArgs),
     /// Call a running VM's control API (`podvm run --api-socket`); prints the JSON answer.
@@ -48,6 +48,15 @@ pub enum ApiAction {
     },
     /// Stop the VM now, without the guest's cooperation (podvm exits 1).
     Stop,
+    /// Start a live migration to a podvm started with `--incoming ADDR` and the same
+    /// devices; `podvm api SOCKET migration` follows it. When it completes, this podvm exits
+    /// 0 ("migrated"); when it fails, the VM runs on here.
+    Migrate {
+        /// `tcp:HOST:PORT` or `unix:PATH`.
+        address: String,
+    },
+    /// The last migration's state, progress and figures (rounds, pages, bandwidth, downtime).
+    Migration,
 }
 
 #[derive(Debug, Args)]
@@ -116,10 +125,30 @@ pub struct RunArgs {
     /// (mode 0600); `podvm api PATH ...` calls it.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// Wait for a live migration on ADDR (`tcp:HOST:PORT` or `unix:PATH`) instead of
+    /// booting; give the same devices as the source. Exits non-zero, without running the
+    /// guest, if the migration fails.
+    #[arg(long, value_name = "ADDR", value_parser = parse_migration_addr)]
+    pub incoming: Option<vmm::migration::MigrationAddr>,
+    /// The longest pause a live migration of this VM aims for, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 50)]
+    pub migration_downtime_ms: u64,
+    /// Seconds after which a live migration whose dirty pages do not converge gives up (the
+    /// VM runs on here).
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    pub migration_timeout: u64,
+    /// Migrate without TLS (for tests on one machine): migration traffic carries all of the
+    /// guest's memory, so anywhere else use TLS.
+    #[arg(long)]
+    pub migration_insecure: bool,
     /// Run even though this host's KVM is PVM, which boots only PVM-enabled guest kernels
     /// (or tiny guests such as the benchmark's).
     #[arg(long)]
     pub allow_pvm: bool,
+}
+
+fn parse_migration_addr(value: &str) -> Result<vmm::migration::MigrationAddr, String> {
+    value.parse()
 }
 
 /// Parses one `--disk` value.

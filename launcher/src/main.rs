@@ -35,13 +35,17 @@ enum Error {
     Signals(#[source] std::io::Error),
     #[error("the VM stopped on an unrecoverable vCPU error (see the log above)")]
     VcpuFailed,
+    #[error("incoming migration failed, the guest did not start here: {0}")]
+    Migration(#[from] vmm::migration::MigrationError),
+    #[error("--incoming: migration traffic carries all guest memory and podvm has no TLS for it yet; add --migration-insecure (on both podvms) to migrate in plaintext on a trusted link")]
+    MigrationTls,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Console(args) => console::attach(&args.socket, args.escape).map_err(Error::from),
         Command::Api(args) => api_client::call(&args.socket, &args.action).map_err(Error::from),
     };
@@ -86,6 +90,12 @@ fn run(args: RunArgs) -> Result<(), Error> {
         nics: args.net,
         shutdown_timeout: std::time::Duration::from_secs(args.shutdown_timeout),
         api_socket: args.api_socket,
+        migration: vmm::migration::MigrationConfig {
+            downtime: std::time::Duration::from_millis(args.migration_downtime_ms),
+            timeout: std::time::Duration::from_secs(args.migration_timeout),
+            insecure: args.migration_insecure,
+        },
+        incoming: args.incoming.is_some(),
     };
     config.validate().map_err(vmm::builder::BuildError::from)?;
     preflight::check_file("--kernel", &config.kernel)?;
@@ -102,7 +112,21 @@ fn run(args: RunArgs) -> Result<(), Error> {
     }
     // Before any thread starts: SIGTERM/SIGINT then reach only the event loop's signalfd.
     vmm::shutdown::block_termination_signals().map_err(Error::Signals)?;
+    let incoming = match &args.incoming {
+        Some(addr) => {
+            if !args.migration_insecure {
+                return Err(Error::MigrationTls);
+            }
+            Some(vmm::migration::IncomingListener::bind(addr)?)
+        }
+        None => None,
+    };
     let vm = vmm::builder::build(&config)?;
+    if let Some(listener) = incoming {
+        tracing::info!(on = %listener.local_addr(), "waiting for a migration");
+        vm.receive_migration(listener)?;
+        tracing::info!("migration received; the guest runs here now");
+    }
     let raw = (config.console == ConsoleConfig::Stdio).then(terminal::RawMode::enter);
     let reason = vm.run();
     drop(raw);
@@ -117,5 +141,9 @@ fn run(args: RunArgs) -> Result<(), Error> {
         }
         ExitReason::Error => Err(Error::VcpuFailed),
         ExitReason::Stopped => Err(Error::Stopped),
+        ExitReason::Migrated => {
+            eprintln!("migrated");
+            Ok(())
+        }
     }
 }

@@ -460,8 +460,33 @@ impl SocketVm {
         }
     }
 
-    fn try_start(name: &str, script: &str, extra: &[&str]) -> Result<Self, String> {
+    /// A podvm built like a guest started with `script` and `extra`, waiting for a
+    /// migration on `unix:<its dir>/migration.sock` (returned with it) instead of booting.
+    pub fn incoming(name: &str, script: &str, extra: &[&str]) -> (Self, String) {
         let dir = TempDir::new(name);
+        let socket = dir.0.join("migration.sock");
+        let addr = format!("unix:{}", socket.display());
+        let mut args: Vec<&str> = extra.to_vec();
+        args.extend(["--incoming", &addr]);
+        let mut vm = Self::spawn(dir, script, &args);
+        let deadline = Instant::now() + boot_timeout();
+        while !socket.exists() {
+            if let Some(status) = vm.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!(
+                    "the destination podvm exited ({status}) before listening\nstderr:\n{}",
+                    vm.take_stderr()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the destination never listened on {addr}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (vm, addr)
+    }
+
+    fn spawn(dir: TempDir, script: &str, extra: &[&str]) -> Self {
         let console = dir.0.join("console.sock");
         let log = dir.0.join("console.log");
         let api = dir.0.join("api.sock");
@@ -477,14 +502,26 @@ impl SocketVm {
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn podvm");
         let stderr = reader(child.stderr.take().expect("stderr"));
-        let mut vm = Self {
+        Self {
             dir,
             console,
             log,
             api,
             child: Some(child),
             stderr: Some(stderr),
-        };
+        }
+    }
+
+    /// Whether podvm is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    fn try_start(name: &str, script: &str, extra: &[&str]) -> Result<Self, String> {
+        let dir = TempDir::new(name);
+        let mut vm = Self::spawn(dir, script, extra);
         match vm.try_wait_log(SCRIPT_START, boot_timeout()) {
             Ok(_) => Ok(vm),
             Err(why) => {
@@ -610,7 +647,18 @@ impl SocketVm {
             .unwrap_or_default()
     }
 
-    fn kill(&mut self) {
+    /// Kills podvm and returns its stderr and console log, for a failure message.
+    pub fn kill_and_report(&mut self) -> String {
+        self.kill();
+        format!(
+            "stderr:\n{}\nconsole log:\n{}",
+            self.take_stderr(),
+            self.log_text()
+        )
+    }
+
+    /// Kills podvm (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();

@@ -2,11 +2,8 @@
 
 use std::sync::Arc;
 
-use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
-};
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 use devices::exit::ExitRequest;
 
@@ -98,6 +95,8 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
                 path: d.path.clone(),
                 read_only: d.read_only,
                 direct: d.direct,
+                // A migration destination takes the disks' locks at the handover.
+                defer_lock: config.incoming,
             })?;
             Ok((disk, d))
         })
@@ -178,6 +177,7 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
         console_hub: parts.console_hub,
         blocks: parts.blocks,
         vcpu_control: parts.vcpu_control,
+        migrator: parts.migrator,
         _vm: vm,
         _mem: mem,
     })
@@ -192,6 +192,7 @@ struct Parts {
     console_hub: Option<Arc<ConsoleHub>>,
     blocks: Vec<Arc<std::sync::Mutex<devices::virtio::block::Block>>>,
     vcpu_control: Arc<VcpuControl>,
+    migrator: Arc<crate::migration::Migrator>,
 }
 
 /// Steps 5-8: devices, ACPI and boot data in guest memory, vCPUs, the event loop.
@@ -224,20 +225,25 @@ fn populate(
     }
 
     step("acpi+boot");
-    // 6. ACPI tables, then the kernel, initrd and command line.
-    let described: Vec<&dyn acpi::AcpiDevice> = devices
-        .acpi
-        .iter()
-        .map(|d| d as &dyn acpi::AcpiDevice)
-        .collect();
-    let rsdp = acpi::write_tables(mem, config.vcpus, &described)?;
-    let entry = boot::load(
-        mem,
-        &config.kernel,
-        config.initrd.as_deref(),
-        &config.cmdline,
-        rsdp,
-    )?;
+    // 6. ACPI tables, then the kernel, initrd and command line (not for a VM that waits for
+    //    a migration: its memory comes from the source).
+    let entry = if config.incoming {
+        None
+    } else {
+        let described: Vec<&dyn acpi::AcpiDevice> = devices
+            .acpi
+            .iter()
+            .map(|d| d as &dyn acpi::AcpiDevice)
+            .collect();
+        let rsdp = acpi::write_tables(mem, config.vcpus, &described)?;
+        Some(boot::load(
+            mem,
+            &config.kernel,
+            config.initrd.as_deref(),
+            &config.cmdline,
+            rsdp,
+        )?)
+    };
 
     step("vcpus");
     // 7. vCPUs: all get CPUID, MSRs, FPU and LAPIC; vCPU 0 gets the boot registers.
@@ -256,7 +262,14 @@ fn populate(
             exit.clone(),
         )?);
     }
-    vcpus[0].setup_boot(mem, entry)?;
+    if let Some(entry) = entry {
+        vcpus[0].setup_boot(mem, entry)?;
+    }
+    let msr_index = kvm
+        .get_msr_index_list()
+        .map_err(kvm_err("list the MSRs to save"))?
+        .as_slice()
+        .to_vec();
 
     step("event loop");
     // 8. The event loop: devices, and console input when the console is stdio.
@@ -268,6 +281,23 @@ fn populate(
         event_loop.add_stdin_console(devices.serial.clone())?;
     }
     let vcpu_control = Arc::new(VcpuControl::new(vcpus.len()));
+    let migrator = Arc::new(crate::migration::Migrator::new(
+        vm.clone(),
+        mem.clone(),
+        vcpu_control.clone(),
+        devices.transports.clone(),
+        devices.serial.clone(),
+        devices.blocks.clone(),
+        devices.nics.clone(),
+        exit.clone(),
+        crate::migration::state::Shape {
+            memory_bytes: config.memory_bytes(),
+            vcpus: config.vcpus,
+            devices: devices.shape.clone(),
+        },
+        msr_index,
+        config.migration.clone(),
+    ));
     let shutdown = Arc::new(
         GracefulShutdown::new(
             devices.power_button.clone(),
@@ -297,6 +327,7 @@ fn populate(
             console: hub.clone(),
             api: metrics.clone(),
             pauses: Default::default(),
+            migration: migrator.clone(),
         };
         let server = ApiServer::new(listener, path, Arc::new(control), metrics)?;
         event_loop.add_subscriber(Arc::new(std::sync::Mutex::new(server)));
@@ -317,6 +348,7 @@ fn populate(
         console_hub: hub,
         blocks: devices.blocks,
         vcpu_control,
+        migrator,
     })
 }
 
@@ -379,22 +411,5 @@ fn open_nic(
 }
 
 fn register_memory(vm: &VmFd, mem: &GuestMemory) -> Result<(), BuildError> {
-    for (slot, region) in mem.iter().enumerate() {
-        let host = region
-            .get_host_address(vm_memory::MemoryRegionAddress(0))
-            .map_err(|_| BuildError::KvmCapability("a host mapping for guest memory"))?;
-        let region_desc = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: 0,
-            guest_phys_addr: region.start_addr().raw_value(),
-            memory_size: region.len(),
-            userspace_addr: host as u64,
-        };
-        // SAFETY: the region is a live anonymous mapping of exactly `memory_size` bytes owned
-        // by `mem`, which the returned `Vm` keeps alive as long as the VM fd; slots do not
-        // overlap because the regions come from one non-overlapping layout.
-        unsafe { vm.set_user_memory_region(region_desc) }
-            .map_err(kvm_err("register guest memory"))?;
-    }
-    Ok(())
+    memory::register_slots(vm, mem, false).map_err(kvm_err("register guest memory"))
 }

@@ -135,6 +135,10 @@ pub struct VmConfig {
     pub shutdown_timeout: std::time::Duration,
     /// Where the control API listens (a unix socket, mode 0600); no API when `None`.
     pub api_socket: Option<PathBuf>,
+    /// How migrations of this VM go.
+    pub migration: crate::migration::MigrationConfig,
+    /// The VM waits for a migration instead of booting: no kernel is loaded.
+    pub incoming: bool,
 }
 
 /// Kubernetes' default termination grace period.
@@ -191,6 +195,8 @@ impl VmConfig {
             nics: Vec::new(),
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             api_socket: None,
+            migration: Default::default(),
+            incoming: false,
         }
     }
 

@@ -28,6 +28,7 @@ pub struct VmControl {
     pub console: Option<Arc<ConsoleHub>>,
     pub api: Arc<ApiMetrics>,
     pub pauses: AtomicU64,
+    pub migration: Arc<crate::migration::Migrator>,
 }
 
 fn get(c: &AtomicU64) -> u64 {
@@ -244,7 +245,23 @@ impl Control for VmControl {
         Ok(self.state_json())
     }
 
+    fn migrate(&self, address: &str) -> Result<Value, (u16, String)> {
+        let addr: crate::migration::MigrationAddr = address.parse().map_err(|e| (400, e))?;
+        self.migration
+            .start(addr)
+            .map_err(|e| (409, e.to_string()))?;
+        Ok(json!({ "state": "active" }))
+    }
+
+    fn migration(&self) -> Value {
+        serde_json::to_value(self.migration.status()).unwrap_or(Value::Null)
+    }
+
     fn resume(&self) -> Value {
+        if self.migration.handing_over() {
+            tracing::warn!("resume ignored: a migration holds the VM paused for its handover");
+            return self.state_json();
+        }
         if self.vcpus.run_state() == RunState::Paused {
             self.vcpus.resume(&self.vm);
             tracing::info!("VM resumed (API)");

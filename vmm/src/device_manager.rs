@@ -117,6 +117,10 @@ pub struct DeviceManager {
     pub blocks: Vec<Arc<Mutex<Block>>>,
     /// virtio-net devices' counters, in guest order.
     pub nics: Vec<Arc<devices::virtio::net::NetMetrics>>,
+    /// Every virtio device's transport, in guest order (what a migration saves).
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// Every virtio device as a migration's shape names it, in guest order.
+    pub shape: Vec<String>,
     /// Devices the event loop serves.
     pub subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     /// Devices the DSDT describes.
@@ -182,6 +186,8 @@ impl DeviceManager {
             serial,
             blocks: Vec::new(),
             nics: Vec::new(),
+            transports: Vec::new(),
+            shape: Vec::new(),
             subscribers: Vec::new(),
             acpi: Vec::new(),
             power_button,
@@ -204,6 +210,7 @@ impl DeviceManager {
             direct = opened.direct(),
             "disk attached"
         );
+        let opened_size = opened.size();
         let config = BlockConfig {
             serial: disk.serial.clone(),
             engine: disk.io_engine,
@@ -214,6 +221,7 @@ impl DeviceManager {
         })?;
         let block = Arc::new(Mutex::new(block));
         self.add_virtio(vm, mem, &name, block.clone())?;
+        self.shape.push(format!("block {}", opened_size));
         self.subscribers.push(block.clone());
         self.blocks.push(block);
         Ok(())
@@ -230,6 +238,7 @@ impl DeviceManager {
         self.nics.push(net.metrics());
         let net = Arc::new(Mutex::new(net));
         self.add_virtio(vm, mem, &name, net.clone())?;
+        self.shape.push("net".into());
         self.subscribers.push(net);
         Ok(())
     }
@@ -259,10 +268,15 @@ impl DeviceManager {
                     })?;
             }
         }
-        let transport = MmioTransport::new(device, mem.clone(), interrupt);
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            device,
+            mem.clone(),
+            interrupt,
+        )));
+        self.transports.push(transport.clone());
         self.buses
             .mmio
-            .insert(Arc::new(Mutex::new(transport)), base, mmio::MMIO_LEN)
+            .insert(transport, base, mmio::MMIO_LEN)
             .map_err(|source| DeviceError::Bus {
                 device: name.into(),
                 source,

@@ -13,6 +13,7 @@ pub mod control;
 pub mod device_manager;
 pub mod event_loop;
 pub mod memory;
+pub mod migration;
 pub mod shutdown;
 pub mod signals;
 pub mod socket;
@@ -41,6 +42,7 @@ pub struct Vm {
     console_hub: Option<Arc<console::ConsoleHub>>,
     blocks: Vec<Arc<Mutex<devices::virtio::block::Block>>>,
     vcpu_control: Arc<VcpuControl>,
+    migrator: Arc<migration::Migrator>,
     // Dropped after the vCPUs have stopped: the VM fd, then guest memory.
     _vm: Arc<kvm_ioctls::VmFd>,
     _mem: memory::GuestMemory,
@@ -71,6 +73,15 @@ const KICK_INTERVAL: Duration = Duration::from_millis(10);
 const JOIN_POLL: Duration = Duration::from_micros(100);
 
 impl Vm {
+    /// Takes the guest from a migration source (the VM was built with `incoming`); run the
+    /// VM afterwards. On error the guest must not run: podvm exits.
+    pub fn receive_migration(
+        &self,
+        listener: migration::IncomingListener,
+    ) -> Result<(), migration::MigrationError> {
+        self.migrator.receive(&self.vcpus, listener)
+    }
+
     /// Runs the guest until it powers off, resets, or a vCPU fails; returns which.
     pub fn run(self) -> Result<ExitReason, RunError> {
         vcpu::register_kick_handler()?;

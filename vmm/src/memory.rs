@@ -109,6 +109,37 @@ pub fn create(size: u64) -> Result<GuestMemory, MemoryError> {
     })
 }
 
+/// Tells KVM about guest memory, one slot per region (slot = region index), with dirty
+/// page logging on or off. Registering again changes the flags of the existing slots.
+pub fn register_slots(
+    vm: &kvm_ioctls::VmFd,
+    mem: &GuestMemory,
+    log_dirty: bool,
+) -> Result<(), kvm_ioctls::Error> {
+    use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|_| kvm_ioctls::Error::new(libc::EFAULT))?;
+        let region_desc = kvm_bindings::kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: if log_dirty {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live anonymous mapping of exactly `memory_size` bytes owned
+        // by `mem`, which the VM keeps alive as long as the VM fd; slots do not overlap
+        // because the regions come from one non-overlapping layout.
+        unsafe { vm.set_user_memory_region(region_desc) }?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -58,6 +58,64 @@ impl Serial {
     pub fn flush(&mut self) {
         let _ = self.uart.writer_mut().flush();
     }
+
+    /// The UART's registers and receive FIFO, for a migration.
+    pub fn state(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            rx_fifo: s.in_buffer,
+        }
+    }
+
+    /// Takes a migrated UART's state; the output keeps going where this one's goes.
+    pub fn restore(&mut self, snapshot: &SerialSnapshot) -> Result<(), String> {
+        let irq = self
+            .uart
+            .interrupt_evt()
+            .try_clone()
+            .map_err(|e| format!("cannot share the serial interrupt: {e}"))?;
+        let [baud_divisor_low, baud_divisor_high, interrupt_enable, interrupt_identification, line_control, line_status, modem_control, modem_status, scratch] =
+            snapshot.registers;
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low,
+            baud_divisor_high,
+            interrupt_enable,
+            interrupt_identification,
+            line_control,
+            line_status,
+            modem_control,
+            modem_status,
+            scratch,
+            in_buffer: snapshot.rx_fifo.clone(),
+        };
+        let out = std::mem::replace(self.uart.writer_mut(), Box::new(std::io::sink()));
+        match Uart::from_state(&state, irq, vm_superio::serial::NoEvents, out) {
+            Ok(uart) => {
+                self.uart = uart;
+                Ok(())
+            }
+            Err(e) => Err(format!("bad serial state: {e:?}")),
+        }
+    }
+}
+
+/// COM1's state in a migration stream.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    /// DLL, DLM, IER, IIR, LCR, LSR, MCR, MSR, SCR.
+    pub registers: [u8; 9],
+    pub rx_fifo: Vec<u8>,
 }
 
 impl BusDevice for Serial {

@@ -6,7 +6,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 
 use crate::bus::BusDevice;
 use crate::virtio::{Interrupt, VirtioDevice, F_VERSION_1};
@@ -272,6 +272,176 @@ impl MmioTransport {
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
         self.queue_sel = 0;
+    }
+}
+
+/// One queue's configuration and ring positions, as a migration stream carries it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx: bool,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(q: QueueState) -> Self {
+        Self {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx: q.event_idx_enabled,
+        }
+    }
+}
+
+impl QueueSnapshot {
+    fn to_queue(&self) -> Result<Queue, RestoreError> {
+        Queue::try_from(QueueState {
+            max_size: self.max_size,
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+            event_idx_enabled: self.event_idx,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table,
+            avail_ring: self.avail_ring,
+            used_ring: self.used_ring,
+        })
+        .map_err(|e| RestoreError(format!("bad queue state: {e:?}")))
+    }
+}
+
+/// A virtio-mmio device's state: the transport's registers and the queues.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportState {
+    pub device_type: u32,
+    pub status: u32,
+    pub driver_features: u64,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub queue_sel: u32,
+    pub config_generation: u32,
+    pub interrupt_status: u32,
+    pub queues: Vec<QueueSnapshot>,
+}
+
+/// A migrated device state this device cannot take.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RestoreError(pub String);
+
+impl MmioTransport {
+    fn running(&self) -> bool {
+        self.status & status::DRIVER_OK != 0
+            && self.status & (status::FAILED | status::DEVICE_NEEDS_RESET) == 0
+    }
+
+    /// Freezes the device for a migration (see [`VirtioDevice::freeze`]).
+    pub fn freeze(&self) {
+        lock(&self.device).freeze();
+    }
+
+    /// Undoes [`MmioTransport::freeze`].
+    pub fn thaw(&self) {
+        lock(&self.device).thaw();
+    }
+
+    /// The device's state; call between [`MmioTransport::freeze`] and the end of the
+    /// migration.
+    pub fn state(&self) -> TransportState {
+        let device = lock(&self.device);
+        let active = device.queue_states();
+        let queues = if self.running() && !active.is_empty() {
+            active.into_iter().map(QueueSnapshot::from).collect()
+        } else {
+            self.queues
+                .iter()
+                .map(|q| QueueSnapshot::from(q.state()))
+                .collect()
+        };
+        TransportState {
+            device_type: device.device_type(),
+            status: self.status,
+            driver_features: self.driver_features,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            queues,
+        }
+    }
+
+    /// Takes a migrated device's state, on a device the driver has not touched: activates
+    /// the device when the driver had. Everything in `state` is checked (it comes from the
+    /// network), and a state this device cannot take is refused.
+    pub fn restore(&mut self, state: &TransportState) -> Result<(), RestoreError> {
+        let (device_type, max_sizes, offered) = {
+            let device = lock(&self.device);
+            (
+                device.device_type(),
+                device.queue_max_sizes().to_vec(),
+                device.avail_features(),
+            )
+        };
+        if state.device_type != device_type {
+            return Err(RestoreError(format!(
+                "device type {} where this VM has type {device_type}",
+                state.device_type
+            )));
+        }
+        let sizes: Vec<u16> = state.queues.iter().map(|q| q.max_size).collect();
+        if sizes != max_sizes {
+            return Err(RestoreError(format!(
+                "queues of sizes {sizes:?} where this device has {max_sizes:?}"
+            )));
+        }
+        if state.driver_features & !offered != 0 {
+            return Err(RestoreError(format!(
+                "the driver acked features {:#x} this device does not offer ({offered:#x})",
+                state.driver_features
+            )));
+        }
+        let queues = state
+            .queues
+            .iter()
+            .map(QueueSnapshot::to_queue)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.status = state.status;
+        self.driver_features = state.driver_features;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.queue_sel = state.queue_sel;
+        self.config_generation = state.config_generation;
+        if self.status & status::FEATURES_OK != 0 {
+            lock(&self.device).set_acked_features(self.driver_features);
+        }
+        if self.running() {
+            if !queues.iter().all(|q| q.ready() && q.is_valid(&self.mem)) {
+                return Err(RestoreError(
+                    "an active queue is not ready or lies outside guest memory".into(),
+                ));
+            }
+            lock(&self.device)
+                .activate(self.mem.clone(), self.interrupt.clone(), queues)
+                .map_err(|e| RestoreError(e.to_string()))?;
+        } else {
+            self.queues = queues;
+        }
+        self.interrupt
+            .restore(state.interrupt_status)
+            .map_err(|e| RestoreError(format!("cannot raise the interrupt: {e}")))
     }
 }
 

@@ -12,7 +12,7 @@ pub mod net;
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::irq::IrqTrigger;
@@ -58,6 +58,14 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// The driver reset the device: stop serving queues and forget what activate set up.
     fn reset(&mut self);
+    /// Migration, with the vCPUs paused: finish the work in flight (every request taken
+    /// from a queue is answered in its used ring), give back buffers taken but not used,
+    /// and touch neither guest memory nor the backend until [`VirtioDevice::thaw`].
+    fn freeze(&mut self);
+    /// Undoes [`VirtioDevice::freeze`] (a migration failed): serves what arrived meanwhile.
+    fn thaw(&mut self);
+    /// The state of the queues an active device serves (empty when not active).
+    fn queue_states(&self) -> Vec<QueueState>;
 }
 
 /// Copies what `data` asks for of a device's configuration `space` at `offset`; bytes
@@ -122,6 +130,17 @@ impl Interrupt {
     /// InterruptACK: clears the bits the driver has handled.
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Sets the pending bits to what a migrated device had, and raises the line again if
+    /// any is set (an interrupt in flight at the handover must not be lost; a spurious one
+    /// is harmless).
+    pub fn restore(&self, bits: u32) -> io::Result<()> {
+        self.status.store(bits, Ordering::SeqCst);
+        if bits != 0 {
+            self.irq.eventfd().write(1)?;
+        }
+        Ok(())
     }
 
     /// Clears all pending bits (device reset).

@@ -45,6 +45,18 @@ pub trait Control {
     fn shutdown(&self, timeout: Option<Duration>) -> Value;
     /// Stops the VM now.
     fn stop(&self) -> Value;
+    /// Starts a live migration to `address` (`tcp:HOST:PORT` or `unix:PATH`); the error
+    /// says which HTTP status it is.
+    fn migrate(&self, address: &str) -> Result<Value, (u16, String)>;
+    /// The last migration's progress and figures.
+    fn migration(&self) -> Value;
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MigrateBody {
+    /// `tcp:HOST:PORT` or `unix:PATH` of a podvm started with `--incoming`.
+    address: String,
 }
 
 /// Counters of the API itself.
@@ -118,7 +130,23 @@ pub fn route(control: &dyn Control, req: &Request) -> Response {
             Err(r) => r,
             Ok(_) => Response::json(202, &control.stop()),
         },
-        ("/v1/vm/pause" | "/v1/vm/resume" | "/v1/vm/shutdown" | "/v1/vm/stop", _) => allow("PUT"),
+        ("/v1/vm/migrate", "PUT") => match body::<MigrateBody>(req) {
+            Err(r) => r,
+            Ok(None) => Response::error(
+                400,
+                "migrate needs a body: {\"address\": \"tcp:HOST:PORT\"}",
+            ),
+            Ok(Some(b)) => match control.migrate(&b.address) {
+                Ok(v) => Response::json(202, &v),
+                Err((status, e)) => Response::error(status, e),
+            },
+        },
+        ("/v1/vm/migration", "GET") => Response::json(200, &control.migration()),
+        ("/v1/vm/migration", _) => allow("GET"),
+        (
+            "/v1/vm/pause" | "/v1/vm/resume" | "/v1/vm/shutdown" | "/v1/vm/stop" | "/v1/vm/migrate",
+            _,
+        ) => allow("PUT"),
         _ => Response::error(
             404,
             format_args!(
@@ -445,6 +473,17 @@ mod tests {
             self.calls.lock().unwrap().push("stop".into());
             json!({ "state": "stopping" })
         }
+        fn migrate(&self, address: &str) -> Result<Value, (u16, String)> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("migrate {address}"));
+            Ok(json!({ "state": "active" }))
+        }
+        fn migration(&self) -> Value {
+            self.calls.lock().unwrap().push("migration".into());
+            json!({ "state": "none" })
+        }
     }
 
     fn req(method: &str, path: &str, body: &str) -> Request {
@@ -533,6 +572,12 @@ impl Control for Inert {
         Value::Null
     }
     fn stop(&self) -> Value {
+        Value::Null
+    }
+    fn migrate(&self, _: &str) -> Result<Value, (u16, String)> {
+        Err((409, "inert".into()))
+    }
+    fn migration(&self) -> Value {
         Value::Null
     }
 }

@@ -53,6 +53,34 @@ struct State {
     clock: Option<kvm_clock_data>,
     paused_at: Option<Instant>,
     paused_total: Duration,
+    /// Work for every parked vCPU thread to do on its own vCPU (migration saves state this
+    /// way: KVM wants a vCPU's ioctls from its own thread), and which threads still owe it.
+    task: Option<Task>,
+    task_pending: Vec<bool>,
+}
+
+/// A [`VcpuTask`] in the state (which is `Debug`).
+#[derive(Clone)]
+struct Task(VcpuTask);
+
+impl std::fmt::Debug for Task {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Task")
+    }
+}
+
+/// Work a parked vCPU thread runs on its vCPU: `(vCPU id, its fd)`.
+pub type VcpuTask = std::sync::Arc<dyn Fn(u8, &kvm_ioctls::VcpuFd) + Send + Sync>;
+
+/// Running a task on the parked vCPUs failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error("the vCPUs are not paused")]
+    NotPaused,
+    #[error("a vCPU thread has ended")]
+    Ended,
+    #[error("{pending} vCPUs did not run the task within {timeout_s} s")]
+    Timeout { pending: usize, timeout_s: u64 },
 }
 
 /// Shared by the vCPU threads and whoever pauses, resumes or stops them.
@@ -93,9 +121,9 @@ impl VcpuControl {
         *self.threads.lock().unwrap_or_else(|p| p.into_inner()) = threads;
     }
 
-    /// Called by a vCPU thread before each `KVM_RUN`: parks it while the VM is paused and
-    /// says whether it should stop.
-    pub fn checkpoint(&self) -> Next {
+    /// Called by vCPU thread `id` before each `KVM_RUN`: parks it while the VM is paused
+    /// (running the tasks given meanwhile on `fd`) and says whether it should stop.
+    pub fn checkpoint(&self, id: u8, fd: Option<&kvm_ioctls::VcpuFd>) -> Next {
         if !self.attention.load(Ordering::Acquire) {
             return Next::Run;
         }
@@ -104,6 +132,15 @@ impl VcpuControl {
             state.parked += 1;
             self.changed.notify_all();
             while state.pause && !state.stop {
+                let mine = state.task_pending.get(usize::from(id)).copied() == Some(true);
+                if let (true, Some(Task(task)), Some(fd)) = (mine, state.task.clone(), fd) {
+                    drop(state);
+                    task(id, fd);
+                    state = self.lock();
+                    state.task_pending[usize::from(id)] = false;
+                    self.changed.notify_all();
+                    continue;
+                }
                 state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
             }
             state.parked -= 1;
@@ -198,6 +235,51 @@ impl VcpuControl {
         Ok(())
     }
 
+    /// The KVM clock as the VM paused (None when running).
+    pub fn paused_clock(&self) -> Option<kvm_clock_data> {
+        self.lock().clock
+    }
+
+    /// Has every parked vCPU thread run `task` on its vCPU; returns when all have.
+    pub fn run_parked(&self, task: VcpuTask) -> Result<(), TaskError> {
+        let mut state = self.lock();
+        if !state.pause || state.stop {
+            return Err(TaskError::NotPaused);
+        }
+        if state.ended > 0 {
+            return Err(TaskError::Ended);
+        }
+        state.task = Some(Task(task));
+        state.task_pending = vec![true; self.count];
+        self.changed.notify_all();
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        loop {
+            let pending = state.task_pending.iter().filter(|p| **p).count();
+            if pending == 0 {
+                state.task = None;
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline || state.stop || state.ended > 0 {
+                state.task = None;
+                state.task_pending.clear();
+                return Err(if state.ended > 0 {
+                    TaskError::Ended
+                } else {
+                    TaskError::Timeout {
+                        pending,
+                        timeout_s: PAUSE_TIMEOUT.as_secs(),
+                    }
+                });
+            }
+            state = self
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
     /// Restores the KVM clock and lets the vCPUs run again. Resuming a running VM does
     /// nothing.
     pub fn resume(&self, vm: &VmFd) {
@@ -251,7 +333,7 @@ mod tests {
                 let control = control.clone();
                 let turns = turns.clone();
                 std::thread::spawn(move || {
-                    while control.checkpoint() == Next::Run {
+                    while control.checkpoint(0, None) == Next::Run {
                         turns.fetch_add(1, Ordering::Relaxed);
                         std::thread::yield_now();
                     }

@@ -110,6 +110,11 @@ impl Vcpu {
         })
     }
 
+    /// The vCPU's KVM file descriptor.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
     /// Makes this the boot vCPU: registers for `entry`, and the GDT and page tables it uses.
     /// The others wait in KVM for the guest's INIT/SIPI.
     pub fn setup_boot(&self, mem: &GuestMemory, entry: KernelEntry) -> Result<(), VcpuError> {
@@ -136,7 +141,9 @@ impl Vcpu {
 
     fn run(mut self, control: &control::VcpuControl) {
         // Once the guest has asked to end (on any vCPU), nothing it runs afterwards counts.
-        while control.checkpoint() == control::Next::Run && self.exit.reason().is_none() {
+        while control.checkpoint(self.id, Some(&self.fd)) == control::Next::Run
+            && self.exit.reason().is_none()
+        {
             if let Some(reason) = self.run_once() {
                 self.exit.request(reason);
                 return;

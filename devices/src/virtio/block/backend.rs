@@ -29,6 +29,10 @@ pub struct DiskOptions {
     pub read_only: bool,
     /// `None`: the default (direct for block devices, buffered for files).
     pub direct: Option<bool>,
+    /// Open without the lock, to be taken later with [`Disk::lock`]: a migration
+    /// destination opens the disk while the source still holds it, and writes only after
+    /// the handover.
+    pub defer_lock: bool,
 }
 
 /// Opening a disk failed; each message names the path and the fix.
@@ -101,7 +105,50 @@ fn open_error(path: &Path, e: io::Error, read_only: bool, direct: bool) -> OpenE
     }
 }
 
+/// Takes the disk's advisory lock: exclusive when writable, shared when read-only.
+fn try_lock(file: &File, path: &Path, read_only: bool) -> Result<(), OpenError> {
+    let lock = if read_only {
+        libc::LOCK_SH
+    } else {
+        libc::LOCK_EX
+    };
+    // SAFETY: flock only reads the fd, which `file` keeps open.
+    if unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            OpenError::Locked { path: path.into() }
+        } else {
+            OpenError::Open {
+                path: path.into(),
+                source: e,
+            }
+        });
+    }
+    Ok(())
+}
+
 impl Disk {
+    /// Takes the lock a disk opened with `defer_lock` skipped, waiting up to `patience`
+    /// for another process (a migration source handing the disk over) to let it go.
+    pub fn lock(&self, patience: std::time::Duration) -> Result<(), OpenError> {
+        let deadline = std::time::Instant::now() + patience;
+        loop {
+            match try_lock(&self.file, &self.path, self.read_only) {
+                Err(OpenError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Lets go of the disk's lock: a migration source hands the disk to the destination
+    /// (and writes nothing more).
+    pub fn unlock(&self) {
+        // SAFETY: flock only reads the fd, which `self.file` keeps open.
+        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
+    }
+
     /// Opens the disk, checks it, and takes an advisory lock (exclusive when writable, shared
     /// when read-only) so two VMs never write one disk.
     pub fn open(options: &DiskOptions) -> Result<Disk, OpenError> {
@@ -127,22 +174,8 @@ impl Disk {
             .open(path)
             .map_err(|e| open_error(path, e, options.read_only, direct))?;
 
-        let lock = if options.read_only {
-            libc::LOCK_SH
-        } else {
-            libc::LOCK_EX
-        };
-        // SAFETY: flock only reads the fd, which `file` keeps open.
-        if unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
-            let e = io::Error::last_os_error();
-            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                OpenError::Locked { path: path.into() }
-            } else {
-                OpenError::Open {
-                    path: path.into(),
-                    source: e,
-                }
-            });
+        if !options.defer_lock {
+            try_lock(&file, path, options.read_only)?;
         }
 
         let (size, logical_block_size) = match kind {
@@ -369,6 +402,7 @@ mod tests {
                 path: self.0.clone(),
                 read_only,
                 direct: Some(false),
+                defer_lock: false,
             }
         }
     }
@@ -395,6 +429,7 @@ mod tests {
             path: std::env::temp_dir(),
             read_only: false,
             direct: None,
+            defer_lock: false,
         })
         .unwrap_err();
         assert!(matches!(err, OpenError::Directory { .. }), "{err}");
@@ -402,6 +437,7 @@ mod tests {
             path: "/nonexistent/disk.img".into(),
             read_only: true,
             direct: None,
+            defer_lock: false,
         })
         .unwrap_err();
         assert!(matches!(err, OpenError::Missing { .. }), "{err}");

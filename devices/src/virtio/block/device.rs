@@ -8,6 +8,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::{Queue, QueueT};
+use vm_memory::bitmap::Bitmap;
 use vm_memory::Address;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
@@ -86,6 +87,8 @@ pub struct Block {
     pub(crate) engine: Option<UringEngine>,
     /// Requests are waiting in the avail ring because every engine slot is busy.
     stalled: bool,
+    /// Frozen for a migration: the queue is not served.
+    frozen: bool,
     pub(crate) active: Option<Active>,
     /// Whether the event loop already watches the queue eventfd.
     pub(crate) queue_watched: bool,
@@ -160,6 +163,7 @@ impl Block {
             activate_event: EventFd::new(libc::EFD_NONBLOCK)?,
             engine,
             stalled: false,
+            frozen: false,
             active: None,
             queue_watched: false,
             bounce: AlignedBuf::new(SIZE_MAX as usize),
@@ -193,6 +197,9 @@ impl Block {
     /// for), then interrupts the guest if it asked for it. Returns false if the queue is
     /// broken (the device then waits for a reset).
     pub(crate) fn process_queue(&mut self) -> bool {
+        if self.frozen {
+            return true;
+        }
         let Some(mut active) = self.active.take() else {
             return true;
         };
@@ -268,6 +275,14 @@ impl Block {
             return;
         };
         let done = engine.reap();
+        self.answer(done);
+        if self.stalled {
+            self.process_queue();
+        }
+    }
+
+    /// Answers finished operations in the used ring, interrupting the guest if it asks.
+    fn answer(&mut self, done: Vec<super::uring::Completion>) {
         let Some(mut active) = self.active.take() else {
             return;
         };
@@ -297,6 +312,11 @@ impl Block {
             } else {
                 VIRTIO_BLK_S_IOERR
             };
+            for &(addr, len) in &c.written {
+                if let Ok(slice) = active.mem.get_slice(addr, len as usize) {
+                    slice.bitmap().mark_dirty(0, len as usize);
+                }
+            }
             let written = self.complete(&active.mem, c.status, status, data);
             if active.queue.add_used(&active.mem, c.head, written).is_err() {
                 M::inc(&metrics.invalid_requests);
@@ -306,9 +326,6 @@ impl Block {
             self.notify(&mut active);
         }
         self.active = Some(active);
-        if self.stalled {
-            self.process_queue();
-        }
     }
 
     /// Serves one chain: answered at once (returns the bytes written into guest buffers), or
@@ -361,6 +378,7 @@ impl Block {
                 Answer {
                     head,
                     status: req.status,
+                    written: Vec::new(),
                 },
             ),
             _ => {
@@ -381,6 +399,11 @@ impl Block {
                         Answer {
                             head,
                             status: req.status,
+                            written: if kind == OpKind::Read {
+                                req.data.clone()
+                            } else {
+                                Vec::new()
+                            },
                         },
                     )
                 }
@@ -630,6 +653,23 @@ impl VirtioDevice for Block {
         self.stalled = false;
         self.active = None;
         self.acked_features = 0;
+    }
+
+    fn freeze(&mut self) {
+        self.frozen = true;
+        if let Some(engine) = self.engine.as_mut() {
+            let done = engine.drain();
+            self.answer(done);
+        }
+    }
+
+    fn thaw(&mut self) {
+        self.frozen = false;
+        self.process_queue();
+    }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active.iter().map(|a| a.queue.state()).collect()
     }
 }
 

@@ -181,6 +181,7 @@ pub fn scratch_disk(read_only: bool) -> Disk {
         path: path.into(),
         read_only,
         direct: Some(false),
+        defer_lock: false,
     })
     .expect("opening the scratch disk")
     // `file` closes here; the disk holds its own descriptor of the memfd.

@@ -14,11 +14,13 @@ use io_uring::{opcode, types, IoUring};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
-/// Where an operation's answer goes: its chain head and status byte.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where an operation's answer goes: its chain head and status byte, and for a read the
+/// guest buffers the kernel writes (marked dirty on completion).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
     pub head: u16,
     pub status: GuestAddress,
+    pub written: Vec<(GuestAddress, u32)>,
 }
 
 /// What an in-flight operation was.
@@ -39,6 +41,9 @@ pub struct Completion {
     pub expected: u64,
     /// The kernel's result: bytes moved, or a negative errno.
     pub result: i32,
+    /// For a read: the guest buffers the kernel wrote, which the device marks dirty (the
+    /// kernel's writes bypass the guest memory bitmap).
+    pub written: Vec<(GuestAddress, u32)>,
 }
 
 struct InFlight {
@@ -46,6 +51,7 @@ struct InFlight {
     status: GuestAddress,
     kind: OpKind,
     expected: u64,
+    written: Vec<(GuestAddress, u32)>,
     // Read by the kernel until the completion is reaped; never touched by us meanwhile.
     _iovecs: Box<[libc::iovec]>,
 }
@@ -127,6 +133,7 @@ impl UringEngine {
             status: answer.status,
             kind,
             expected,
+            written: answer.written,
             _iovecs: iovecs,
         };
         // The iovec array moves into the slot (a boxed slice: its address stays) until the
@@ -145,6 +152,7 @@ impl UringEngine {
             status: answer.status,
             kind: OpKind::Flush,
             expected: 0,
+            written: Vec::new(),
             _iovecs: Box::new([]),
         };
         // SAFETY: an fsync carries no buffers.
@@ -200,6 +208,7 @@ impl UringEngine {
                 kind: op.kind,
                 expected: op.expected,
                 result: cqe.result(),
+                written: op.written,
             });
         }
         done

@@ -10,7 +10,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
     VIRTIO_NET_S_LINK_UP,
 };
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -77,6 +77,8 @@ pub struct Net {
     pub(crate) vhost: Option<super::vhost::VhostDatapath>,
     /// Receive buffers taken from the ring, waiting for a frame.
     rx_held: std::collections::VecDeque<RxBuf>,
+    /// Frozen for a migration: neither queue is served.
+    pub(crate) frozen: bool,
     tx_buf: Vec<u8>,
     metrics: Arc<M>,
 }
@@ -128,6 +130,7 @@ impl Net {
             backend,
             vhost: None,
             rx_held: std::collections::VecDeque::new(),
+            frozen: false,
             tx_buf: Vec::with_capacity(HDR_LEN + MAX_FRAME),
             metrics,
         })
@@ -193,6 +196,9 @@ impl Net {
     /// Sends every frame the guest queued to the backend. Returns false if the queue is
     /// broken (the device then waits for a reset).
     pub(crate) fn process_tx(&mut self) -> bool {
+        if self.frozen {
+            return true;
+        }
         let Some(mut active) = self.active.take() else {
             return true;
         };
@@ -250,6 +256,9 @@ impl Net {
 
     /// Hands the guest the frames the backend has for it, as long as the guest has buffers.
     pub(crate) fn deliver_rx(&mut self) {
+        if self.frozen {
+            return;
+        }
         let Some(mut active) = self.active.take() else {
             return;
         };
@@ -536,14 +545,38 @@ impl VirtioDevice for Net {
         self.rx_held.clear();
         self.acked_features = 0;
     }
+
+    fn freeze(&mut self) {
+        self.frozen = true;
+        // Buffers taken from the RX ring and not used go back to it: the destination's
+        // device takes them again from the ring.
+        if let Some(active) = self.active.as_mut() {
+            for _ in self.rx_held.drain(..) {
+                active.rx.go_to_previous_position();
+            }
+        }
+    }
+
+    fn thaw(&mut self) {
+        self.frozen = false;
+        self.process_tx();
+        self.deliver_rx();
+    }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .iter()
+            .flat_map(|a| [a.rx.state(), a.tx.state()])
+            .collect()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::irq::IrqTrigger;
+    use crate::GuestMemoryMmap as Mem;
     use std::collections::VecDeque;
-    use vm_memory::GuestMemoryMmap as Mem;
 
     /// A backend holding frames for the guest.
     struct Frames(VecDeque<Vec<u8>>);

@@ -78,6 +78,14 @@ impl MutEventSubscriber for Net {
             }
             TOKEN_BACKEND => {
                 self.backend.process();
+                if self.frozen {
+                    // Frames arriving while a migration holds the device are lost, as on a
+                    // link that is down (and the backend's descriptor must not stay ready).
+                    while self.backend.rx_peek().is_some() {
+                        crate::virtio::net::metrics::NetMetrics::inc(&self.metrics().rx_dropped);
+                        self.backend.rx_pop();
+                    }
+                }
                 self.deliver_rx();
             }
             TOKEN_VHOST_RX => self.vhost_used(RX),

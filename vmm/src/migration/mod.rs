@@ -1,0 +1,808 @@
+//! Live migration: pre-copy of guest memory with dirty-page logging, then a short pause in
+//! which the last pages and all device and vCPU state move, then the handover.
+//!
+//! The source ([`Migrator::start`], from the API's `migrate`) connects to a destination
+//! podvm started with `--incoming ADDR` and the same devices ([`Migrator::receive`]):
+//!
+//! 1. header and [`state::Shape`]: a destination built differently refuses at once;
+//! 2. dirty logging on, every page once (all-zero pages as compact runs), then rounds of the
+//!    pages written meanwhile, until what is left would take no longer than the downtime
+//!    target at the bandwidth measured so far (or the time limit passes: the source gives up
+//!    and runs on);
+//! 3. pause: the vCPUs park, the virtio devices finish their requests in flight and stop,
+//!    disks are flushed; the last dirty pages, then [`state::VmState`], then `End`;
+//! 4. the destination restores everything and answers `Ready`, or `Error`;
+//! 5. on `Ready` the source is committed: it sends `Go` and ends ("migrated"); the
+//!    destination runs the guest only once it has the `Go`.
+//!
+//! Until step 5 any failure (a refused or corrupted stream, a destination that dies, a
+//! network cut, a timeout) leaves the source exactly as it was: devices thawed, vCPUs
+//! resumed, dirty logging off. The disks are written by one side only: the source stops
+//! writing before step 3 ends, the destination starts after the `Go`.
+
+pub mod memory;
+pub mod state;
+pub mod stream;
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use devices::exit::{ExitReason, ExitRequest};
+use devices::legacy::Serial;
+use devices::virtio::block::Block;
+use devices::virtio::mmio::MmioTransport;
+use kvm_ioctls::VmFd;
+use serde::Serialize;
+
+use self::state::{Shape, StateError, VmState};
+use self::stream::{Kind, StreamError};
+use crate::memory::GuestMemory;
+use crate::vcpu::control::VcpuControl;
+use crate::vcpu::Vcpu;
+
+/// Where a migration goes: `tcp:HOST:PORT` or `unix:PATH`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MigrationAddr {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for MigrationAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once(':') {
+            Some(("tcp", hostport)) if hostport.rsplit_once(':').is_some_and(|(h, p)| {
+                !h.is_empty() && p.parse::<u16>().is_ok()
+            }) =>
+            {
+                Ok(Self::Tcp(hostport.to_string()))
+            }
+            Some(("unix", path)) if !path.is_empty() => Ok(Self::Unix(path.into())),
+            _ => Err(format!(
+                "migration address {s:?}: use tcp:HOST:PORT (for example tcp:10.0.0.5:4444) or unix:PATH"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for MigrationAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "tcp:{a}"),
+            Self::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// How migrations of this VM go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationConfig {
+    /// The longest pause the source aims for.
+    pub downtime: Duration,
+    /// After this long without converging, the source gives up and runs on.
+    pub timeout: Duration,
+    /// Plaintext migration traffic was asked for explicitly.
+    pub insecure: bool,
+}
+
+impl Default for MigrationConfig {
+    fn default() -> Self {
+        Self {
+            downtime: Duration::from_millis(50),
+            timeout: Duration::from_secs(300),
+            insecure: false,
+        }
+    }
+}
+
+/// A migration failed; the source runs on.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: MigrationAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: MigrationAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("migration stream: {0}")]
+    Stream(#[from] StreamError),
+    #[error("the destination refused the migration: {0}")]
+    Refused(String),
+    #[error("this VM cannot take the source's: {0}")]
+    Shape(String),
+    #[error("bad migration stream: {0}")]
+    Invalid(String),
+    #[error("{0}")]
+    State(#[from] StateError),
+    #[error("KVM refused dirty page logging: {0}")]
+    DirtyLog(#[source] kvm_ioctls::Error),
+    #[error("cannot pause the VM: {0}")]
+    Pause(String),
+    #[error("the dirty rate did not converge within {timeout_s} s ({rounds} rounds, {left_mib} MiB still dirty after the last round): the guest writes memory faster than it can be sent; the VM runs on here")]
+    NotConverging {
+        timeout_s: u64,
+        rounds: u64,
+        left_mib: u64,
+    },
+    #[error("NIC {0} uses vhost-net, whose writes into guest memory podvm cannot log yet: run it with vhost=off to migrate")]
+    Vhost(usize),
+    #[error("a migration is already under way")]
+    Busy,
+    #[error("migration traffic carries all guest memory and podvm has no TLS for it yet: start both podvms with --migration-insecure to migrate in plaintext on a trusted link")]
+    Tls,
+    #[error("the VM is not running")]
+    NotRunning,
+}
+
+/// What the API reports about the last migration.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MigrationStatus {
+    /// "none", "active", "completed" or "failed".
+    pub state: &'static str,
+    pub address: Option<String>,
+    /// Rounds of dirty pages after the first full pass.
+    pub rounds: u64,
+    pub pages_sent: u64,
+    pub zero_pages: u64,
+    pub bytes_sent: u64,
+    /// Pages found dirty by the last round.
+    pub dirty_pages: u64,
+    /// Pages the guest dirtied per second during the last round.
+    pub dirty_rate_pages_s: u64,
+    pub bandwidth_mbit_s: f64,
+    /// What the pause was expected to take when it started.
+    pub expected_downtime_ms: f64,
+    /// From the pause to the destination's go-ahead.
+    pub downtime_ms: f64,
+    pub total_ms: f64,
+    pub error: Option<String>,
+}
+
+/// A migration connection.
+pub trait Connection: Read + Write + Send {}
+impl<T: Read + Write + Send> Connection for T {}
+
+/// Everything a migration reads or restores, shared with the running VM.
+pub struct Migrator {
+    pub vm: Arc<VmFd>,
+    pub mem: GuestMemory,
+    pub vcpus: Arc<VcpuControl>,
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
+    pub serial: Arc<Mutex<Serial>>,
+    pub blocks: Vec<Arc<Mutex<Block>>>,
+    pub nics: Vec<Arc<devices::virtio::net::NetMetrics>>,
+    pub exit: ExitRequest,
+    pub shape: Shape,
+    /// The MSRs KVM saves and restores.
+    pub msr_index: Vec<u32>,
+    pub config: MigrationConfig,
+    status: Mutex<MigrationStatus>,
+    active: AtomicBool,
+    /// The source has paused the VM for the handover.
+    handover: AtomicBool,
+}
+
+/// How long the source waits for the destination's answer once it sent everything, and
+/// the destination for the go.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// What a vCPU thread saved of its vCPU.
+type SavedVcpu = Result<state::VcpuState, String>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Migrator {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        vm: Arc<VmFd>,
+        mem: GuestMemory,
+        vcpus: Arc<VcpuControl>,
+        transports: Vec<Arc<Mutex<MmioTransport>>>,
+        serial: Arc<Mutex<Serial>>,
+        blocks: Vec<Arc<Mutex<Block>>>,
+        nics: Vec<Arc<devices::virtio::net::NetMetrics>>,
+        exit: ExitRequest,
+        shape: Shape,
+        msr_index: Vec<u32>,
+        config: MigrationConfig,
+    ) -> Self {
+        Self {
+            vm,
+            mem,
+            vcpus,
+            transports,
+            serial,
+            blocks,
+            nics,
+            exit,
+            shape,
+            msr_index,
+            config,
+            status: Mutex::new(MigrationStatus {
+                state: "none",
+                ..Default::default()
+            }),
+            active: AtomicBool::new(false),
+            handover: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the VM is paused for a migration's handover (an API resume must wait).
+    pub fn handing_over(&self) -> bool {
+        self.handover.load(Ordering::SeqCst)
+    }
+
+    /// The last migration's progress and figures.
+    pub fn status(&self) -> MigrationStatus {
+        lock(&self.status).clone()
+    }
+
+    /// Starts migrating the running VM to `addr` on a thread of its own.
+    pub fn start(self: &Arc<Self>, addr: MigrationAddr) -> Result<(), MigrationError> {
+        if self.exit.reason().is_some() {
+            return Err(MigrationError::NotRunning);
+        }
+        if let Some(i) = self
+            .nics
+            .iter()
+            .position(|m| devices::virtio::net::NetMetrics::get(&m.vhost_active) != 0)
+        {
+            return Err(MigrationError::Vhost(i));
+        }
+        if !self.config.insecure {
+            return Err(MigrationError::Tls);
+        }
+        if self.active.swap(true, Ordering::SeqCst) {
+            return Err(MigrationError::Busy);
+        }
+        *lock(&self.status) = MigrationStatus {
+            state: "active",
+            address: Some(addr.to_string()),
+            ..Default::default()
+        };
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("migration".into())
+            .spawn(move || {
+                let started = Instant::now();
+                let result = me.send(&addr);
+                let mut status = lock(&me.status);
+                status.total_ms = started.elapsed().as_secs_f64() * 1e3;
+                match result {
+                    Ok(()) => {
+                        status.state = "completed";
+                        tracing::info!(
+                            to = %addr,
+                            total_ms = status.total_ms as u64,
+                            downtime_ms = format_args!("{:.1}", status.downtime_ms),
+                            rounds = status.rounds,
+                            "migrated"
+                        );
+                        drop(status);
+                        me.exit.request(ExitReason::Migrated);
+                    }
+                    Err(e) => {
+                        tracing::warn!(to = %addr, error = %e, "migration failed; the VM runs on here");
+                        status.state = "failed";
+                        status.error = Some(e.to_string());
+                    }
+                }
+                me.active.store(false, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            self.active.store(false, Ordering::SeqCst);
+            let mut status = lock(&self.status);
+            status.state = "failed";
+            status.error = Some(format!("cannot start the migration thread: {e}"));
+        }
+        Ok(())
+    }
+
+    fn connect(addr: &MigrationAddr) -> Result<Box<dyn Connection>, MigrationError> {
+        let err = |source| MigrationError::Connect {
+            addr: addr.clone(),
+            source,
+        };
+        Ok(match addr {
+            MigrationAddr::Tcp(hostport) => {
+                let target = hostport
+                    .to_socket_addrs()
+                    .map_err(err)?
+                    .next()
+                    .ok_or_else(|| err(std::io::ErrorKind::NotFound.into()))?;
+                let s = TcpStream::connect_timeout(&target, CONNECT_TIMEOUT).map_err(err)?;
+                let _ = s.set_nodelay(true);
+                s.set_read_timeout(Some(HANDOVER_TIMEOUT)).map_err(err)?;
+                s.set_write_timeout(Some(HANDOVER_TIMEOUT)).map_err(err)?;
+                Box::new(s)
+            }
+            MigrationAddr::Unix(path) => {
+                let s = UnixStream::connect(path).map_err(err)?;
+                s.set_read_timeout(Some(HANDOVER_TIMEOUT)).map_err(err)?;
+                s.set_write_timeout(Some(HANDOVER_TIMEOUT)).map_err(err)?;
+                Box::new(s)
+            }
+        })
+    }
+
+    fn update(&self, f: impl FnOnce(&mut MigrationStatus)) {
+        f(&mut lock(&self.status));
+    }
+
+    /// The source side; on error everything is as before the migration.
+    fn send(&self, addr: &MigrationAddr) -> Result<(), MigrationError> {
+        let conn = Self::connect(addr)?;
+        let mut w = BufWriter::with_capacity(1 << 20, conn);
+        let io = |e: std::io::Error| MigrationError::Stream(StreamError::Io(e));
+        stream::write_header(&mut w).map_err(io)?;
+        let shape = serde_json::to_vec(&self.shape).expect("the shape serializes");
+        stream::write_section(&mut w, Kind::Shape, &[&shape]).map_err(io)?;
+        w.flush().map_err(io)?;
+        // The destination checks the header and shape before any memory moves.
+        let mut payload = Vec::new();
+        match stream::read_section(w.get_mut(), &mut payload)? {
+            Kind::Accept => {}
+            Kind::Error => {
+                return Err(MigrationError::Refused(
+                    String::from_utf8_lossy(&payload).into_owned(),
+                ))
+            }
+            other => {
+                return Err(MigrationError::Invalid(format!(
+                    "the destination answered {other:?} to the shape"
+                )))
+            }
+        }
+
+        memory::set_dirty_logging(&self.vm, &self.mem, true).map_err(MigrationError::DirtyLog)?;
+        let result = self.precopy_and_handover(&mut w);
+        if result.is_err() {
+            if let Err(e) = memory::set_dirty_logging(&self.vm, &self.mem, false) {
+                tracing::warn!(error = %e, "cannot turn dirty page logging off");
+            }
+        }
+        result
+    }
+
+    fn precopy_and_handover(
+        &self,
+        w: &mut BufWriter<Box<dyn Connection>>,
+    ) -> Result<(), MigrationError> {
+        let io = |e: std::io::Error| MigrationError::Stream(StreamError::Io(e));
+        let started = Instant::now();
+        let downtime_s = self.config.downtime.as_secs_f64();
+
+        // The first pass: everything.
+        let t = Instant::now();
+        let sent = memory::send_pages(w, &self.mem, &memory::all_pages(&self.mem)).map_err(io)?;
+        w.flush().map_err(io)?;
+        let mut bytes_per_s = sent.bytes as f64 / t.elapsed().as_secs_f64().max(1e-6);
+        self.update(|s| {
+            s.pages_sent += sent.pages;
+            s.zero_pages += sent.zero_pages;
+            s.bytes_sent += sent.bytes;
+            s.bandwidth_mbit_s = bytes_per_s * 8.0 / 1e6;
+        });
+
+        // Rounds of what was written meanwhile, until the rest fits the downtime.
+        let mut last = Instant::now();
+        let mut rounds = 0u64;
+        loop {
+            let dirty = memory::harvest(&self.vm, &self.mem).map_err(MigrationError::DirtyLog)?;
+            let n = memory::count(&dirty);
+            let since = last.elapsed().as_secs_f64().max(1e-6);
+            let expected = (n as f64 * memory::PAGE as f64) / bytes_per_s;
+            self.update(|s| {
+                s.dirty_pages = n;
+                s.dirty_rate_pages_s = (n as f64 / since) as u64;
+                s.expected_downtime_ms = expected * 1e3;
+            });
+            if expected <= downtime_s {
+                return self.handover(w, dirty, started);
+            }
+            if started.elapsed() > self.config.timeout {
+                return Err(MigrationError::NotConverging {
+                    timeout_s: self.config.timeout.as_secs(),
+                    rounds,
+                    left_mib: (n * memory::PAGE as u64) >> 20,
+                });
+            }
+            last = Instant::now();
+            let sent = memory::send_pages(w, &self.mem, &dirty).map_err(io)?;
+            w.flush().map_err(io)?;
+            let took = last.elapsed().as_secs_f64().max(1e-6);
+            if sent.bytes > (4 << 20) {
+                // Big rounds measure the link; small ones mostly measure their own latency.
+                bytes_per_s = sent.bytes as f64 / took;
+            }
+            rounds += 1;
+            self.update(|s| {
+                s.rounds = rounds;
+                s.pages_sent += sent.pages;
+                s.zero_pages += sent.zero_pages;
+                s.bytes_sent += sent.bytes;
+                s.bandwidth_mbit_s = bytes_per_s * 8.0 / 1e6;
+            });
+        }
+    }
+
+    /// Pauses the VM, sends the rest and hands over; undoes the pause on failure.
+    fn handover(
+        &self,
+        w: &mut BufWriter<Box<dyn Connection>>,
+        mut dirty: memory::DirtyPages,
+        _started: Instant,
+    ) -> Result<(), MigrationError> {
+        let paused_at = Instant::now();
+        // A VM the user paused stays paused if the migration fails.
+        let was_running = self.vcpus.run_state() == crate::vcpu::control::RunState::Running;
+        self.handover.store(true, Ordering::SeqCst);
+        if let Err(e) = self.vcpus.pause(&self.vm) {
+            self.handover.store(false, Ordering::SeqCst);
+            return Err(MigrationError::Pause(e.to_string()));
+        }
+        for t in &self.transports {
+            lock(t).freeze();
+        }
+        let result = self.final_pass(w, &mut dirty, paused_at);
+        if result.is_err() {
+            for t in &self.transports {
+                lock(t).thaw();
+            }
+            if was_running {
+                self.vcpus.resume(&self.vm);
+            }
+            self.handover.store(false, Ordering::SeqCst);
+        }
+        result
+    }
+
+    fn final_pass(
+        &self,
+        w: &mut BufWriter<Box<dyn Connection>>,
+        dirty: &mut memory::DirtyPages,
+        paused_at: Instant,
+    ) -> Result<(), MigrationError> {
+        let io = |e: std::io::Error| MigrationError::Stream(StreamError::Io(e));
+        for block in &self.blocks {
+            let mut block = lock(block);
+            if let Err(e) = block.flush_on_exit() {
+                return Err(MigrationError::Invalid(format!(
+                    "flushing disk {} failed: {e}",
+                    block.disk().path().display()
+                )));
+            }
+        }
+        // What was written since the last harvest, the devices' last answers included.
+        let more = memory::harvest(&self.vm, &self.mem).map_err(MigrationError::DirtyLog)?;
+        for (a, b) in dirty.iter_mut().zip(more) {
+            for (x, y) in a.iter_mut().zip(b) {
+                *x |= y;
+            }
+        }
+        let state = self.save_state()?;
+        let sent = memory::send_pages(w, &self.mem, dirty).map_err(io)?;
+        let json = serde_json::to_vec(&state).expect("the VM state serializes");
+        stream::write_section(w, Kind::State, &[&json]).map_err(io)?;
+        stream::write_section(w, Kind::End, &[]).map_err(io)?;
+        w.flush().map_err(io)?;
+        self.update(|s| {
+            s.pages_sent += sent.pages;
+            s.zero_pages += sent.zero_pages;
+            s.bytes_sent += sent.bytes + json.len() as u64;
+        });
+
+        let mut payload = Vec::new();
+        let conn = w.get_mut();
+        match stream::read_section(conn, &mut payload)? {
+            Kind::Ready => {}
+            Kind::Error => {
+                return Err(MigrationError::Refused(
+                    String::from_utf8_lossy(&payload).into_owned(),
+                ))
+            }
+            other => {
+                return Err(MigrationError::Invalid(format!(
+                    "the destination answered {other:?}"
+                )))
+            }
+        }
+        // Committed: from here on the guest is the destination's, and so are the disks.
+        for block in &self.blocks {
+            lock(block).disk().unlock();
+        }
+        if let Err(e) = stream::write_section(conn, Kind::Go, &[]).and_then(|()| conn.flush()) {
+            tracing::error!(error = %e, "the go to the destination may not have arrived; the guest stays stopped here (it must not run twice)");
+        }
+        let downtime = paused_at.elapsed().as_secs_f64() * 1e3;
+        self.update(|s| s.downtime_ms = downtime);
+        Ok(())
+    }
+
+    fn save_state(&self) -> Result<VmState, MigrationError> {
+        let saved: Arc<Mutex<Vec<Option<SavedVcpu>>>> =
+            Arc::new(Mutex::new((0..self.shape.vcpus).map(|_| None).collect()));
+        let msrs = Arc::new(self.msr_index.clone());
+        let slots = saved.clone();
+        self.vcpus
+            .run_parked(Arc::new(move |id, fd| {
+                let s = state::save_vcpu(fd, &msrs).map_err(|e| e.to_string());
+                if let Some(slot) = lock(&slots).get_mut(usize::from(id)) {
+                    *slot = Some(s);
+                }
+            }))
+            .map_err(|e| MigrationError::Pause(e.to_string()))?;
+        let vcpus = std::mem::take(&mut *lock(&saved))
+            .into_iter()
+            .enumerate()
+            .map(|(id, s)| match s {
+                Some(Ok(s)) => Ok(s),
+                Some(Err(e)) => Err(MigrationError::Invalid(format!("vCPU {id}: {e}"))),
+                None => Err(MigrationError::Invalid(format!("vCPU {id} saved nothing"))),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let clock = self
+            .vcpus
+            .paused_clock()
+            .map_or_else(|| self.vm.get_clock(), Ok)
+            .map_err(|source| StateError::Kvm {
+                what: "read the KVM clock",
+                source,
+            })?;
+        Ok(VmState {
+            vcpus,
+            machine: state::save_machine(&self.vm, clock)?,
+            serial: lock(&self.serial).state(),
+            virtio: self.transports.iter().map(|t| lock(t).state()).collect(),
+        })
+    }
+
+    /// The destination side: takes one migration from `listener` into this VM, whose vCPUs
+    /// (`vcpus`) have not run. Returns once the source has handed over (run the VM then);
+    /// on error the guest must not run.
+    pub fn receive(
+        &self,
+        vcpus: &[Vcpu],
+        listener: IncomingListener,
+    ) -> Result<(), MigrationError> {
+        let addr = listener.addr.clone();
+        let conn = listener.accept()?;
+        tracing::info!(from = %addr, "migration connection accepted");
+        let mut r = BufReader::with_capacity(1 << 20, conn);
+        let result = self.receive_stream(vcpus, &mut r);
+        let conn = r.get_mut();
+        match result {
+            Ok(()) => {
+                stream::write_section(conn, Kind::Ready, &[])
+                    .and_then(|()| conn.flush())
+                    .map_err(|e| MigrationError::Stream(StreamError::Io(e)))?;
+                let mut payload = Vec::new();
+                match stream::read_section(conn, &mut payload)? {
+                    Kind::Go => {
+                        for block in &self.blocks {
+                            lock(block).disk().lock(HANDOVER_TIMEOUT).map_err(|e| {
+                                MigrationError::Invalid(format!("after the handover: {e}"))
+                            })?;
+                        }
+                        Ok(())
+                    }
+                    other => Err(MigrationError::Invalid(format!(
+                        "the source sent {other:?} instead of the go"
+                    ))),
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                let _ = stream::write_section(conn, Kind::Error, &[msg.as_bytes()])
+                    .and_then(|()| conn.flush());
+                Err(e)
+            }
+        }
+    }
+
+    fn receive_stream(
+        &self,
+        vcpus: &[Vcpu],
+        r: &mut BufReader<Box<dyn Connection>>,
+    ) -> Result<(), MigrationError> {
+        stream::read_header(r)?;
+        let mut payload = Vec::new();
+        match stream::read_section(r, &mut payload)? {
+            Kind::Shape => {
+                let theirs: Shape = serde_json::from_slice(&payload)
+                    .map_err(|e| MigrationError::Invalid(format!("shape: {e}")))?;
+                if let Some(why) = self.shape.mismatch(&theirs) {
+                    return Err(MigrationError::Shape(why));
+                }
+                let conn = r.get_mut();
+                stream::write_section(conn, Kind::Accept, &[])
+                    .and_then(|()| conn.flush())
+                    .map_err(|e| MigrationError::Stream(StreamError::Io(e)))?;
+            }
+            other => {
+                return Err(MigrationError::Invalid(format!(
+                    "the stream starts with {other:?}, not the VM's shape"
+                )))
+            }
+        }
+        let mut state: Option<VmState> = None;
+        let mut pages = 0u64;
+        loop {
+            match stream::read_section(r, &mut payload)? {
+                Kind::Pages if state.is_none() => {
+                    pages += memory::receive_pages(&self.mem, &payload)
+                        .map_err(MigrationError::Invalid)?
+                }
+                Kind::Zeroes if state.is_none() => {
+                    pages += memory::receive_zeroes(&self.mem, &payload)
+                        .map_err(MigrationError::Invalid)?
+                }
+                Kind::State if state.is_none() => {
+                    state = Some(
+                        serde_json::from_slice(&payload)
+                            .map_err(|e| MigrationError::Invalid(format!("state: {e}")))?,
+                    )
+                }
+                Kind::End => break,
+                other => {
+                    return Err(MigrationError::Invalid(format!(
+                        "unexpected {other:?} section"
+                    )))
+                }
+            }
+        }
+        let state = state.ok_or_else(|| MigrationError::Invalid("no state section".into()))?;
+        tracing::info!(pages, "migration received; restoring");
+        self.restore(vcpus, &state)
+    }
+
+    fn restore(&self, vcpus: &[Vcpu], s: &VmState) -> Result<(), MigrationError> {
+        if s.vcpus.len() != vcpus.len() || s.virtio.len() != self.transports.len() {
+            return Err(MigrationError::Invalid(format!(
+                "state for {} vCPUs and {} devices, this VM has {} and {}",
+                s.vcpus.len(),
+                s.virtio.len(),
+                vcpus.len(),
+                self.transports.len()
+            )));
+        }
+        state::restore_machine(&self.vm, &s.machine)?;
+        for (vcpu, state) in vcpus.iter().zip(&s.vcpus) {
+            state::restore_vcpu(vcpu.fd(), state)?;
+        }
+        lock(&self.serial)
+            .restore(&s.serial)
+            .map_err(MigrationError::Invalid)?;
+        for (i, (t, state)) in self.transports.iter().zip(&s.virtio).enumerate() {
+            lock(t)
+                .restore(state)
+                .map_err(|e| MigrationError::Invalid(format!("virtio device {i}: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+/// The destination's listening socket, bound before the VM is built so that a bad address
+/// fails first.
+pub struct IncomingListener {
+    addr: MigrationAddr,
+    listener: Listener,
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl IncomingListener {
+    /// Binds `addr` (a unix socket is created with mode 0600).
+    pub fn bind(addr: &MigrationAddr) -> Result<Self, MigrationError> {
+        let err = |source| MigrationError::Listen {
+            addr: addr.clone(),
+            source,
+        };
+        let listener = match addr {
+            MigrationAddr::Tcp(hostport) => {
+                Listener::Tcp(TcpListener::bind(hostport.as_str()).map_err(err)?)
+            }
+            MigrationAddr::Unix(path) => {
+                let l = crate::socket::bind_private("--incoming", path)
+                    .map_err(|e| err(std::io::Error::other(e.to_string())))?;
+                // The destination waits for its one connection.
+                l.set_nonblocking(false).map_err(err)?;
+                Listener::Unix(l, path.clone())
+            }
+        };
+        Ok(Self {
+            addr: addr.clone(),
+            listener,
+        })
+    }
+
+    /// The address bound (with the real port for `tcp:HOST:0`).
+    pub fn local_addr(&self) -> String {
+        match &self.listener {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|_| self.addr.to_string(), |a| format!("tcp:{a}")),
+            Listener::Unix(_, p) => format!("unix:{}", p.display()),
+        }
+    }
+
+    fn accept(&self) -> Result<Box<dyn Connection>, MigrationError> {
+        let err = |source| MigrationError::Listen {
+            addr: self.addr.clone(),
+            source,
+        };
+        Ok(match &self.listener {
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept().map_err(err)?;
+                let _ = s.set_nodelay(true);
+                s.set_read_timeout(Some(HANDOVER_TIMEOUT)).map_err(err)?;
+                Box::new(s)
+            }
+            Listener::Unix(l, _) => {
+                let (s, _) = l.accept().map_err(err)?;
+                s.set_read_timeout(Some(HANDOVER_TIMEOUT)).map_err(err)?;
+                Box::new(s)
+            }
+        })
+    }
+}
+
+impl Drop for IncomingListener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = &self.listener {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migration_addresses_parse_or_say_what_is_expected() {
+        assert_eq!(
+            "tcp:127.0.0.1:4444".parse::<MigrationAddr>(),
+            Ok(MigrationAddr::Tcp("127.0.0.1:4444".into()))
+        );
+        assert_eq!(
+            "tcp:[::1]:4444".parse::<MigrationAddr>(),
+            Ok(MigrationAddr::Tcp("[::1]:4444".into()))
+        );
+        assert_eq!(
+            "unix:/run/m.sock".parse::<MigrationAddr>(),
+            Ok(MigrationAddr::Unix("/run/m.sock".into()))
+        );
+        for bad in [
+            "",
+            "tcp:",
+            "tcp:host",
+            "tcp::80",
+            "tcp:h:99999",
+            "unix:",
+            "udp:h:1",
+            "/x",
+        ] {
+            let e = bad.parse::<MigrationAddr>().unwrap_err();
+            assert!(e.contains("tcp:HOST:PORT"), "{bad}: {e}");
+        }
+    }
+}

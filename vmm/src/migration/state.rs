@@ -1,0 +1,261 @@
+//! What a migration carries besides memory: the VM's shape (checked first), and the state
+//! of every vCPU, the in-kernel irqchip, PIT and clock, COM1 and the virtio devices.
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    CpuId, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_CPUID_ENTRIES,
+};
+use kvm_ioctls::{VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+
+use devices::legacy::serial::SerialSnapshot;
+use devices::virtio::mmio::TransportState;
+
+/// The VM as both sides must have built it: a destination with another shape refuses the
+/// migration before it takes any memory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shape {
+    pub memory_bytes: u64,
+    pub vcpus: u8,
+    /// Each virtio device in guest order: "block <bytes>" or "net".
+    pub devices: Vec<String>,
+}
+
+impl Shape {
+    /// Where `self` (the destination) differs from `source`, in words.
+    pub fn mismatch(&self, source: &Shape) -> Option<String> {
+        if self.memory_bytes != source.memory_bytes {
+            return Some(format!(
+                "the source has {} MiB of memory, this VM {} MiB (--memory)",
+                source.memory_bytes >> 20,
+                self.memory_bytes >> 20
+            ));
+        }
+        if self.vcpus != source.vcpus {
+            return Some(format!(
+                "the source has {} vCPUs, this VM {} (--cpus)",
+                source.vcpus, self.vcpus
+            ));
+        }
+        if self.devices != source.devices {
+            return Some(format!(
+                "the source's devices are {:?}, this VM's {:?} (give the same --disk and --net, in the same order)",
+                source.devices, self.devices
+            ));
+        }
+        None
+    }
+}
+
+/// One vCPU's architectural state.
+#[derive(Serialize, Deserialize)]
+pub struct VcpuState {
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    pub mp_state: kvm_mp_state,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: kvm_xsave,
+    pub xcrs: kvm_xcrs,
+    pub debug_regs: kvm_debugregs,
+    pub lapic: kvm_lapic_state,
+    pub msrs: Vec<kvm_msr_entry>,
+    pub events: kvm_vcpu_events,
+}
+
+/// The in-kernel devices of the VM.
+#[derive(Serialize, Deserialize)]
+pub struct MachineState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
+}
+
+/// Everything but memory.
+#[derive(Serialize, Deserialize)]
+pub struct VmState {
+    pub vcpus: Vec<VcpuState>,
+    pub machine: MachineState,
+    pub serial: SerialSnapshot,
+    pub virtio: Vec<TransportState>,
+}
+
+/// Saving or restoring state failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("KVM refused to {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
+    move |source| StateError::Kvm { what, source }
+}
+
+/// MSRs per KVM_GET_MSRS call (the bindings' wrapper holds at most 256).
+const MSR_CHUNK: usize = 200;
+
+/// Saves a parked vCPU's state. `msr_index` is KVM's list of MSRs to save; those this vCPU
+/// cannot read are left out.
+pub fn save_vcpu(fd: &VcpuFd, msr_index: &[u32]) -> Result<VcpuState, StateError> {
+    let cpuid = fd
+        .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm("read the CPUID"))?
+        .as_slice()
+        .to_vec();
+    let mp_state = fd.get_mp_state().map_err(kvm("read the MP state"))?;
+    let regs = fd.get_regs().map_err(kvm("read the registers"))?;
+    let sregs = fd.get_sregs().map_err(kvm("read the special registers"))?;
+    let xsave = fd.get_xsave().map_err(kvm("read the XSAVE area"))?;
+    let xcrs = fd.get_xcrs().map_err(kvm("read the XCRs"))?;
+    let debug_regs = fd
+        .get_debug_regs()
+        .map_err(kvm("read the debug registers"))?;
+    let lapic = fd.get_lapic().map_err(kvm("read the local APIC"))?;
+    let msrs = save_msrs(fd, msr_index)?;
+    let events = fd.get_vcpu_events().map_err(kvm("read the vCPU events"))?;
+    Ok(VcpuState {
+        cpuid,
+        mp_state,
+        regs,
+        sregs,
+        xsave,
+        xcrs,
+        debug_regs,
+        lapic,
+        msrs,
+        events,
+    })
+}
+
+/// Reads every MSR of `index` the vCPU has: KVM reads in order and stops at the first it
+/// refuses, which is skipped.
+fn save_msrs(fd: &VcpuFd, index: &[u32]) -> Result<Vec<kvm_msr_entry>, StateError> {
+    let mut saved = Vec::with_capacity(index.len());
+    let mut rest = index;
+    while !rest.is_empty() {
+        let chunk = &rest[..rest.len().min(MSR_CHUNK)];
+        let entries: Vec<kvm_msr_entry> = chunk
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries)
+            .map_err(|e| StateError::Invalid(format!("MSR list: {e:?}")))?;
+        let read = fd.get_msrs(&mut msrs).map_err(kvm("read the MSRs"))?;
+        saved.extend_from_slice(&msrs.as_slice()[..read]);
+        // The one after the last read is one KVM refuses: skip it.
+        rest = &rest[(read + 1).min(rest.len())..];
+    }
+    Ok(saved)
+}
+
+/// Restores a vCPU that has not run yet.
+pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<(), StateError> {
+    let cpuid =
+        CpuId::from_entries(&s.cpuid).map_err(|e| StateError::Invalid(format!("CPUID: {e:?}")))?;
+    fd.set_cpuid2(&cpuid).map_err(kvm("set the CPUID"))?;
+    fd.set_mp_state(s.mp_state)
+        .map_err(kvm("set the MP state"))?;
+    fd.set_sregs(&s.sregs)
+        .map_err(kvm("set the special registers"))?;
+    fd.set_regs(&s.regs).map_err(kvm("set the registers"))?;
+    // SAFETY: `kvm_xsave` is the fixed 4 KiB legacy XSAVE area; KVM_SET_XSAVE reads no more
+    // than that struct (podvm never enables the larger dynamic XSAVE features).
+    unsafe { fd.set_xsave(&s.xsave) }.map_err(kvm("set the XSAVE area"))?;
+    fd.set_xcrs(&s.xcrs).map_err(kvm("set the XCRs"))?;
+    fd.set_debug_regs(&s.debug_regs)
+        .map_err(kvm("set the debug registers"))?;
+    fd.set_lapic(&s.lapic).map_err(kvm("set the local APIC"))?;
+    for chunk in s.msrs.chunks(MSR_CHUNK) {
+        let msrs = Msrs::from_entries(chunk)
+            .map_err(|e| StateError::Invalid(format!("MSR list: {e:?}")))?;
+        let set = fd.set_msrs(&msrs).map_err(kvm("set the MSRs"))?;
+        if set != chunk.len() {
+            return Err(StateError::Invalid(format!(
+                "KVM refused MSR {:#x}",
+                chunk[set].index
+            )));
+        }
+    }
+    fd.set_vcpu_events(&s.events)
+        .map_err(kvm("set the vCPU events"))?;
+    Ok(())
+}
+
+fn chip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip, StateError> {
+    let mut chip = kvm_irqchip {
+        chip_id,
+        ..Default::default()
+    };
+    vm.get_irqchip(&mut chip).map_err(kvm("read the irqchip"))?;
+    Ok(chip)
+}
+
+/// Saves the irqchip and PIT; `clock` is the KVM clock as the VM paused.
+pub fn save_machine(vm: &VmFd, clock: kvm_clock_data) -> Result<MachineState, StateError> {
+    Ok(MachineState {
+        pic_master: chip(vm, KVM_IRQCHIP_PIC_MASTER)?,
+        pic_slave: chip(vm, KVM_IRQCHIP_PIC_SLAVE)?,
+        ioapic: chip(vm, KVM_IRQCHIP_IOAPIC)?,
+        pit: vm.get_pit2().map_err(kvm("read the PIT"))?,
+        clock,
+    })
+}
+
+/// Restores the irqchip, PIT and clock of a VM whose vCPUs have not run yet.
+pub fn restore_machine(vm: &VmFd, s: &MachineState) -> Result<(), StateError> {
+    for (chip, id) in [
+        (&s.pic_master, KVM_IRQCHIP_PIC_MASTER),
+        (&s.pic_slave, KVM_IRQCHIP_PIC_SLAVE),
+        (&s.ioapic, KVM_IRQCHIP_IOAPIC),
+    ] {
+        if chip.chip_id != id {
+            return Err(StateError::Invalid(format!(
+                "irqchip {} where {id} was expected",
+                chip.chip_id
+            )));
+        }
+        vm.set_irqchip(chip).map_err(kvm("set the irqchip"))?;
+    }
+    vm.set_pit2(&s.pit).map_err(kvm("set the PIT"))?;
+    let mut clock = s.clock;
+    // The value only: the guest's clock continues from where it paused.
+    clock.flags = 0;
+    vm.set_clock(&clock).map_err(kvm("set the KVM clock"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migration_shape_mismatch_names_what_differs_and_the_flag() {
+        let a = Shape {
+            memory_bytes: 512 << 20,
+            vcpus: 2,
+            devices: vec!["block 1048576".into(), "net".into()],
+        };
+        assert_eq!(a.mismatch(&a.clone()), None);
+        let mut b = a.clone();
+        b.memory_bytes = 256 << 20;
+        assert!(a.mismatch(&b).unwrap().contains("--memory"));
+        let mut b = a.clone();
+        b.vcpus = 1;
+        assert!(a.mismatch(&b).unwrap().contains("--cpus"));
+        let mut b = a.clone();
+        b.devices.pop();
+        assert!(a.mismatch(&b).unwrap().contains("--net"));
+    }
+}
