@@ -139,8 +139,23 @@ pub struct RunArgs {
     pub migration_timeout: u64,
     /// Migrate without TLS (for tests on one machine): migration traffic carries all of the
     /// guest's memory, so anywhere else use TLS.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "migration_tls_cert")]
     pub migration_insecure: bool,
+    /// Mutual TLS for live migration, as a source and as a destination: this podvm's
+    /// certificate chain (PEM). Needs --migration-tls-key and --migration-tls-ca.
+    #[arg(long, value_name = "PATH", requires_all = ["migration_tls_key", "migration_tls_ca"])]
+    pub migration_tls_cert: Option<PathBuf>,
+    /// The private key of --migration-tls-cert (PEM).
+    #[arg(long, value_name = "PATH", requires = "migration_tls_cert")]
+    pub migration_tls_key: Option<PathBuf>,
+    /// The CA (PEM) that must have signed the peer's certificate: the destination accepts
+    /// only sources it signed, the source only destinations it signed.
+    #[arg(long, value_name = "PATH", requires = "migration_tls_cert")]
+    pub migration_tls_ca: Option<PathBuf>,
+    /// The name the destination's certificate must carry (default: the host of the
+    /// migration address, `localhost` for a unix socket).
+    #[arg(long, value_name = "NAME", requires = "migration_tls_cert")]
+    pub migration_tls_server_name: Option<String>,
     /// Run even though this host's KVM is PVM, which boots only PVM-enabled guest kernels
     /// (or tiny guests such as the benchmark's).
     #[arg(long)]

@@ -37,7 +37,7 @@ enum Error {
     VcpuFailed,
     #[error("incoming migration failed, the guest did not start here: {0}")]
     Migration(#[from] vmm::migration::MigrationError),
-    #[error("--incoming: migration traffic carries all guest memory and podvm has no TLS for it yet; add --migration-insecure (on both podvms) to migrate in plaintext on a trusted link")]
+    #[error("--incoming: migration traffic carries all guest memory; give --migration-tls-cert, --migration-tls-key and --migration-tls-ca (mutual TLS), or --migration-insecure (on both podvms) to migrate in plaintext on a trusted link")]
     MigrationTls,
 }
 
@@ -94,6 +94,19 @@ fn run(args: RunArgs) -> Result<(), Error> {
             downtime: std::time::Duration::from_millis(args.migration_downtime_ms),
             timeout: std::time::Duration::from_secs(args.migration_timeout),
             insecure: args.migration_insecure,
+            tls: match (
+                args.migration_tls_cert,
+                args.migration_tls_key,
+                args.migration_tls_ca,
+            ) {
+                (Some(cert), Some(key), Some(ca)) => Some(vmm::migration::tls::TlsFiles {
+                    cert,
+                    key,
+                    ca,
+                    server_name: args.migration_tls_server_name,
+                }),
+                _ => None,
+            },
         },
         incoming: args.incoming.is_some(),
     };
@@ -114,7 +127,7 @@ fn run(args: RunArgs) -> Result<(), Error> {
     vmm::shutdown::block_termination_signals().map_err(Error::Signals)?;
     let incoming = match &args.incoming {
         Some(addr) => {
-            if !args.migration_insecure {
+            if !args.migration_insecure && config.migration.tls.is_none() {
                 return Err(Error::MigrationTls);
             }
             Some(vmm::migration::IncomingListener::bind(addr)?)

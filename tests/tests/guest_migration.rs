@@ -315,3 +315,138 @@ fn migration_destination_refuses_a_wrong_version_and_a_corrupted_stream() {
         );
     }
 }
+
+/// A CA and a certificate it signed for `localhost`, as PEM files in `dir` named after
+/// `name`; returns (cert, key, ca) paths.
+fn pki(dir: &TempDir, name: &str) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    (
+        dir.file(&format!("{name}.crt"), cert.pem().as_bytes()),
+        dir.file(&format!("{name}.key"), key.serialize_pem().as_bytes()),
+        dir.file(&format!("{name}-ca.crt"), ca.pem().as_bytes()),
+    )
+}
+
+fn tls_args(disk: &str, (cert, key, ca): &(String, String, String)) -> Vec<String> {
+    let mut args = vm_args(disk);
+    args.retain(|a| a != "--migration-insecure");
+    for (flag, value) in [
+        ("--migration-tls-cert", cert),
+        ("--migration-tls-key", key),
+        ("--migration-tls-ca", ca),
+    ] {
+        args.push(flag.into());
+        args.push(value.clone());
+    }
+    args
+}
+
+#[test]
+fn migration_over_mutual_tls_refuses_a_source_the_ca_did_not_sign() {
+    if !kvm_available() {
+        return;
+    }
+    let tmp = TempDir::new("migrate-tls");
+    let disk = tmp.sparse("disk.img", 1 << 20);
+    let good = pki(&tmp, "good");
+    let other = pki(&tmp, "other");
+    let args = tls_args(&disk, &good);
+    let mut src = SocketVm::start("migrate-tls-src", COUNTER, &refs(&args));
+    src.wait_log("COUNT=2\n");
+
+    // A destination whose CA is another: it refuses the source's certificate, and neither
+    // side goes on with the migration.
+    let picky = tls_args(&disk, &(good.0.clone(), good.1.clone(), other.2.clone()));
+    let (dst, addr) = SocketVm::incoming("migrate-tls-picky", COUNTER, &refs(&picky));
+    src.api_json(&["migrate", &addr]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        let s = src.api_json(&["migration"]);
+        if s["state"] != "active" || Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status["state"], "failed", "{status}");
+    let out = dst.wait();
+    assert!(!out.status.success(), "{out}");
+    assert!(out.stderr.contains("TLS with"), "{out}");
+    assert!(out.stderr.contains("did not start here"), "{out}");
+    let n = last_count(&src);
+    src.wait_log(&format!("COUNT={}\n", n + 2));
+
+    // The right destination takes the guest over TLS.
+    let mut dst = migrate(&mut src, "migrate-tls-dst", &refs(&args));
+    let n = last_count(&src);
+    finish(src);
+    dst.wait_log(&format!("COUNT={}\n", n + 2));
+    dst.kill();
+}
+
+#[test]
+fn migration_of_a_guest_dirtying_memory_fast_completes_or_gives_up_cleanly() {
+    if !kvm_available() {
+        return;
+    }
+    // Rewrites 48 MiB of tmpfs as fast as it can, and counts the passes.
+    let dirtier = "mount -t tmpfs -o size=64m tmpfs /mnt\n\
+        i=0\n\
+        while true; do\n\
+          i=$((i+1)); echo \"COUNT=$i\"\n\
+          dd if=/dev/zero of=/mnt/f bs=1M count=48 conv=notrunc 2>/dev/null\n\
+        done\n";
+    let tmp = TempDir::new("migrate-dirty");
+    let disk = tmp.sparse("disk.img", 1 << 20);
+    let mut args = vm_args(&disk);
+    args.extend(["--migration-timeout".into(), "20".into()]);
+    let mut src = SocketVm::start("migrate-dirty-src", dirtier, &refs(&args));
+    src.wait_log("COUNT=3\n");
+    let (mut dst, addr) = SocketVm::incoming("migrate-dirty-dst", dirtier, &refs(&args));
+    src.api_json(&["migrate", &addr]);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut last = serde_json::Value::Null;
+    while src.running() && Instant::now() < deadline {
+        match src.api(&["migration"]) {
+            out if out.status.success() => {
+                last = serde_json::from_str(&out.stdout).unwrap_or(serde_json::Value::Null);
+                if last["state"] == "failed" {
+                    break;
+                }
+            }
+            _ => {} // the source is exiting: it migrated
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if src.running() {
+        // Refused cleanly: it could not converge in 20 s, the guest runs on at the source and
+        // the destination never started it.
+        assert_eq!(last["state"], "failed", "{last}");
+        let error = last["error"].as_str().unwrap();
+        assert!(error.contains("did not converge"), "{last}");
+        eprintln!("dirtying guest: {error}");
+        let n = last_count(&src);
+        src.wait_log(&format!("COUNT={}\n", n + 2));
+        let out = dst.wait();
+        assert!(!out.status.success(), "{out}");
+        assert!(
+            !out.stdout.contains("COUNT="),
+            "the destination ran the guest:\n{out}"
+        );
+        src.kill();
+    } else {
+        // It converged: the guest carries on at the destination.
+        let n = last_count(&src);
+        finish(src);
+        dst.wait_log(&format!("COUNT={}\n", n + 2));
+        dst.kill();
+    }
+}

@@ -62,6 +62,8 @@ pub enum BuildError {
     Signals(#[source] std::io::Error),
     #[error("cannot create the VM exit eventfd: {0}")]
     ExitEvent(#[source] std::io::Error),
+    #[error(transparent)]
+    MigrationTls(#[from] crate::migration::tls::TlsError),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BuildError {
@@ -84,6 +86,14 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
         |name: &str| tracing::debug!(us = started.elapsed().as_micros() as u64, "build: {name}");
     // 1. The config itself.
     config.validate()?;
+
+    // 1a. Migration TLS files, loaded now so a bad file fails before anything else.
+    let tls = config
+        .migration
+        .tls
+        .as_ref()
+        .map(crate::migration::tls::Tls::load)
+        .transpose()?;
 
     step("disks");
     // 1b. Disks, opened before anything else so a bad path or permission fails first.
@@ -162,7 +172,9 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
     let mem = memory::create(config.memory_bytes())?;
     let parts = std::thread::scope(|scope| {
         let registering = scope.spawn(|| register_memory(&vm, &mem));
-        let parts = populate(config, disks, nics, console, api, &kvm, &vm, &mem, &step);
+        let parts = populate(
+            config, disks, nics, console, api, tls, &kvm, &vm, &mem, &step,
+        );
         match registering.join() {
             Ok(registered) => registered.and(parts),
             Err(panic) => std::panic::resume_unwind(panic),
@@ -207,6 +219,7 @@ fn populate(
         std::path::PathBuf,
     )>,
     api: Option<(std::os::unix::net::UnixListener, std::path::PathBuf)>,
+    tls: Option<crate::migration::tls::Tls>,
     kvm: &Kvm,
     vm: &Arc<VmFd>,
     mem: &GuestMemory,
@@ -297,6 +310,7 @@ fn populate(
         },
         msr_index,
         config.migration.clone(),
+        tls,
     ));
     let shutdown = Arc::new(
         GracefulShutdown::new(

@@ -23,6 +23,7 @@
 pub mod memory;
 pub mod state;
 pub mod stream;
+pub mod tls;
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
@@ -89,6 +90,8 @@ pub struct MigrationConfig {
     pub timeout: Duration,
     /// Plaintext migration traffic was asked for explicitly.
     pub insecure: bool,
+    /// Mutual TLS for migration traffic.
+    pub tls: Option<tls::TlsFiles>,
 }
 
 impl Default for MigrationConfig {
@@ -97,6 +100,7 @@ impl Default for MigrationConfig {
             downtime: Duration::from_millis(50),
             timeout: Duration::from_secs(300),
             insecure: false,
+            tls: None,
         }
     }
 }
@@ -130,18 +134,27 @@ pub enum MigrationError {
     DirtyLog(#[source] kvm_ioctls::Error),
     #[error("cannot pause the VM: {0}")]
     Pause(String),
-    #[error("the dirty rate did not converge within {timeout_s} s ({rounds} rounds, {left_mib} MiB still dirty after the last round): the guest writes memory faster than it can be sent; the VM runs on here")]
+    #[error("the dirty rate did not converge within {timeout_s} s ({rounds} rounds after the first pass; {left_kib} KiB still dirty, {expected_ms} ms to send at the {mbit_s} Mbit/s measured, against a downtime target of {target_ms} ms): the guest writes memory faster than it can be sent; the VM runs on here")]
     NotConverging {
         timeout_s: u64,
         rounds: u64,
-        left_mib: u64,
+        left_kib: u64,
+        expected_ms: u64,
+        mbit_s: u64,
+        target_ms: u64,
     },
     #[error("NIC {0} uses vhost-net, whose writes into guest memory podvm cannot log yet: run it with vhost=off to migrate")]
     Vhost(usize),
     #[error("a migration is already under way")]
     Busy,
-    #[error("migration traffic carries all guest memory and podvm has no TLS for it yet: start both podvms with --migration-insecure to migrate in plaintext on a trusted link")]
+    #[error("migration traffic carries all guest memory: start both podvms with --migration-tls-cert, --migration-tls-key and --migration-tls-ca (mutual TLS), or with --migration-insecure to migrate in plaintext on a trusted link")]
     Tls,
+    #[error("TLS with {addr} failed: {source}")]
+    Handshake {
+        addr: MigrationAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the VM is not running")]
     NotRunning,
 }
@@ -188,6 +201,8 @@ pub struct Migrator {
     /// The MSRs KVM saves and restores.
     pub msr_index: Vec<u32>,
     pub config: MigrationConfig,
+    /// Loaded from `config.tls`; `None` means plaintext (only with `config.insecure`).
+    pub tls: Option<tls::Tls>,
     status: Mutex<MigrationStatus>,
     active: AtomicBool,
     /// The source has paused the VM for the handover.
@@ -220,6 +235,7 @@ impl Migrator {
         shape: Shape,
         msr_index: Vec<u32>,
         config: MigrationConfig,
+        tls: Option<tls::Tls>,
     ) -> Self {
         Self {
             vm,
@@ -233,6 +249,7 @@ impl Migrator {
             shape,
             msr_index,
             config,
+            tls,
             status: Mutex::new(MigrationStatus {
                 state: "none",
                 ..Default::default()
@@ -264,7 +281,7 @@ impl Migrator {
         {
             return Err(MigrationError::Vhost(i));
         }
-        if !self.config.insecure {
+        if self.tls.is_none() && !self.config.insecure {
             return Err(MigrationError::Tls);
         }
         if self.active.swap(true, Ordering::SeqCst) {
@@ -313,8 +330,12 @@ impl Migrator {
         Ok(())
     }
 
-    fn connect(addr: &MigrationAddr) -> Result<Box<dyn Connection>, MigrationError> {
+    fn connect(&self, addr: &MigrationAddr) -> Result<Box<dyn Connection>, MigrationError> {
         let err = |source| MigrationError::Connect {
+            addr: addr.clone(),
+            source,
+        };
+        let handshake = |source| MigrationError::Handshake {
             addr: addr.clone(),
             source,
         };
@@ -329,13 +350,20 @@ impl Migrator {
                 let _ = s.set_nodelay(true);
                 s.set_read_timeout(Some(HANDOVER_TIMEOUT)).map_err(err)?;
                 s.set_write_timeout(Some(HANDOVER_TIMEOUT)).map_err(err)?;
-                Box::new(s)
+                let host = hostport.rsplit_once(':').map_or("", |(h, _)| h);
+                match &self.tls {
+                    Some(tls) => tls.connect(s, host).map_err(handshake)?,
+                    None => Box::new(s),
+                }
             }
             MigrationAddr::Unix(path) => {
                 let s = UnixStream::connect(path).map_err(err)?;
                 s.set_read_timeout(Some(HANDOVER_TIMEOUT)).map_err(err)?;
                 s.set_write_timeout(Some(HANDOVER_TIMEOUT)).map_err(err)?;
-                Box::new(s)
+                match &self.tls {
+                    Some(tls) => tls.connect(s, "localhost").map_err(handshake)?,
+                    None => Box::new(s),
+                }
             }
         })
     }
@@ -346,7 +374,7 @@ impl Migrator {
 
     /// The source side; on error everything is as before the migration.
     fn send(&self, addr: &MigrationAddr) -> Result<(), MigrationError> {
-        let conn = Self::connect(addr)?;
+        let conn = self.connect(addr)?;
         let mut w = BufWriter::with_capacity(1 << 20, conn);
         let io = |e: std::io::Error| MigrationError::Stream(StreamError::Io(e));
         stream::write_header(&mut w).map_err(io)?;
@@ -419,7 +447,10 @@ impl Migrator {
                 return Err(MigrationError::NotConverging {
                     timeout_s: self.config.timeout.as_secs(),
                     rounds,
-                    left_mib: (n * memory::PAGE as u64) >> 20,
+                    left_kib: (n * memory::PAGE as u64) >> 10,
+                    expected_ms: (expected * 1e3) as u64,
+                    mbit_s: (bytes_per_s * 8.0 / 1e6) as u64,
+                    target_ms: self.config.downtime.as_millis() as u64,
                 });
             }
             last = Instant::now();
@@ -581,7 +612,7 @@ impl Migrator {
         listener: IncomingListener,
     ) -> Result<(), MigrationError> {
         let addr = listener.addr.clone();
-        let conn = listener.accept()?;
+        let conn = listener.accept(self.tls.as_ref())?;
         tracing::info!(from = %addr, "migration connection accepted");
         let mut r = BufReader::with_capacity(1 << 20, conn);
         let result = self.receive_stream(vcpus, &mut r);
@@ -744,8 +775,12 @@ impl IncomingListener {
         }
     }
 
-    fn accept(&self) -> Result<Box<dyn Connection>, MigrationError> {
+    fn accept(&self, tls: Option<&tls::Tls>) -> Result<Box<dyn Connection>, MigrationError> {
         let err = |source| MigrationError::Listen {
+            addr: self.addr.clone(),
+            source,
+        };
+        let handshake = |source| MigrationError::Handshake {
             addr: self.addr.clone(),
             source,
         };
@@ -754,12 +789,18 @@ impl IncomingListener {
                 let (s, _) = l.accept().map_err(err)?;
                 let _ = s.set_nodelay(true);
                 s.set_read_timeout(Some(HANDOVER_TIMEOUT)).map_err(err)?;
-                Box::new(s)
+                match tls {
+                    Some(tls) => tls.accept(s).map_err(handshake)?,
+                    None => Box::new(s),
+                }
             }
             Listener::Unix(l, _) => {
                 let (s, _) = l.accept().map_err(err)?;
                 s.set_read_timeout(Some(HANDOVER_TIMEOUT)).map_err(err)?;
-                Box::new(s)
+                match tls {
+                    Some(tls) => tls.accept(s).map_err(handshake)?,
+                    None => Box::new(s),
+                }
             }
         })
     }
