@@ -19,12 +19,12 @@ mkdir -p "$work"
 script_for() {
     case $1 in
     idle) echo 'echo MIGBENCH-GUEST-UP; while true; do sleep 1; done' ;;
-    dirty) echo 'echo MIGBENCH-GUEST-UP; mount -t tmpfs -o size=64m tmpfs /mnt; while true; do dd if=/dev/zero of=/mnt/f bs=1M count=32 conv=notrunc 2>/dev/null; sleep 0.1; done' ;;
+    dirty) echo 'echo MIGBENCH-GUEST-UP; mkdir -p /mnt; mount -t tmpfs -o size=64m tmpfs /mnt; while true; do dd if=/dev/zero of=/mnt/f bs=1M count=32 conv=notrunc 2>/dev/null; sleep 0.1; done' ;;
     esac
 }
 cmdline_for() {
     printf 'console=ttyS0 reboot=k panic=1 pci=off quiet podvm.exec=%s' \
-        "$(script_for "$1" | base64 -w0)"
+        "$(script_for "$1" | base64 | tr -d '\n')"
 }
 
 wait_for() { # FILE PATTERN SECONDS
@@ -46,7 +46,7 @@ run_podvm() { # MIB LOAD
     common="--kernel $kernel --initrd $initrd --memory $1 --migration-insecure --migration-downtime-ms $downtime_ms"
     # shellcheck disable=SC2086
     "$podvm" run $common --cmdline "$(cmdline_for "$2")" --console off \
-        --console-log "$d/src.log" --api-socket "$d/src.api" >"$d/src.out" 2>&1 &
+        --api-socket "$d/src.api" >"$d/src.out" 2>&1 &
     src=$!
     "$podvm" run $common --cmdline "$(cmdline_for "$2")" --console off \
         --api-socket "$d/dst.api" --incoming "unix:$d/mig.sock" >"$d/dst.out" 2>&1 &
