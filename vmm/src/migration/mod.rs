@@ -214,6 +214,20 @@ pub struct Migrator {
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Reads the destination's answer: `want`, or its refusal (an `Error` section).
+fn expect_answer(mut conn: &mut dyn Connection, want: Kind) -> Result<(), MigrationError> {
+    let mut payload = Vec::new();
+    match stream::read_section(&mut conn, &mut payload)? {
+        kind if kind == want => Ok(()),
+        Kind::Error => Err(MigrationError::Refused(
+            String::from_utf8_lossy(&payload).into_owned(),
+        )),
+        other => Err(MigrationError::Invalid(format!(
+            "the destination answered {other:?} where {want:?} was due"
+        ))),
+    }
+}
+
 /// What a vCPU thread saved of its vCPU.
 type SavedVcpu = Result<state::VcpuState, String>;
 
@@ -382,20 +396,7 @@ impl Migrator {
         stream::write_section(&mut w, Kind::Shape, &[&shape]).map_err(io)?;
         w.flush().map_err(io)?;
         // The destination checks the header and shape before any memory moves.
-        let mut payload = Vec::new();
-        match stream::read_section(w.get_mut(), &mut payload)? {
-            Kind::Accept => {}
-            Kind::Error => {
-                return Err(MigrationError::Refused(
-                    String::from_utf8_lossy(&payload).into_owned(),
-                ))
-            }
-            other => {
-                return Err(MigrationError::Invalid(format!(
-                    "the destination answered {other:?} to the shape"
-                )))
-            }
-        }
+        expect_answer(w.get_mut(), Kind::Accept)?;
 
         memory::set_dirty_logging(&self.vm, &self.mem, true).map_err(MigrationError::DirtyLog)?;
         let result = self.precopy_and_handover(&mut w);
@@ -441,7 +442,7 @@ impl Migrator {
                 s.expected_downtime_ms = expected * 1e3;
             });
             if expected <= downtime_s {
-                return self.handover(w, dirty, started);
+                return self.handover(w, dirty);
             }
             if started.elapsed() > self.config.timeout {
                 return Err(MigrationError::NotConverging {
@@ -477,7 +478,6 @@ impl Migrator {
         &self,
         w: &mut BufWriter<Box<dyn Connection>>,
         mut dirty: memory::DirtyPages,
-        _started: Instant,
     ) -> Result<(), MigrationError> {
         let paused_at = Instant::now();
         // A VM the user paused stays paused if the migration fails.
@@ -538,21 +538,8 @@ impl Migrator {
             s.bytes_sent += sent.bytes + json.len() as u64;
         });
 
-        let mut payload = Vec::new();
         let conn = w.get_mut();
-        match stream::read_section(conn, &mut payload)? {
-            Kind::Ready => {}
-            Kind::Error => {
-                return Err(MigrationError::Refused(
-                    String::from_utf8_lossy(&payload).into_owned(),
-                ))
-            }
-            other => {
-                return Err(MigrationError::Invalid(format!(
-                    "the destination answered {other:?}"
-                )))
-            }
-        }
+        expect_answer(conn, Kind::Ready)?;
         // Committed: from here on the guest is the destination's, and so are the disks.
         for block in &self.blocks {
             lock(block).disk().unlock();
