@@ -2,6 +2,7 @@
 //! stolen from another running podvm.
 
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -45,9 +46,53 @@ pub fn bind_private(flag: &'static str, path: &Path) -> Result<UnixListener, Soc
         path: path.into(),
         source,
     };
-    let listener = UnixListener::bind(path).map_err(bind_err)?;
-    // Tightened before the VM runs, so before there is anything to see or ask.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    let listener = listen_with_mode(path, 0o600).map_err(bind_err)?;
     listener.set_nonblocking(true).map_err(bind_err)?;
     Ok(listener)
+}
+
+/// Creates the socket, gives it `mode` while it is still unbound, then binds and listens.
+/// Linux creates the file of a unix socket with the socket's own mode (less the umask), so
+/// the path is never visible with a wider mode, not even for a moment; a chmod after bind
+/// would leave a window in which a client with a permissive umask could connect.
+fn listen_with_mode(path: &Path, mode: u32) -> io::Result<UnixListener> {
+    let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+    // `File::set_permissions` is fchmod(2), which works on any descriptor, sockets included.
+    let file = std::fs::File::from(OwnedFd::from(socket));
+    file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    let socket = socket2::Socket::from(OwnedFd::from(file));
+    socket.bind(&socket2::SockAddr::unix(path)?)?;
+    socket.listen(128)?;
+    Ok(UnixListener::from(OwnedFd::from(socket)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_is_private_whatever_the_umask() {
+        let dir = std::env::temp_dir().join(format!("podvm-sock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s");
+        let listener = bind_private("--console", &path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(std::fs::metadata(&path).unwrap().file_type().is_socket());
+        // A live listener is not stolen.
+        let err = bind_private("--console", &path).unwrap_err();
+        assert!(matches!(err, SocketError::InUse { .. }), "{err}");
+        // A stale one is replaced.
+        drop(listener);
+        let listener = bind_private("--console", &path).unwrap();
+        assert!(UnixStream::connect(&path).is_ok());
+        drop(listener);
+        // A file of another kind is refused.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"x").unwrap();
+        let err = bind_private("--api-socket", &path).unwrap_err();
+        assert!(err.to_string().contains("--api-socket"), "{err}");
+        assert!(matches!(err, SocketError::NotASocket { .. }));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
