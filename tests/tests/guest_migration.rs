@@ -145,7 +145,7 @@ fn migration_moves_a_running_guest_whose_counter_continues_and_disk_holds_the_la
 }
 
 #[test]
-fn migration_failures_leave_the_source_running_and_the_destination_never_starts() {
+fn migration_failures_leave_the_source_running_and_a_later_migration_succeeds() {
     if !kvm_available() {
         return;
     }
@@ -215,12 +215,20 @@ fn migration_failures_leave_the_source_running_and_the_destination_never_starts(
         still_counting(&mut src);
     }
 
-    // The guest still ends cleanly at the source.
-    let typist = std::os::unix::net::UnixStream::connect(&src.console).unwrap();
+    // After all that, the same source migrates for real, and the guest takes keys and
+    // ends cleanly at the destination, its count unbroken.
+    let mut dst = migrate(&mut src, "migrate-fail-ok", &refs(&args));
+    let before = last_count(&src);
+    let src_out = finish(src);
+    dst.wait_log(&format!("COUNT={}\n", before + 2));
+    let typist = std::os::unix::net::UnixStream::connect(&dst.console).unwrap();
     (&typist).write_all(b"stop\n").unwrap();
-    let out = src.wait();
+    let out = dst.wait();
     assert!(out.status.success(), "{out}");
     assert!(out.stdout.contains("FINAL="), "{out}");
+    let all = counts(&format!("{}{}", src_out.stdout, out.stdout));
+    let expected: Vec<u64> = (1..=*all.last().unwrap()).collect();
+    assert_eq!(all, expected, "\nSOURCE:\n{src_out}\nDESTINATION:\n{out}");
 }
 
 #[derive(Debug, Clone, Copy)]
