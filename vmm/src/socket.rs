@@ -51,18 +51,44 @@ pub fn bind_private(flag: &'static str, path: &Path) -> Result<UnixListener, Soc
     Ok(listener)
 }
 
-/// Creates the socket, gives it `mode` while it is still unbound, then binds and listens.
-/// Linux creates the file of a unix socket with the socket's own mode (less the umask), so
-/// the path is never visible with a wider mode, not even for a moment; a chmod after bind
-/// would leave a window in which a client with a permissive umask could connect.
+/// The longest path a unix socket address holds (sun_path less its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Creates the socket, gives it `mode` while it is still unbound, binds it under a
+/// temporary name next to `path`, listens, and only then renames it to `path`. So the path
+/// never shows a wider mode (Linux creates a unix socket's file with the socket's own mode,
+/// less the umask; a chmod after bind would leave a window for a client with a permissive
+/// umask), and a client that sees the path can connect at once (between bind and listen a
+/// connect is refused).
 fn listen_with_mode(path: &Path, mode: u32) -> io::Result<UnixListener> {
     let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
     // `File::set_permissions` is fchmod(2), which works on any descriptor, sockets included.
     let file = std::fs::File::from(OwnedFd::from(socket));
     file.set_permissions(std::fs::Permissions::from_mode(mode))?;
     let socket = socket2::Socket::from(OwnedFd::from(file));
-    socket.bind(&socket2::SockAddr::unix(path)?)?;
-    socket.listen(128)?;
+    let staging = path.file_name().map(|name| {
+        let mut staged = std::ffi::OsString::from(format!(".podvm-{}-", std::process::id()));
+        staged.push(name);
+        path.with_file_name(staged)
+    });
+    match staging.filter(|s| s.as_os_str().len() <= MAX_SOCKET_PATH) {
+        Some(staging) => {
+            let _ = std::fs::remove_file(&staging);
+            let bound = socket
+                .bind(&socket2::SockAddr::unix(&staging)?)
+                .and_then(|()| socket.listen(128))
+                .and_then(|()| std::fs::rename(&staging, path));
+            if let Err(e) = bound {
+                let _ = std::fs::remove_file(&staging);
+                return Err(e);
+            }
+        }
+        // No room for a longer name: bind in place (the window stays).
+        None => {
+            socket.bind(&socket2::SockAddr::unix(path)?)?;
+            socket.listen(128)?;
+        }
+    }
     Ok(UnixListener::from(OwnedFd::from(socket)))
 }
 
@@ -76,6 +102,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("s");
         let listener = bind_private("--console", &path).unwrap();
+        // Nothing is left under the temporary name.
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(std::fs::metadata(&path).unwrap().file_type().is_socket());
