@@ -74,7 +74,15 @@ run_podvm() { # MIB LOAD
     total=$(echo "$line" | sed -n 's/.*total_ms=\([0-9.]*\).*/\1/p')
     down=$(echo "$line" | sed -n 's/.*downtime_ms=\([0-9.]*\).*/\1/p')
     rounds=$(echo "$line" | sed -n 's/.* rounds=\([0-9]*\).*/\1/p')
-    echo "MIGBENCH vmm=podvm mem=$1 load=$2 total_ms=${total:-?} downtime_ms=${down:-?} rounds=${rounds:-?} status=$status src_rc=$rc"
+    # The part QEMU's figure covers: from the pause until the last byte is sent (QEMU
+    # does not wait for its destination to load the state).
+    src_down=$(echo "$line" | sed -n 's/.*phases=pause \([0-9.]*\) + disks \([0-9.]*\) + harvest \([0-9.]*\) + save \([0-9.]*\) + send \([0-9.]*\) + .*/\1 \2 \3 \4 \5/p' |
+        awk '{ printf "%.1f", $1 + $2 + $3 + $4 + $5 }')
+    phases=$(echo "$line" | sed -n 's/.*phases=\(.*\)$/\1/p' | tr -d ' ')
+    # Of the destination phase: the destination's own restore (after the last byte came).
+    restore=$(grep -o 'restore_ms=[0-9.]*' "$d/dst.out" | tail -n1 | cut -d= -f2)
+    phases="$phases(restore${restore:-?})"
+    echo "MIGBENCH vmm=podvm mem=$1 load=$2 total_ms=${total:-?} downtime_ms=${down:-?} src_downtime_ms=${src_down:-?} rounds=${rounds:-?} status=$status src_rc=$rc phases=${phases:-?}"
     [ "$status" = completed ] || { echo "MIGBENCH-DETAIL podvm $1 $2 last status: $last"; sed 's/^/MIGBENCH-DETAIL src: /' "$d/src.out" | tail -n 20; }
     sleep 3
     kill $dst 2>/dev/null
@@ -114,7 +122,9 @@ run_qemu() { # MIB LOAD
     done
     total=$(grep 'total time:' "$d/src.out" | tail -n1 | sed -n 's/.*total time: \([0-9]*\).*/\1/p')
     down=$(grep '^downtime:' "$d/src.out" | tail -n1 | sed -n 's/^downtime: \([0-9]*\).*/\1/p')
-    echo "MIGBENCH vmm=qemu mem=$1 load=$2 total_ms=${total:-?} downtime_ms=${down:-?} rounds=? status=$status src_rc=0"
+    # QEMU's passes over the dirty log (the first full one included).
+    syncs=$(grep 'dirty sync count:' "$d/src.out" | tail -n1 | sed -n 's/.*count: \([0-9]*\).*/\1/p')
+    echo "MIGBENCH vmm=qemu mem=$1 load=$2 total_ms=${total:-?} downtime_ms=${down:-?} src_downtime_ms=${down:-?} dirty_syncs=${syncs:-?} status=$status src_rc=0"
     [ "$status" = completed ] || sed 's/^/MIGBENCH-DETAIL qemu src: /' "$d/src.out" | tail -n 30
     echo quit >&3
     echo quit >&4
@@ -123,10 +133,22 @@ run_qemu() { # MIB LOAD
 }
 
 echo "MIGBENCH-LOG sandbox: $(nproc) vCPUs, $(($(sed -n 's/MemTotal: *\([0-9]*\).*/\1/p' /proc/meminfo) / 1024)) MiB, kernel $(uname -r)"
-for mib in $sizes; do
-    for load in $loads; do
-        run_podvm "$mib" "$load"
-        run_qemu "$mib" "$load"
+# Each round runs every pair; even rounds put QEMU first, so neither VMM always follows the
+# other.
+round=1
+while [ "$round" -le "${MIGBENCH_ROUNDS:-2}" ]; do
+    echo "MIGBENCH-LOG round $round"
+    for mib in $sizes; do
+        for load in $loads; do
+            if [ $((round % 2)) -eq 1 ]; then
+                run_podvm "$mib" "$load"
+                run_qemu "$mib" "$load"
+            else
+                run_qemu "$mib" "$load"
+                run_podvm "$mib" "$load"
+            fi
+        done
     done
+    round=$((round + 1))
 done
 echo "MIGBENCH-LOG done"

@@ -8,10 +8,13 @@
 # "idle", and "dirty": the guest rewrites 32 MiB of tmpfs ten times a second), a source
 # and a destination VMM of each kind run in the sandbox, the guest boots and settles
 # (MIGBENCH_SETTLE_S, default 20 s), then migrates over a unix socket with a downtime target
-# of MIGBENCH_DOWNTIME_MS (default 50) on both. Reported: total time and downtime as each
-# VMM measures them (podvm: from the API call to the handover, and from the pause to the
-# destination's go-ahead; QEMU: `info migrate`'s "total time" and "downtime"). Output lines
-# start with MIGBENCH; the whole run is kept in target/migration-bench/.
+# of MIGBENCH_DOWNTIME_MS (default 50) on both; MIGBENCH_ROUNDS (default 2) rounds, the
+# even ones with QEMU first. Reported: total time and downtime as each VMM measures them
+# (podvm: from the API call to the handover, and from the pause to the destination's
+# go-ahead, with its phases; QEMU: `info migrate`'s "total time" and "downtime", which end
+# when the source has sent everything). src_downtime_ms is the like-for-like figure: for
+# podvm, from the pause until its last byte is sent. Output lines start with MIGBENCH; the
+# whole run is kept in target/migration-bench/.
 set -euo pipefail
 here=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=tests/guest/lib.sh
@@ -32,7 +35,7 @@ stamp=$(date -u +%Y%m%dT%H%M%SZ)
 log=$out/sandbox-$stamp.log
 podvm_log "running in the KVM sandbox; log: $log"
 env_args=()
-for v in MIGBENCH_SIZES MIGBENCH_LOADS MIGBENCH_DOWNTIME_MS MIGBENCH_SETTLE_S; do
+for v in MIGBENCH_SIZES MIGBENCH_LOADS MIGBENCH_DOWNTIME_MS MIGBENCH_SETTLE_S MIGBENCH_ROUNDS; do
     [[ -n ${!v:-} ]] && env_args+=(--env "$v=${!v}")
 done
 "$root/tests/sandbox/run" --mem "${MIGBENCH_SANDBOX_MEM:-6144}" --cpus 2 \

@@ -231,6 +231,95 @@ fn migration_failures_leave_the_source_running_and_a_later_migration_succeeds() 
     assert_eq!(all, expected, "\nSOURCE:\n{src_out}\nDESTINATION:\n{out}");
 }
 
+/// Rewrites 48 MiB of tmpfs (12288 pages) on every pass, printing a count after each, until
+/// a line arrives on the console.
+const DIRTIER: &str = "mkdir -p /mnt && mount -t tmpfs -o size=64m tmpfs /mnt\n\
+    i=0\n\
+    while true; do\n\
+      dd if=/dev/zero of=/mnt/f bs=1M count=48 conv=notrunc 2>/dev/null\n\
+      i=$((i+1)); echo \"COUNT=$i\"\n\
+      if read -t 1 -r line; then break; fi\n\
+    done\n\
+    echo \"FINAL=$i\"\n";
+
+#[test]
+fn migration_of_a_guest_rewriting_its_memory_converges_or_gives_up_cleanly() {
+    if !kvm_available() {
+        return;
+    }
+    let tmp = TempDir::new("migrate-dirty");
+    let disk = tmp.sparse("disk.img", 1 << 20);
+    let args = vm_args(&disk);
+    let mut src_args = args.clone();
+    src_args.extend(["--migration-timeout".into(), "20".into()]);
+    let mut src = SocketVm::start("migrate-dirty-src", DIRTIER, &refs(&src_args));
+    src.wait_log("COUNT=2\n");
+
+    let (dst, addr) = SocketVm::incoming("migrate-dirty-dst", DIRTIER, &refs(&args));
+    let answer = src.api_json(&["migrate", &addr]);
+    assert_eq!(answer["state"], "active", "{answer}");
+    // Either the precopy catches up (a fast link) or, at the 20 s limit, it gives up.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let failed = loop {
+        if !src.running() {
+            break None;
+        }
+        let s = src.api_json(&["migration"]);
+        match s["state"].as_str() {
+            Some("failed") => break Some(s),
+            Some("active") => {}
+            // Completed: the source exits in a moment.
+            Some("completed") => {}
+            other => panic!("migration state {other:?}: {s}"),
+        }
+        assert!(Instant::now() < deadline, "the migration never ended: {s}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let typist;
+    let (first, last) = match failed {
+        Some(s) => {
+            // Gave up: it says why in numbers, the destination never ran the guest, and
+            // the guest runs on at the source.
+            eprintln!("migration gave up (as it may here): {}", s["error"]);
+            let error = s["error"].as_str().unwrap();
+            assert!(
+                error.contains("did not converge") && error.contains("--migration-timeout 20"),
+                "{s}"
+            );
+            let out = dst.wait();
+            assert!(!out.status.success(), "{out}");
+            assert!(out.stderr.contains("did not start here"), "{out}");
+            assert!(!out.stdout.contains("COUNT="), "{out}");
+            let n = last_count(&src);
+            src.wait_log(&format!("COUNT={}\n", n + 2));
+            typist = std::os::unix::net::UnixStream::connect(&src.console).unwrap();
+            (&typist).write_all(b"stop\n").unwrap();
+            (src.wait(), None)
+        }
+        None => {
+            // Caught up: the guest counts on at the destination.
+            let before = last_count(&src);
+            let src_out = finish(src);
+            let mut dst = dst;
+            dst.wait_log(&format!("COUNT={}\n", before + 2));
+            typist = std::os::unix::net::UnixStream::connect(&dst.console).unwrap();
+            (&typist).write_all(b"stop\n").unwrap();
+            (src_out, Some(dst.wait()))
+        }
+    };
+    let logs = format!(
+        "{}{}",
+        first.stdout,
+        last.as_ref().map_or("", |o| o.stdout.as_str())
+    );
+    let end = last.as_ref().unwrap_or(&first);
+    assert!(end.status.success(), "{end}");
+    assert!(end.stdout.contains("FINAL="), "{end}");
+    let all = counts(&logs);
+    let expected: Vec<u64> = (1..=*all.last().unwrap()).collect();
+    assert_eq!(all, expected, "{logs}");
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Stop {
     After(usize),
@@ -398,4 +487,188 @@ fn migration_over_mutual_tls_refuses_a_source_the_ca_did_not_sign() {
     finish(src);
     dst.wait_log(&format!("COUNT={}\n", n + 2));
     dst.kill();
+}
+
+/// A raw packet socket on one interface of the calling thread's network namespace.
+struct Capture(std::os::fd::OwnedFd);
+
+impl Capture {
+    fn open(interface: &str) -> Self {
+        use std::os::fd::FromRawFd;
+        let all = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain socket(2); the descriptor is owned right away.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(all)) };
+        assert!(
+            fd >= 0,
+            "packet socket: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: `fd` is a new descriptor nothing else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let name = std::ffi::CString::new(interface).unwrap();
+        // SAFETY: `name` is a NUL-terminated string that outlives the call.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert_ne!(index, 0, "no interface {interface}");
+        // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = all;
+        addr.sll_ifindex = index as i32;
+        use std::os::fd::AsRawFd;
+        // SAFETY: `addr` is a valid sockaddr_ll of the size given.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "bind to {interface}: {}",
+            std::io::Error::last_os_error()
+        );
+        Self(fd)
+    }
+
+    /// The frames that arrive within `wait`.
+    fn frames(&self, wait: Duration) -> Vec<Vec<u8>> {
+        use std::os::fd::AsRawFd;
+        let deadline = Instant::now() + wait;
+        let mut frames = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            let mut pfd = libc::pollfd {
+                fd: self.0.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) } <= 0 {
+                continue;
+            }
+            let mut buf = vec![0u8; 65536];
+            // SAFETY: `buf` is writable for its whole length.
+            let n = unsafe {
+                libc::recv(
+                    self.0.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n > 0 {
+                buf.truncate(n as usize);
+                frames.push(buf);
+            }
+        }
+        frames
+    }
+}
+
+/// The counter of [`COUNTER`] that also pings the tap's host side on every count.
+const NET_COUNTER: &str = "ip link set lo up\nip link set eth0 up\n\
+    ip addr add 10.99.0.2/24 dev eth0\n\
+    i=0\n\
+    while true; do\n\
+      i=$((i+1)); echo \"COUNT=$i\"\n\
+      if ping -c 1 -W 2 10.99.0.1 >/dev/null 2>&1; then echo \"PING=$i\"; fi\n\
+      if read -t 1 -r line; then break; fi\n\
+    done\n\
+    echo \"FINAL=$i\"\n";
+
+#[test]
+fn migration_between_taps_on_two_nodes_keeps_the_guest_reachable_and_announces_its_mac() {
+    if !kvm_available() {
+        return;
+    }
+    // Two nodes: the source podvm in one network namespace, the destination in another,
+    // each with a tap its agent made, whose host side has the address the guest pings
+    // and the same MAC (a gateway that looks the same on every node, so the guest's ARP
+    // entry stays right).
+    let net = podvm_tests::netns::PodNet::new();
+    let tap = |name: &str| {
+        net.ip(&[
+            "tuntap", "add", "dev", name, "mode", "tap", "user", "0", "vnet_hdr",
+        ]);
+        net.ip(&["link", "set", name, "address", "02:00:00:00:99:01"]);
+        net.ip(&["addr", "add", "10.99.0.1/24", "dev", name]);
+        net.ip(&["link", "set", name, "up"]);
+    };
+    tap("tapsrc");
+    net.enter_peer();
+    tap("tapdst");
+    let capture = Capture::open("tapdst");
+    let mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+    // vhost-net moves the frames where it opens: the source takes the queues back for the
+    // migration, the destination hands them to its own vhost-net.
+    let vhost = std::path::Path::new("/dev/vhost-net").exists();
+    if !vhost {
+        eprintln!("*** no /dev/vhost-net here: the tap migration runs without vhost-net ***");
+    }
+    let args = |tap: &str| -> Vec<String> {
+        [
+            "--memory",
+            "256",
+            "--net",
+            &format!("tap={tap},mac=52:54:00:12:34:56"),
+            "--migration-insecure",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    net.enter_pod();
+    let mut src = SocketVm::start("migrate-tap-src", NET_COUNTER, &refs(&args("tapsrc")));
+    net.enter_peer();
+    src.wait_log("PING=");
+    // Nothing announces the guest on the destination's tap before the handover.
+    let is_announcement =
+        |f: &Vec<u8>| f.len() >= 38 && f[12..14] == [0x80, 0x35] && f[6..12] == mac;
+    assert!(!capture
+        .frames(Duration::from_millis(500))
+        .iter()
+        .any(is_announcement));
+
+    let mut dst = migrate(&mut src, "migrate-tap-dst", &refs(&args("tapdst")));
+    let before = last_count(&src);
+    let src_out = finish(src);
+    let frames = capture.frames(Duration::from_secs(3));
+    let announced: Vec<&Vec<u8>> = frames.iter().filter(|f| is_announcement(f)).collect();
+    assert_eq!(announced.len(), 5, "frames on tapdst: {frames:02x?}");
+    for f in &announced {
+        assert_eq!(f[..6], [0xff; 6], "a broadcast");
+        assert_eq!(f[20..22], [0, 3], "RARP request reverse");
+        assert_eq!(f[22..28], mac, "sender hardware address");
+        assert_eq!(f[32..38], mac, "target hardware address");
+    }
+    let counters = dst.api_json(&["counters"]);
+    assert_eq!(counters["nics"][0]["announcements"], 5, "{counters}");
+    // The guest still reaches 10.99.0.1, now the destination node's tap.
+    dst.wait_log(&format!("COUNT={}\n", before + 4));
+    let pings: Vec<u64> = dst
+        .log_text()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("PING=")?.parse().ok())
+        .collect();
+    assert!(
+        pings.iter().any(|&p| p > before),
+        "no ping went through after the migration:\n{}\nSOURCE {src_out}\nDESTINATION {}",
+        dst.log_text(),
+        dst.kill_and_report()
+    );
+    let typist = std::os::unix::net::UnixStream::connect(&dst.console).unwrap();
+    (&typist).write_all(b"stop\n").unwrap();
+    let out = dst.wait();
+    assert!(out.status.success(), "{out}");
+    if vhost {
+        assert!(
+            src_out.stderr.contains("vhost-net moves this NIC's frames")
+                && src_out.stderr.contains("vhost-net stopped for a migration"),
+            "{src_out}"
+        );
+        assert!(
+            out.stderr.contains("vhost-net moves this NIC's frames"),
+            "{out}"
+        );
+    }
 }

@@ -64,6 +64,7 @@ fn nic_counters(m: &devices::virtio::net::NetMetrics) -> Value {
         "rx_dropped": get(&m.rx_dropped),
         "interrupts": get(&m.interrupts),
         "vhost_active": get(&m.vhost_active),
+        "announcements": get(&m.announcements),
         "nat": {
             "dropped_malformed": get(&m.nat_dropped_malformed),
             "dropped_checksum": get(&m.nat_dropped_checksum),

@@ -357,6 +357,21 @@ impl MmioTransport {
         lock(&self.device).thaw();
     }
 
+    /// See [`VirtioDevice::hold_for_migration`].
+    pub fn hold_for_migration(&self, held: bool) {
+        lock(&self.device).hold_for_migration(held);
+    }
+
+    /// See [`VirtioDevice::held_for_migration`].
+    pub fn held_for_migration(&self) -> bool {
+        lock(&self.device).held_for_migration()
+    }
+
+    /// The migration landed here (see [`VirtioDevice::announce`]).
+    pub fn announce(&self) {
+        lock(&self.device).announce();
+    }
+
     /// The device's state; call between [`MmioTransport::freeze`] and the end of the
     /// migration.
     pub fn state(&self) -> TransportState {

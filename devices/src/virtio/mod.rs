@@ -66,6 +66,17 @@ pub trait VirtioDevice: Send {
     fn thaw(&mut self);
     /// The state of the queues an active device serves (empty when not active).
     fn queue_states(&self) -> Vec<QueueState>;
+    /// A migration landed here and the guest is about to run: a NIC announces its MAC.
+    fn announce(&mut self) {}
+    /// A migration starts (`true`) or failed (`false`): a device whose queues the host
+    /// kernel serves (vhost-net) takes them back, since the kernel's writes into guest
+    /// memory would escape the dirty log, and hands them over again afterwards. Done
+    /// asynchronously; see [`VirtioDevice::held_for_migration`].
+    fn hold_for_migration(&mut self, _held: bool) {}
+    /// Nothing outside podvm writes into guest memory for this device any more.
+    fn held_for_migration(&self) -> bool {
+        true
+    }
 }
 
 /// Copies what `data` asks for of a device's configuration `space` at `offset`; bytes

@@ -134,8 +134,9 @@ pub enum MigrationError {
     DirtyLog(#[source] kvm_ioctls::Error),
     #[error("cannot pause the VM: {0}")]
     Pause(String),
-    #[error("the dirty rate did not converge within {timeout_s} s ({rounds} rounds after the first pass; {left_kib} KiB still dirty, {expected_ms} ms to send at the {mbit_s} Mbit/s measured, against a downtime target of {target_ms} ms): the guest writes memory faster than it can be sent; the VM runs on here")]
+    #[error("the dirty rate did not converge: after {elapsed_s} s (--migration-timeout {timeout_s}) and {rounds} rounds after the first pass, {left_kib} KiB are still dirty, {expected_ms} ms to send at the {mbit_s} Mbit/s measured, against a downtime target of {target_ms} ms; the guest writes memory faster than it can be sent; the VM runs on here")]
     NotConverging {
+        elapsed_s: u64,
         timeout_s: u64,
         rounds: u64,
         left_kib: u64,
@@ -143,8 +144,8 @@ pub enum MigrationError {
         mbit_s: u64,
         target_ms: u64,
     },
-    #[error("NIC {0} uses vhost-net, whose writes into guest memory podvm cannot log yet: run it with vhost=off to migrate")]
-    Vhost(usize),
+    #[error("virtio device {0} did not take its queues back from vhost-net within {1} s (vhost-net's writes into guest memory would escape the dirty log)")]
+    Vhost(usize, u64),
     #[error("a migration is already under way")]
     Busy,
     #[error("migration traffic carries all guest memory: start both podvms with --migration-tls-cert, --migration-tls-key and --migration-tls-ca (mutual TLS), or with --migration-insecure to migrate in plaintext on a trusted link")]
@@ -179,8 +180,44 @@ pub struct MigrationStatus {
     pub expected_downtime_ms: f64,
     /// From the pause to the destination's go-ahead.
     pub downtime_ms: f64,
+    /// Where the downtime went.
+    pub downtime_phases_ms: DowntimePhases,
     pub total_ms: f64,
     pub error: Option<String>,
+}
+
+/// The parts of the downtime, in milliseconds, in order.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DowntimePhases {
+    /// Stopping the vCPUs and freezing the devices.
+    pub pause: f64,
+    /// Flushing the disks.
+    pub disks: f64,
+    /// Collecting the last dirty pages.
+    pub harvest: f64,
+    /// Saving the vCPUs' and devices' state.
+    pub save: f64,
+    /// Sending the last pages and the state.
+    pub send: f64,
+    /// The destination restoring everything and answering `Ready` (until the go-ahead).
+    pub destination: f64,
+}
+
+impl std::fmt::Display for DowntimePhases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "pause {:.1} + disks {:.1} + harvest {:.1} + save {:.1} + send {:.1} + destination {:.1}",
+            self.pause, self.disks, self.harvest, self.save, self.send, self.destination
+        )
+    }
+}
+
+fn ms_since(t: &mut Instant) -> f64 {
+    let now = Instant::now();
+    let ms = now.duration_since(*t).as_secs_f64() * 1e3;
+    *t = now;
+    ms
 }
 
 /// A migration connection.
@@ -214,6 +251,8 @@ pub struct Migrator {
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long devices get to take their queues back from vhost-net.
+const HOLD_TIMEOUT: Duration = Duration::from_secs(5);
 /// Reads the destination's answer: `want`, or its refusal (an `Error` section).
 fn expect_answer(mut conn: &mut dyn Connection, want: Kind) -> Result<(), MigrationError> {
     let mut payload = Vec::new();
@@ -288,13 +327,6 @@ impl Migrator {
         if self.exit.reason().is_some() {
             return Err(MigrationError::NotRunning);
         }
-        if let Some(i) = self
-            .nics
-            .iter()
-            .position(|m| devices::virtio::net::NetMetrics::get(&m.vhost_active) != 0)
-        {
-            return Err(MigrationError::Vhost(i));
-        }
         if self.tls.is_none() && !self.config.insecure {
             return Err(MigrationError::Tls);
         }
@@ -322,6 +354,7 @@ impl Migrator {
                             total_ms = status.total_ms as u64,
                             downtime_ms = format_args!("{:.1}", status.downtime_ms),
                             rounds = status.rounds,
+                            phases = %status.downtime_phases_ms,
                             "migrated"
                         );
                         drop(status);
@@ -398,14 +431,41 @@ impl Migrator {
         // The destination checks the header and shape before any memory moves.
         expect_answer(w.get_mut(), Kind::Accept)?;
 
-        memory::set_dirty_logging(&self.vm, &self.mem, true).map_err(MigrationError::DirtyLog)?;
-        let result = self.precopy_and_handover(&mut w);
+        let result = self.hold_devices().and_then(|()| {
+            memory::set_dirty_logging(&self.vm, &self.mem, true)
+                .map_err(MigrationError::DirtyLog)?;
+            let result = self.precopy_and_handover(&mut w);
+            if result.is_err() {
+                if let Err(e) = memory::set_dirty_logging(&self.vm, &self.mem, false) {
+                    tracing::warn!(error = %e, "cannot turn dirty page logging off");
+                }
+            }
+            result
+        });
         if result.is_err() {
-            if let Err(e) = memory::set_dirty_logging(&self.vm, &self.mem, false) {
-                tracing::warn!(error = %e, "cannot turn dirty page logging off");
+            for t in &self.transports {
+                lock(t).hold_for_migration(false);
             }
         }
         result
+    }
+
+    /// Has every device stop anything outside podvm writing guest memory (vhost-net), and
+    /// waits until they have.
+    fn hold_devices(&self) -> Result<(), MigrationError> {
+        for t in &self.transports {
+            lock(t).hold_for_migration(true);
+        }
+        let deadline = Instant::now() + HOLD_TIMEOUT;
+        for (i, t) in self.transports.iter().enumerate() {
+            while !lock(t).held_for_migration() {
+                if Instant::now() > deadline {
+                    return Err(MigrationError::Vhost(i, HOLD_TIMEOUT.as_secs()));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        Ok(())
     }
 
     fn precopy_and_handover(
@@ -446,6 +506,7 @@ impl Migrator {
             }
             if started.elapsed() > self.config.timeout {
                 return Err(MigrationError::NotConverging {
+                    elapsed_s: started.elapsed().as_secs(),
                     timeout_s: self.config.timeout.as_secs(),
                     rounds,
                     left_kib: (n * memory::PAGE as u64) >> 10,
@@ -510,6 +571,9 @@ impl Migrator {
         paused_at: Instant,
     ) -> Result<(), MigrationError> {
         let io = |e: std::io::Error| MigrationError::Stream(StreamError::Io(e));
+        let mut phases = DowntimePhases::default();
+        let mut t = paused_at;
+        phases.pause = ms_since(&mut t);
         for block in &self.blocks {
             let mut block = lock(block);
             if let Err(e) = block.flush_on_exit() {
@@ -519,6 +583,7 @@ impl Migrator {
                 )));
             }
         }
+        phases.disks = ms_since(&mut t);
         // What was written since the last harvest, the devices' last answers included.
         let more = memory::harvest(&self.vm, &self.mem).map_err(MigrationError::DirtyLog)?;
         for (a, b) in dirty.iter_mut().zip(more) {
@@ -526,12 +591,15 @@ impl Migrator {
                 *x |= y;
             }
         }
+        phases.harvest = ms_since(&mut t);
         let state = self.save_state()?;
+        phases.save = ms_since(&mut t);
         let sent = memory::send_pages(w, &self.mem, dirty).map_err(io)?;
         let json = serde_json::to_vec(&state).expect("the VM state serializes");
         stream::write_section(w, Kind::State, &[&json]).map_err(io)?;
         stream::write_section(w, Kind::End, &[]).map_err(io)?;
         w.flush().map_err(io)?;
+        phases.send = ms_since(&mut t);
         self.update(|s| {
             s.pages_sent += sent.pages;
             s.zero_pages += sent.zero_pages;
@@ -547,8 +615,12 @@ impl Migrator {
         if let Err(e) = stream::write_section(conn, Kind::Go, &[]).and_then(|()| conn.flush()) {
             tracing::error!(error = %e, "the go to the destination may not have arrived; the guest stays stopped here (it must not run twice)");
         }
+        phases.destination = ms_since(&mut t);
         let downtime = paused_at.elapsed().as_secs_f64() * 1e3;
-        self.update(|s| s.downtime_ms = downtime);
+        self.update(|s| {
+            s.downtime_ms = downtime;
+            s.downtime_phases_ms = phases;
+        });
         Ok(())
     }
 
@@ -616,6 +688,9 @@ impl Migrator {
                             lock(block).disk().lock(HANDOVER_TIMEOUT).map_err(|e| {
                                 MigrationError::Invalid(format!("after the handover: {e}"))
                             })?;
+                        }
+                        for t in &self.transports {
+                            lock(t).announce();
                         }
                         Ok(())
                     }
@@ -685,8 +760,14 @@ impl Migrator {
             }
         }
         let state = state.ok_or_else(|| MigrationError::Invalid("no state section".into()))?;
-        tracing::info!(pages, "migration received; restoring");
-        self.restore(vcpus, &state)
+        let t = Instant::now();
+        self.restore(vcpus, &state)?;
+        tracing::info!(
+            pages,
+            restore_ms = format_args!("{:.1}", t.elapsed().as_secs_f64() * 1e3),
+            "migration received and restored"
+        );
+        Ok(())
     }
 
     fn restore(&self, vcpus: &[Vcpu], s: &VmState) -> Result<(), MigrationError> {

@@ -34,6 +34,10 @@ pub trait NetBackend: Send {
     /// The guest has taken frames: a backend that stopped producing them when its queue was
     /// full may go on.
     fn rx_room(&mut self) {}
+    /// A migration landed here: tell the network that `mac` is now behind this backend
+    /// (a tap sends RARP frames, as a physical NIC's driver would after a move). A NAT
+    /// backend has nothing to tell: the guest's network lives inside podvm.
+    fn announce(&mut self, _mac: [u8; 6]) {}
     /// A descriptor that becomes readable when [`process`](Self::process) has work.
     fn event_fd(&self) -> RawFd;
     /// Host-side work: sockets, timers.

@@ -79,6 +79,9 @@ pub struct Net {
     rx_held: std::collections::VecDeque<RxBuf>,
     /// Frozen for a migration: neither queue is served.
     pub(crate) frozen: bool,
+    /// A migration is under way: podvm moves the frames itself (vhost-net's writes into
+    /// guest memory would escape the dirty log).
+    pub(crate) vhost_held: bool,
     tx_buf: Vec<u8>,
     metrics: Arc<M>,
 }
@@ -131,6 +134,7 @@ impl Net {
             vhost: None,
             rx_held: std::collections::VecDeque::new(),
             frozen: false,
+            vhost_held: false,
             tx_buf: Vec::with_capacity(HDR_LEN + MAX_FRAME),
             metrics,
         })
@@ -149,7 +153,7 @@ impl Net {
     /// Hands the queues to vhost-net when the backend allows it; false if the device moves
     /// the frames itself.
     pub(crate) fn start_vhost(&mut self) -> bool {
-        if !self.config.vhost || self.vhost.is_some() {
+        if !self.config.vhost || self.vhost_held || self.vhost.is_some() {
             return self.vhost.is_some();
         }
         let (Some(active), Some(tap)) = (self.active.as_ref(), self.backend.tap_for_vhost()) else {
@@ -172,6 +176,58 @@ impl Net {
             Err(e) => {
                 tracing::warn!(error = %e, "vhost-net unavailable; podvm moves the frames");
                 false
+            }
+        }
+    }
+
+    /// Takes the queues back from vhost-net: podvm serves them from where the kernel
+    /// stopped (its next available index; the used index is the ring's own). Returns false
+    /// if the kernel could not say where it stopped (the device then waits for a reset, as
+    /// with a broken queue).
+    pub(crate) fn take_back_from_vhost(&mut self) -> bool {
+        let Some(vhost) = self.vhost.take() else {
+            return true;
+        };
+        self.backend.set_external_datapath(false);
+        M::set(&self.metrics.vhost_active, 0);
+        let positions = vhost.stop_and_report();
+        let Some(active) = self.active.as_mut() else {
+            return true;
+        };
+        let mut ok = true;
+        for (queue, position) in [&mut active.rx, &mut active.tx].into_iter().zip(positions) {
+            match position {
+                Ok(next_avail) => queue.set_next_avail(next_avail),
+                Err(e) => {
+                    tracing::error!(error = %e, "vhost-net did not say where it stopped");
+                    ok = false;
+                }
+            }
+            match queue.used_idx(&active.mem, std::sync::atomic::Ordering::Acquire) {
+                Ok(used) => queue.set_next_used(used.0),
+                Err(e) => {
+                    tracing::error!(error = ?e, "cannot read the used index vhost-net left");
+                    ok = false;
+                }
+            }
+        }
+        if !ok {
+            self.active = None;
+            return false;
+        }
+        tracing::info!("podvm moves this NIC's frames again (vhost-net stopped for a migration)");
+        // What vhost-net used last may not have been signalled yet.
+        if let Err(e) = active.interrupt.signal_used_queue() {
+            tracing::warn!(error = %e, "virtio-net interrupt failed");
+        }
+        true
+    }
+
+    /// Buffers taken from the RX ring and not used go back to it.
+    pub(crate) fn return_rx_buffers(&mut self) {
+        if let Some(active) = self.active.as_mut() {
+            for _ in self.rx_held.drain(..) {
+                active.rx.go_to_previous_position();
             }
         }
     }
@@ -548,19 +604,32 @@ impl VirtioDevice for Net {
 
     fn freeze(&mut self) {
         self.frozen = true;
-        // Buffers taken from the RX ring and not used go back to it: the destination's
-        // device takes them again from the ring.
-        if let Some(active) = self.active.as_mut() {
-            for _ in self.rx_held.drain(..) {
-                active.rx.go_to_previous_position();
-            }
-        }
+        // The destination's device takes them again from the ring.
+        self.return_rx_buffers();
     }
 
     fn thaw(&mut self) {
         self.frozen = false;
         self.process_tx();
         self.deliver_rx();
+    }
+
+    fn announce(&mut self) {
+        self.backend.announce(self.config.mac);
+    }
+
+    fn hold_for_migration(&mut self, held: bool) {
+        if self.vhost_held != held {
+            self.vhost_held = held;
+            // The event loop moves the queues to or from vhost-net (it owns the watches).
+            if let Err(e) = self.activate_event.write(1) {
+                tracing::error!(error = %e, "cannot wake the virtio-net event handler");
+            }
+        }
+    }
+
+    fn held_for_migration(&self) -> bool {
+        self.vhost.is_none()
     }
 
     fn queue_states(&self) -> Vec<virtio_queue::QueueState> {

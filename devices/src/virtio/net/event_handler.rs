@@ -31,6 +31,16 @@ impl Net {
     }
 }
 
+impl Net {
+    fn unwatch_queues(&mut self, ops: &mut EventOps) {
+        if self.queues_watched {
+            let _ = ops.remove(Events::empty(self.queue_event(RX)));
+            let _ = ops.remove(Events::empty(self.queue_event(TX)));
+            self.queues_watched = false;
+        }
+    }
+}
+
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::with_data(
@@ -50,6 +60,20 @@ impl MutEventSubscriber for Net {
         match events.data() {
             TOKEN_ACTIVATE => {
                 let _ = self.activate_event.read();
+                if self.vhost_held {
+                    if let Some(v) = &self.vhost {
+                        let _ = ops.remove(Events::empty(&v.calls[RX]));
+                        let _ = ops.remove(Events::empty(&v.calls[TX]));
+                    }
+                    if !self.take_back_from_vhost() {
+                        return;
+                    }
+                } else if self.vhost.is_none() && self.active.is_some() && self.config().vhost {
+                    // A migration that failed gives the queues back to vhost-net: podvm lets
+                    // go of them first (buffers it holds go back to the ring).
+                    self.unwatch_queues(ops);
+                    self.return_rx_buffers();
+                }
                 if self.start_vhost() {
                     // The kernel serves the queues; the loop only relays its interrupts.
                     if let Some(v) = &self.vhost {

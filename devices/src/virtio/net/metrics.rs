@@ -23,6 +23,9 @@ pub struct NetMetrics {
     pub interrupts: AtomicU64,
     /// 1 while vhost-net moves the frames (a gauge).
     pub vhost_active: AtomicU64,
+    /// RARP frames sent with the guest's MAC after a migration landed here, so that the
+    /// switches learn where the guest is now.
+    pub announcements: AtomicU64,
     /// Guest frames the NAT dropped: malformed, bad checksum, fragments, unsupported.
     pub nat_dropped_malformed: AtomicU64,
     pub nat_dropped_checksum: AtomicU64,

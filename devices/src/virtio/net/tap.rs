@@ -208,6 +208,26 @@ impl Tap {
 
 /// Asks the kernel about interface `name` in this network namespace: its index
 /// (SIOCGIFINDEX) or MTU (SIOCGIFMTU), both an int after the name in the ifreq.
+/// The pauses before each announcement frame, in milliseconds.
+const ANNOUNCE_DELAYS_MS: [u64; 5] = [0, 50, 100, 150, 200];
+
+/// A RARP "request reverse" broadcast from `mac` about itself (RFC 903), padded to the
+/// Ethernet minimum: the frame hypervisors send so that switches relearn a moved MAC.
+pub fn rarp_announcement(mac: [u8; 6]) -> [u8; 60] {
+    let mut f = [0u8; 60];
+    f[0..6].fill(0xff);
+    f[6..12].copy_from_slice(&mac);
+    f[12..14].copy_from_slice(&0x8035u16.to_be_bytes()); // RARP
+    f[14..16].copy_from_slice(&1u16.to_be_bytes()); // hardware: Ethernet
+    f[16..18].copy_from_slice(&0x0800u16.to_be_bytes()); // protocol: IPv4
+    f[18] = 6; // hardware address length
+    f[19] = 4; // protocol address length
+    f[20..22].copy_from_slice(&3u16.to_be_bytes()); // request reverse
+    f[22..28].copy_from_slice(&mac); // sender hardware address; sender IP stays 0
+    f[32..38].copy_from_slice(&mac); // target hardware address; target IP stays 0
+    f
+}
+
 fn interface_query(name: &str, request: libc::c_ulong) -> io::Result<i32> {
     let socket =
         std::net::UdpSocket::bind("0.0.0.0:0").or_else(|_| std::net::UdpSocket::bind("[::]:0"))?;
@@ -280,6 +300,41 @@ impl NetBackend for Tap {
         }
     }
 
+    fn announce(&mut self, mac: [u8; 6]) {
+        let file = match self.file.try_clone() {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(tap = %self.name, error = %e, "cannot announce the guest's MAC");
+                return;
+            }
+        };
+        let mut frame = vec![0u8; HDR_LEN];
+        frame.extend_from_slice(&rarp_announcement(mac));
+        let metrics = self.metrics.clone();
+        let name = self.name.clone();
+        // Five frames over about half a second, like QEMU's self-announce: a switch or
+        // bridge that missed the first learns from a later one. Off the event loop, which
+        // must not sleep.
+        let spawned = std::thread::Builder::new()
+            .name("announce".into())
+            .spawn(move || {
+                for delay_ms in ANNOUNCE_DELAYS_MS {
+                    std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+                    match (&file).write(&frame) {
+                        Ok(n) if n == frame.len() => M::inc(&metrics.announcements),
+                        Ok(_) => M::inc(&metrics.tx_dropped),
+                        Err(e) => {
+                            tracing::debug!(tap = %name, error = %e, "announcement not sent");
+                            M::inc(&metrics.tx_dropped);
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(tap = %self.name, error = %e, "cannot announce the guest's MAC");
+        }
+    }
+
     fn rx_peek(&mut self) -> Option<&[u8]> {
         if self.rx.is_empty() && self.more {
             self.fill();
@@ -306,5 +361,24 @@ impl NetBackend for Tap {
         let _ = self.epoll.wait(0, &mut events);
         self.more = true;
         self.fill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rarp_announcement_is_a_broadcast_request_reverse_about_the_mac() {
+        let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+        let f = rarp_announcement(mac);
+        assert_eq!(&f[0..6], &[0xff; 6]);
+        assert_eq!(&f[6..12], &mac);
+        assert_eq!(&f[12..14], &[0x80, 0x35]);
+        assert_eq!(&f[14..22], &[0, 1, 8, 0, 6, 4, 0, 3]);
+        assert_eq!(&f[22..28], &mac);
+        assert_eq!(&f[28..32], &[0; 4]);
+        assert_eq!(&f[32..38], &mac);
+        assert!(f[38..].iter().all(|&b| b == 0));
     }
 }

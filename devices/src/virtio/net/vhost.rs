@@ -99,6 +99,15 @@ impl VhostDatapath {
         Ok(Self { net, calls })
     }
 
+    /// Stops both rings and returns where the kernel stopped in each (the next available
+    /// index it would have taken), so that podvm can go on serving them from there.
+    pub fn stop_and_report(mut self) -> [Result<u16, VhostError>; 2] {
+        self.stop();
+        [0, 1].map(|index| {
+            step("get ring position", self.net.get_vring_base(index)).map(|base| base as u16)
+        })
+    }
+
     /// Detaches the tap from both queues (the driver reset the device).
     pub fn stop(&mut self) {
         for index in 0..2 {
