@@ -1,7 +1,7 @@
 #!/bin/sh
 # Runs inside the KVM sandbox (see run.sh): for each guest size and load, migrates the
 # same guest once with podvm (source and destination podvm on a unix socket) and once
-# with QEMU (-incoming unix:..., migrate on the monitor), and prints one line per run:
+# with QEMU (-incoming tcp:127.0.0.1:PORT, migrate on the monitor), both over loopback TCP, and prints one line per run:
 #   MIGBENCH vmm=podvm|qemu mem=MIB load=idle|dirty total_ms=.. downtime_ms=.. status=..
 set -u
 podvm=$MIGBENCH_PODVM
@@ -13,6 +13,8 @@ downtime_ms=${MIGBENCH_DOWNTIME_MS:-50}
 qemu=$(command -v qemu-system-x86_64)
 work=/tmp/migbench
 mkdir -p "$work"
+# Every migration gets a fresh loopback port (no TIME-WAIT leftovers in the way).
+port=47000
 
 # The guest: idle waits; dirty rewrites 32 MiB of tmpfs ten times a second (about
 # 320 MiB/s when the vCPU keeps up), which both VMMs must chase.
@@ -41,6 +43,7 @@ json_num() { # KEY < json
 }
 
 run_podvm() { # MIB LOAD
+    port=$((port + 1))
     rm -rf "$work/p" && mkdir -p "$work/p"
     d=$work/p
     common="--kernel $kernel --initrd $initrd --memory $1 --migration-insecure --migration-downtime-ms $downtime_ms"
@@ -49,13 +52,13 @@ run_podvm() { # MIB LOAD
         --api-socket "$d/src.api" >"$d/src.out" 2>&1 &
     src=$!
     "$podvm" run $common --cmdline "$(cmdline_for "$2")" --console off \
-        --api-socket "$d/dst.api" --incoming "unix:$d/mig.sock" >"$d/dst.out" 2>&1 &
+        --api-socket "$d/dst.api" --incoming "tcp:127.0.0.1:$port" >"$d/dst.out" 2>&1 &
     dst=$!
     wait_for "$d/src.out" 'guest started' 60 || true
     # The guest's script announces itself on the console; podvm logs nothing more, so
     # give the guest time to boot and (dirty) start its loop.
     sleep "${MIGBENCH_SETTLE_S:-20}"
-    "$podvm" api "$d/src.api" migrate "unix:$d/mig.sock" >/dev/null
+    "$podvm" api "$d/src.api" migrate "tcp:127.0.0.1:$port" >/dev/null
     status=timeout
     i=0
     while [ $i -lt 6000 ]; do
@@ -94,6 +97,7 @@ qemu_args() { # MIB LOAD
 }
 
 run_qemu() { # MIB LOAD
+    port=$((port + 1))
     rm -rf "$work/q" && mkdir -p "$work/q"
     d=$work/q
     mkfifo "$d/src.mon" "$d/dst.mon"
@@ -103,14 +107,14 @@ run_qemu() { # MIB LOAD
     src=$!
     # shellcheck disable=SC2046
     "$qemu" $(qemu_args "$1" "$2") -append "$(cmdline_for "$2")" -monitor stdio \
-        -incoming "unix:$d/mig.sock" <"$d/dst.mon" >"$d/dst.out" 2>&1 &
+        -incoming "tcp:127.0.0.1:$port" <"$d/dst.mon" >"$d/dst.out" 2>&1 &
     dst=$!
     exec 3>"$d/src.mon" 4>"$d/dst.mon"
     sleep "${MIGBENCH_SETTLE_S:-20}"
     # The same target as podvm's, and no bandwidth cap (QEMU's default caps at 128 MiB/s).
     echo "migrate_set_parameter downtime-limit $downtime_ms" >&3
     echo "migrate_set_parameter max-bandwidth 100G" >&3
-    echo "migrate -d unix:$d/mig.sock" >&3
+    echo "migrate -d tcp:127.0.0.1:$port" >&3
     status=timeout
     i=0
     while [ $i -lt 600 ]; do

@@ -7,7 +7,7 @@
 # For each guest size (MIGBENCH_SIZES, MiB; default "256 1024") and load (MIGBENCH_LOADS:
 # "idle", and "dirty": the guest rewrites 32 MiB of tmpfs ten times a second), a source
 # and a destination VMM of each kind run in the sandbox, the guest boots and settles
-# (MIGBENCH_SETTLE_S, default 20 s), then migrates over a unix socket with a downtime target
+# (MIGBENCH_SETTLE_S, default 20 s), then migrates over loopback TCP with a downtime target
 # of MIGBENCH_DOWNTIME_MS (default 50) on both; MIGBENCH_ROUNDS (default 2) rounds, the
 # even ones with QEMU first. Reported: total time and downtime as each VMM measures them
 # (podvm: from the API call to the handover, and from the pause to the destination's
