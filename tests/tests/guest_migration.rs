@@ -87,6 +87,48 @@ fn finish(src: SocketVm) -> podvm_tests::Outcome {
     out
 }
 
+/// [`COUNTER`] on a guest whose NIC is set up as KubeVirt's masquerade binding has it
+/// (10.0.2.2/24, gateway 10.0.2.1), which on every count also asks a server in the pod
+/// (reached at the gateway's address) for a word and prints `NET=<count> <word>`.
+fn net_counter(port: u16) -> String {
+    format!(
+        "ip link set lo up\nip link set eth0 up\n\
+         ip addr add 10.0.2.2/24 dev eth0\nip route add default via 10.0.2.1\n\
+         i=0\n\
+         while true; do\n\
+           i=$((i+1)); echo \"COUNT=$i\"\n\
+           echo \"$i\" | dd of=/dev/vda bs=512 count=1 conv=fsync 2>/dev/null\n\
+           r=$(nc -w 2 10.0.2.1 {port} </dev/null)\n\
+           [ -n \"$r\" ] && echo \"NET=$i $r\"\n\
+           if read -t 1 -r line; then break; fi\n\
+         done\n\
+         echo \"FINAL=$i\"\n"
+    )
+}
+
+/// A server on the pod's loopback that answers every connection with "pong".
+fn pong_server() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let _ = conn.write_all(b"pong\n");
+        }
+    });
+    port
+}
+
+/// The counts at which the guest's `NET=` request got its answer.
+fn net_answers(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter_map(|l| {
+            let rest = l.trim().strip_prefix("NET=")?;
+            let (n, word) = rest.split_once(' ')?;
+            (word == "pong").then(|| n.parse().ok()).flatten()
+        })
+        .collect()
+}
+
 #[test]
 fn migration_moves_a_running_guest_whose_counter_continues_and_disk_holds_the_last_value() {
     if !kvm_available() {
@@ -95,7 +137,8 @@ fn migration_moves_a_running_guest_whose_counter_continues_and_disk_holds_the_la
     let tmp = TempDir::new("migrate-counter");
     let disk = tmp.sparse("disk.img", 1 << 20);
     let args = vm_args(&disk);
-    let mut a = SocketVm::start("migrate-a", COUNTER, &refs(&args));
+    let script = net_counter(pong_server());
+    let mut a = SocketVm::start("migrate-a", &script, &refs(&args));
     a.wait_log("COUNT=3\n");
 
     // A to B, then B to C: the same guest, counting on.
@@ -132,6 +175,19 @@ fn migration_moves_a_running_guest_whose_counter_continues_and_disk_holds_the_la
     let expected: Vec<u64> = (1..=last).collect();
     assert_eq!(all, expected, "\nA:\n{a_out}\nB:\n{b_out}\nC:\n{c_out}");
     assert!(before >= 3 && middle > before + 1 && last > middle + 1);
+
+    // The guest's network works on each side: its NAT connections end with the source's
+    // podvm, and new ones go out from the destination's, the guest's address unchanged.
+    for (name, out, after) in [
+        ("A", &a_out, 0),
+        ("B", &b_out, before),
+        ("C", &c_out, middle),
+    ] {
+        assert!(
+            net_answers(&out.stdout).iter().any(|&n| n > after),
+            "no answer from the pod's server on {name} (after count {after}):\n{out}"
+        );
+    }
 
     // The disk holds what the guest wrote last, at the destination.
     let bytes = std::fs::read(&disk).unwrap();
@@ -328,6 +384,8 @@ enum Stop {
 
 /// The destination's `Accept` section: kind 15, no payload, its CRC-32.
 const ACCEPT: [u8; 12] = [15, 0, 0, 0, 0, 0, 0, 0, 0xc5, 0xcd, 0x02, 0xbc];
+/// The destination's `Synced` section (kind 19), the answer to a `Sync` (kind 6).
+const SYNCED: [u8; 12] = [19, 0, 0, 0, 0, 0, 0, 0, 0xa1, 0xe9, 0x16, 0x97];
 
 /// Reads one migration stream from `listener` (accepting the shape, as a podvm would) until
 /// `stop`, then hangs up without another answer; true if it got there.
@@ -354,6 +412,9 @@ fn fake_destination(listener: std::os::unix::net::UnixListener, stop: Stop) -> b
         read += 12 + len;
         sections += 1;
         if sections == 1 && (&conn).write_all(&ACCEPT).is_err() {
+            return false;
+        }
+        if kind == 6 && (&conn).write_all(&SYNCED).is_err() {
             return false;
         }
         match stop {

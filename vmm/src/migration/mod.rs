@@ -253,6 +253,16 @@ const HANDOVER_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long devices get to take their queues back from vhost-net.
 const HOLD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Waits until the destination has stored everything sent so far: what the socket buffers
+/// took is not sent yet (on loopback TCP they hold megabytes), and a pause decided on
+/// that would wait for it.
+fn sync(w: &mut BufWriter<Box<dyn Connection>>) -> Result<(), MigrationError> {
+    stream::write_section(w, Kind::Sync, &[])
+        .and_then(|()| w.flush())
+        .map_err(|e| MigrationError::Stream(StreamError::Io(e)))?;
+    expect_answer(w.get_mut(), Kind::Synced)
+}
+
 /// Reads the destination's answer: `want`, or its refusal (an `Error` section).
 fn expect_answer(mut conn: &mut dyn Connection, want: Kind) -> Result<(), MigrationError> {
     let mut payload = Vec::new();
@@ -479,7 +489,7 @@ impl Migrator {
         // The first pass: everything.
         let t = Instant::now();
         let sent = memory::send_pages(w, &self.mem, &memory::all_pages(&self.mem)).map_err(io)?;
-        w.flush().map_err(io)?;
+        sync(w)?;
         let mut bytes_per_s = sent.bytes as f64 / t.elapsed().as_secs_f64().max(1e-6);
         self.update(|s| {
             s.pages_sent += sent.pages;
@@ -517,7 +527,7 @@ impl Migrator {
             }
             last = Instant::now();
             let sent = memory::send_pages(w, &self.mem, &dirty).map_err(io)?;
-            w.flush().map_err(io)?;
+            sync(w)?;
             let took = last.elapsed().as_secs_f64().max(1e-6);
             if sent.bytes > (4 << 20) {
                 // Big rounds measure the link; small ones mostly measure their own latency.
@@ -750,6 +760,12 @@ impl Migrator {
                         serde_json::from_slice(&payload)
                             .map_err(|e| MigrationError::Invalid(format!("state: {e}")))?,
                     )
+                }
+                Kind::Sync if state.is_none() => {
+                    let conn = r.get_mut();
+                    stream::write_section(conn, Kind::Synced, &[])
+                        .and_then(|()| conn.flush())
+                        .map_err(|e| MigrationError::Stream(StreamError::Io(e)))?;
                 }
                 Kind::End => break,
                 other => {

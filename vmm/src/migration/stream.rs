@@ -9,8 +9,9 @@
 //! ```
 //!
 //! The conversation: source → header, `Shape`; destination → `Accept` (or `Error`);
-//! source → `Pages`/`Zeroes`..., `State`, `End`; destination → `Ready` (or `Error`);
-//! source → `Go`.
+//! source → `Pages`/`Zeroes`... and after each pass over memory `Sync`, destination →
+//! `Synced` once it has stored everything before it; source → `State`, `End`; destination
+//! → `Ready` (or `Error`); source → `Go`.
 
 use std::io::{self, Read, Write};
 
@@ -35,6 +36,9 @@ pub enum Kind {
     State,
     /// The source has sent everything.
     End,
+    /// Source to destination: answer `Synced` once everything before this is stored (the
+    /// source measures the link by it, not by what its socket buffers took).
+    Sync,
     /// Destination to source: the header and shape are acceptable; send the rest.
     Accept,
     /// Destination to source: restored, waiting for the go.
@@ -43,6 +47,8 @@ pub enum Kind {
     Error,
     /// Source to destination: the source has stopped for good; run the guest.
     Go,
+    /// Destination to source: everything before the `Sync` is stored.
+    Synced,
 }
 
 impl Kind {
@@ -53,10 +59,12 @@ impl Kind {
             Kind::Zeroes => 3,
             Kind::State => 4,
             Kind::End => 5,
+            Kind::Sync => 6,
             Kind::Accept => 15,
             Kind::Ready => 16,
             Kind::Error => 17,
             Kind::Go => 18,
+            Kind::Synced => 19,
         }
     }
 
@@ -67,10 +75,12 @@ impl Kind {
             3 => Kind::Zeroes,
             4 => Kind::State,
             5 => Kind::End,
+            6 => Kind::Sync,
             15 => Kind::Accept,
             16 => Kind::Ready,
             17 => Kind::Error,
             18 => Kind::Go,
+            19 => Kind::Synced,
             _ => return None,
         })
     }
@@ -226,6 +236,32 @@ mod tests {
             write_section(&mut out, *kind, &[payload]).unwrap();
         }
         out
+    }
+
+    #[test]
+    fn every_section_kind_has_its_own_code() {
+        let all = [
+            Kind::Shape,
+            Kind::Pages,
+            Kind::Zeroes,
+            Kind::State,
+            Kind::End,
+            Kind::Sync,
+            Kind::Accept,
+            Kind::Ready,
+            Kind::Error,
+            Kind::Go,
+            Kind::Synced,
+        ];
+        let codes: std::collections::BTreeSet<u32> = all.iter().map(|k| k.code()).collect();
+        assert_eq!(codes.len(), all.len());
+        for k in all {
+            assert_eq!(Kind::from_code(k.code()), Some(k));
+        }
+        // The bytes of an empty `Synced`, as the tests' stand-in destination writes them.
+        let mut synced = Vec::new();
+        write_section(&mut synced, Kind::Synced, &[]).unwrap();
+        assert_eq!(synced, [19, 0, 0, 0, 0, 0, 0, 0, 0xa1, 0xe9, 0x16, 0x97]);
     }
 
     #[test]
