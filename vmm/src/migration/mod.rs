@@ -251,6 +251,10 @@ pub struct Migrator {
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The share of the downtime target the last pages may take without trying another round.
+const HANDOVER_PAGE_SHARE: f64 = 0.2;
+/// At most this many more rounds once the rest fits the downtime target.
+const EXTRA_ROUNDS: u32 = 3;
 /// How long devices get to take their queues back from vhost-net.
 const HOLD_TIMEOUT: Duration = Duration::from_secs(5);
 /// Waits until the destination has stored everything sent so far: what the socket buffers
@@ -501,6 +505,8 @@ impl Migrator {
         // Rounds of what was written meanwhile, until the rest fits the downtime.
         let mut last = Instant::now();
         let mut rounds = 0u64;
+        let mut previous = u64::MAX;
+        let mut rounds_fitting = 0u32;
         loop {
             let dirty = memory::harvest(&self.vm, &self.mem).map_err(MigrationError::DirtyLog)?;
             let n = memory::count(&dirty);
@@ -512,8 +518,17 @@ impl Migrator {
                 s.expected_downtime_ms = expected * 1e3;
             });
             if expected <= downtime_s {
-                return self.handover(w, dirty);
+                // The pages are only part of the pause (the vCPUs stop, the state is saved,
+                // sent and restored): while rounds still shrink the rest quickly, a few
+                // more are cheaper than sending it paused.
+                let small = expected <= downtime_s * HANDOVER_PAGE_SHARE;
+                let shrinking = n.saturating_mul(4) < previous.saturating_mul(3);
+                if small || !shrinking || rounds_fitting >= EXTRA_ROUNDS {
+                    return self.handover(w, dirty);
+                }
+                rounds_fitting += 1;
             }
+            previous = n;
             if started.elapsed() > self.config.timeout {
                 return Err(MigrationError::NotConverging {
                     elapsed_s: started.elapsed().as_secs(),
