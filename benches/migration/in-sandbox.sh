@@ -83,8 +83,9 @@ run_podvm() { # MIB LOAD
         awk '{ printf "%.1f", $1 + $2 + $3 + $4 + $5 }')
     phases=$(echo "$line" | sed -n 's/.*phases=\(.*\)$/\1/p' | tr -d ' ')
     # Of the destination phase: the destination's own restore (after the last byte came).
-    restore=$(grep -o 'restore_ms=[0-9.]*' "$d/dst.out" | tail -n1 | cut -d= -f2)
-    phases="$phases(restore${restore:-?})"
+    dst_line=$(grep 'migration received and restored' "$d/dst.out" | tail -n1)
+    dst_field() { echo "$dst_line" | grep -o "$1=[0-9.]*" | cut -d= -f2; }
+    phases="$phases(lastpass$(dst_field last_pass_ms)+parse$(dst_field state_parse_ms)+restore$(dst_field restore_ms))"
     echo "MIGBENCH vmm=podvm mem=$1 load=$2 total_ms=${total:-?} downtime_ms=${down:-?} src_downtime_ms=${src_down:-?} rounds=${rounds:-?} status=$status src_rc=$rc phases=${phases:-?}"
     [ "$status" = completed ] || { echo "MIGBENCH-DETAIL podvm $1 $2 last status: $last"; sed 's/^/MIGBENCH-DETAIL src: /' "$d/src.out" | tail -n 20; }
     sleep 3

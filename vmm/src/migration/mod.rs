@@ -760,8 +760,14 @@ impl Migrator {
         }
         let mut state: Option<VmState> = None;
         let mut pages = 0u64;
+        // Where the destination's part of the pause goes: reading the last pass (from its
+        // first section after the last Sync to End), parsing the state, restoring.
+        let mut last_pass: Option<Instant> = None;
+        let mut parse_ms = 0.0;
         loop {
-            match stream::read_section(r, &mut payload)? {
+            let kind = stream::read_section(r, &mut payload)?;
+            last_pass.get_or_insert_with(Instant::now);
+            match kind {
                 Kind::Pages if state.is_none() => {
                     pages += memory::receive_pages(&self.mem, &payload)
                         .map_err(MigrationError::Invalid)?
@@ -771,16 +777,19 @@ impl Migrator {
                         .map_err(MigrationError::Invalid)?
                 }
                 Kind::State if state.is_none() => {
+                    let t = Instant::now();
                     state = Some(
                         serde_json::from_slice(&payload)
                             .map_err(|e| MigrationError::Invalid(format!("state: {e}")))?,
-                    )
+                    );
+                    parse_ms = t.elapsed().as_secs_f64() * 1e3;
                 }
                 Kind::Sync if state.is_none() => {
                     let conn = r.get_mut();
                     stream::write_section(conn, Kind::Synced, &[])
                         .and_then(|()| conn.flush())
                         .map_err(|e| MigrationError::Stream(StreamError::Io(e)))?;
+                    last_pass = None;
                 }
                 Kind::End => break,
                 other => {
@@ -791,10 +800,13 @@ impl Migrator {
             }
         }
         let state = state.ok_or_else(|| MigrationError::Invalid("no state section".into()))?;
+        let last_pass_ms = last_pass.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
         let t = Instant::now();
         self.restore(vcpus, &state)?;
         tracing::info!(
             pages,
+            last_pass_ms = format_args!("{last_pass_ms:.1}"),
+            state_parse_ms = format_args!("{parse_ms:.1}"),
             restore_ms = format_args!("{:.1}", t.elapsed().as_secs_f64() * 1e3),
             "migration received and restored"
         );
