@@ -121,6 +121,11 @@ impl VcpuControl {
         *self.threads.lock().unwrap_or_else(|p| p.into_inner()) = threads;
     }
 
+    /// Whether a vCPU thread has something to do at its next checkpoint (pause or stop).
+    pub fn wants_attention(&self) -> bool {
+        self.attention.load(Ordering::Acquire)
+    }
+
     /// Called by vCPU thread `id` before each `KVM_RUN`: parks it while the VM is paused
     /// (running the tasks given meanwhile on `fd`) and says whether it should stop.
     pub fn checkpoint(&self, id: u8, fd: Option<&kvm_ioctls::VcpuFd>) -> Next {

@@ -79,6 +79,8 @@ pub struct Vcpu {
     fd: VcpuFd,
     buses: Arc<Buses>,
     exit: ExitRequest,
+    /// The last exit was an I/O or MMIO access, which KVM completes on the next KVM_RUN.
+    io_pending: bool,
 }
 
 impl Vcpu {
@@ -107,6 +109,7 @@ impl Vcpu {
             fd,
             buses,
             exit,
+            io_pending: false,
         })
     }
 
@@ -140,10 +143,17 @@ impl Vcpu {
     }
 
     fn run(mut self, control: &control::VcpuControl) {
-        // Once the guest has asked to end (on any vCPU), nothing it runs afterwards counts.
-        while control.checkpoint(self.id, Some(&self.fd)) == control::Next::Run
-            && self.exit.reason().is_none()
-        {
+        loop {
+            if self.io_pending && control.wants_attention() {
+                self.complete_io();
+            }
+            // Once the guest has asked to end (on any vCPU), nothing it runs afterwards
+            // counts.
+            if control.checkpoint(self.id, Some(&self.fd)) != control::Next::Run
+                || self.exit.reason().is_some()
+            {
+                return;
+            }
             if let Some(reason) = self.run_once() {
                 self.exit.request(reason);
                 return;
@@ -151,9 +161,36 @@ impl Vcpu {
         }
     }
 
+    /// KVM finishes an I/O or MMIO access (loads what a read returned, moves past the
+    /// instruction) only on the next KVM_RUN, and the state KVM_GET_* return does not show
+    /// the access pending. Before the thread parks, where a migration saves that state, the
+    /// access is completed with `immediate_exit` set: KVM_RUN finishes it and returns
+    /// without running guest code (a string instruction may exit again for its next part).
+    fn complete_io(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        for _ in 0..64 {
+            if let Some(reason) = self.run_once() {
+                self.exit.request(reason);
+                break;
+            }
+            if !self.io_pending {
+                break;
+            }
+        }
+        self.fd.set_kvm_immediate_exit(0);
+    }
+
     /// Runs the guest until one exit; returns a reason when the VM must end.
     fn run_once(&mut self) -> Option<ExitReason> {
-        match self.fd.run() {
+        let exit = self.fd.run();
+        self.io_pending = matches!(
+            exit,
+            Ok(VcpuExit::IoIn(..)
+                | VcpuExit::IoOut(..)
+                | VcpuExit::MmioRead(..)
+                | VcpuExit::MmioWrite(..))
+        );
+        match exit {
             Ok(VcpuExit::IoIn(port, data)) => {
                 if !self.buses.pio.read(u64::from(port), data) {
                     data.fill(0xff);
