@@ -301,7 +301,6 @@ fn populate(
         devices.transports.clone(),
         devices.serial.clone(),
         devices.blocks.clone(),
-        devices.nics.clone(),
         exit.clone(),
         crate::migration::state::Shape {
             memory_bytes: config.memory_bytes(),

@@ -232,7 +232,6 @@ pub struct Migrator {
     pub transports: Vec<Arc<Mutex<MmioTransport>>>,
     pub serial: Arc<Mutex<Serial>>,
     pub blocks: Vec<Arc<Mutex<Block>>>,
-    pub nics: Vec<Arc<devices::virtio::net::NetMetrics>>,
     pub exit: ExitRequest,
     pub shape: Shape,
     /// The MSRs KVM saves and restores.
@@ -297,7 +296,6 @@ impl Migrator {
         transports: Vec<Arc<Mutex<MmioTransport>>>,
         serial: Arc<Mutex<Serial>>,
         blocks: Vec<Arc<Mutex<Block>>>,
-        nics: Vec<Arc<devices::virtio::net::NetMetrics>>,
         exit: ExitRequest,
         shape: Shape,
         msr_index: Vec<u32>,
@@ -311,7 +309,6 @@ impl Migrator {
             transports,
             serial,
             blocks,
-            nics,
             exit,
             shape,
             msr_index,
