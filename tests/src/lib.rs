@@ -171,6 +171,13 @@ pub fn run_command(cmd: Command) -> Outcome {
     run_watched(cmd, false, false, |_, _, _| {})
 }
 
+/// Runs the guest command `make` builds (from [`guest_command`]) under the harness timeout;
+/// in the KVM sandbox a guest that never reached its script is booted once more, as for
+/// [`run_guest_script`].
+pub fn run_guest(mut make: impl FnMut() -> Command) -> Outcome {
+    run_guest_with_retry(|| run_watched(make(), true, false, |_, _, _| {}))
+}
+
 /// Runs `cmd` under the harness timeout. Each stdout line goes to `on_line` as it arrives,
 /// with the child's stdin (piped when `stdin_piped`, else closed) and its pid, so a test can
 /// type or signal in response; everything printed is returned.

@@ -617,15 +617,15 @@ impl Migrator {
         let state = self.save_state()?;
         phases.save = ms_since(&mut t);
         let sent = memory::send_pages(w, &self.mem, dirty).map_err(io)?;
-        let json = serde_json::to_vec(&state).expect("the VM state serializes");
-        stream::write_section(w, Kind::State, &[&json]).map_err(io)?;
+        let encoded = state.encode();
+        stream::write_section(w, Kind::State, &[&encoded]).map_err(io)?;
         stream::write_section(w, Kind::End, &[]).map_err(io)?;
         w.flush().map_err(io)?;
         phases.send = ms_since(&mut t);
         self.update(|s| {
             s.pages_sent += sent.pages;
             s.zero_pages += sent.zero_pages;
-            s.bytes_sent += sent.bytes + json.len() as u64;
+            s.bytes_sent += sent.bytes + encoded.len() as u64;
         });
 
         let conn = w.get_mut();
@@ -775,10 +775,7 @@ impl Migrator {
                 }
                 Kind::State if state.is_none() => {
                     let t = Instant::now();
-                    state = Some(
-                        serde_json::from_slice(&payload)
-                            .map_err(|e| MigrationError::Invalid(format!("state: {e}")))?,
-                    );
+                    state = Some(VmState::decode(&payload).map_err(MigrationError::Invalid)?);
                     parse_ms = t.elapsed().as_secs_f64() * 1e3;
                 }
                 Kind::Sync if state.is_none() => {
