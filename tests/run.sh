@@ -10,4 +10,5 @@ tests/guest/build.sh
 benches/guest/build.sh
 # Integration tests start the podvm binary, which `cargo test` alone does not build.
 cargo build --workspace --bins
-cargo test --workspace "$@"
+# --no-fail-fast: one run reports every failing test binary, not only the first.
+cargo test --workspace --no-fail-fast "$@"
