@@ -443,8 +443,10 @@ fn migration_destination_refuses_a_wrong_version_and_a_corrupted_stream() {
         h.extend_from_slice(&0u32.to_le_bytes());
         h
     };
-    // A section of kind 1 (shape) whose checksum does not match.
-    let mut corrupted = header(1);
+    // A section of kind 1 (shape) whose checksum does not match, in a stream of the
+    // version podvm reads (`VERSION` in vmm/src/migration/stream.rs).
+    const STREAM_VERSION: u32 = 2;
+    let mut corrupted = header(STREAM_VERSION);
     corrupted.extend_from_slice(&1u32.to_le_bytes());
     corrupted.extend_from_slice(&2u32.to_le_bytes());
     corrupted.extend_from_slice(b"{}");
