@@ -105,12 +105,23 @@ read -r line\n\
 touch /tmp/stop\n\
 wait\n";
 
+/// [`COUNTER`] at about a line per millisecond: still a stream through every attach and
+/// detach, without the storm of serial-port exits of the unpaced loop, under which the KVM
+/// sandbox's own kernel locked up or lost the VM in two of the last CI runs (this test ran
+/// when it did each time).
+const PACED_COUNTER: &str = "stty -echo\n\
+( i=0; while [ ! -e /tmp/stop ]; do i=$((i+1)); echo \"SEQ $i\"; usleep 1000; done; echo \"SEQ-DONE $i\" ) &\n\
+echo COUNTER-RUNNING\n\
+read -r line\n\
+touch /tmp/stop\n\
+wait\n";
+
 #[test]
 fn console_attach_detach_100_times_loses_no_output() {
     if !kvm_available() {
         return;
     }
-    let mut vm = podvm_tests::SocketVm::start("console-100", COUNTER, &[]);
+    let mut vm = podvm_tests::SocketVm::start("console-100", PACED_COUNTER, &[]);
     vm.wait_log("SEQ 1\n");
     for round in 0..100 {
         let mut client = std::process::Command::new(podvm_tests::podvm_bin())
@@ -131,9 +142,19 @@ fn console_attach_detach_100_times_loses_no_output() {
                 let status = client.wait().unwrap();
                 let mut err = String::new();
                 let _ = client.stderr.take().unwrap().read_to_string(&mut err);
+                let alive = vm.running();
+                let report = vm.kill_and_report();
+                let (stderr, log) = report
+                    .split_once("\nconsole log:\n")
+                    .unwrap_or((&report, ""));
+                let cut = (log.len().saturating_sub(2000)..log.len())
+                    .find(|&i| log.is_char_boundary(i))
+                    .unwrap_or(log.len());
+                let tail = format!("{stderr}\n...\n{}", &log[cut..]);
                 panic!(
-                    "round {round}: podvm console ended ({status}) before any output; it said:\n{err}\nafter:\n{}",
-                    String::from_utf8_lossy(&seen)
+                    "round {round}: podvm console ended ({status}) before any output; it said:\n{err}\nafter:\n{}\nthe VM was {}; its stderr and the end of its console log:\n{tail}",
+                    String::from_utf8_lossy(&seen),
+                    if alive { "running" } else { "gone" },
                 );
             }
             seen.extend_from_slice(&buf[..n]);
