@@ -601,7 +601,17 @@ impl SocketVm {
     /// Runs `podvm api SOCKET args...`, which must succeed, and parses its JSON answer.
     pub fn api_json(&self, args: &[&str]) -> serde_json::Value {
         let out = self.api(args);
-        assert!(out.status.success(), "podvm api {args:?} failed:\n{out}");
+        if !out.status.success() {
+            // The VM may be gone (its socket with it): what the guest printed last says why.
+            let log = self.log_text();
+            let cut = (log.len().saturating_sub(3000)..log.len())
+                .find(|&i| log.is_char_boundary(i))
+                .unwrap_or(log.len());
+            panic!(
+                "podvm api {args:?} failed:\n{out}\nthe VM's console log ends:\n{}",
+                &log[cut..]
+            );
+        }
         serde_json::from_str(&out.stdout)
             .unwrap_or_else(|e| panic!("podvm api {args:?}: not JSON ({e}):\n{out}"))
     }
