@@ -171,6 +171,15 @@ pub fn run_command(cmd: Command) -> Outcome {
     run_watched(cmd, false, false, |_, _, _| {})
 }
 
+/// The last `max` bytes of `text` or a little fewer (cut at a character boundary), for
+/// failure messages.
+pub fn tail(text: &str, max: usize) -> &str {
+    let cut = (text.len().saturating_sub(max)..text.len())
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(text.len());
+    &text[cut..]
+}
+
 /// Runs the guest command `make` builds (from [`guest_command`]) under the harness timeout;
 /// in the KVM sandbox a guest that never reached its script is booted once more, as for
 /// [`run_guest_script`].
@@ -604,12 +613,9 @@ impl SocketVm {
         if !out.status.success() {
             // The VM may be gone (its socket with it): what the guest printed last says why.
             let log = self.log_text();
-            let cut = (log.len().saturating_sub(3000)..log.len())
-                .find(|&i| log.is_char_boundary(i))
-                .unwrap_or(log.len());
             panic!(
                 "podvm api {args:?} failed:\n{out}\nthe VM's console log ends:\n{}",
-                &log[cut..]
+                tail(&log, 3000)
             );
         }
         serde_json::from_str(&out.stdout)

@@ -147,10 +147,7 @@ fn console_attach_detach_100_times_loses_no_output() {
                 let (stderr, log) = report
                     .split_once("\nconsole log:\n")
                     .unwrap_or((&report, ""));
-                let cut = (log.len().saturating_sub(2000)..log.len())
-                    .find(|&i| log.is_char_boundary(i))
-                    .unwrap_or(log.len());
-                let tail = format!("{stderr}\n...\n{}", &log[cut..]);
+                let tail = format!("{stderr}\n...\n{}", podvm_tests::tail(log, 2000));
                 panic!(
                     "round {round}: podvm console ended ({status}) before any output; it said:\n{err}\nafter:\n{}\nthe VM was {}; its stderr and the end of its console log:\n{tail}",
                     String::from_utf8_lossy(&seen),
