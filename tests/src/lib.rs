@@ -455,7 +455,9 @@ pub struct SocketVm {
     pub log: PathBuf,
     pub api: PathBuf,
     child: Option<Child>,
-    stderr: Option<std::thread::JoinHandle<String>>,
+    /// podvm's stderr goes to a file, so a failure seen through `&self` (an API call to a
+    /// VM that is gone) can still say what podvm printed last.
+    stderr: PathBuf,
 }
 
 impl SocketVm {
@@ -506,6 +508,7 @@ impl SocketVm {
         let console = dir.0.join("console.sock");
         let log = dir.0.join("console.log");
         let api = dir.0.join("api.sock");
+        let stderr = dir.0.join("stderr.log");
         let mut cmd = guest_command(script, extra);
         cmd.arg("--console")
             .arg(&console)
@@ -515,16 +518,15 @@ impl SocketVm {
             .arg(&api)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn podvm");
-        let stderr = reader(child.stderr.take().expect("stderr"));
+            .stderr(std::fs::File::create(&stderr).expect("create stderr file"));
+        let child = cmd.spawn().expect("spawn podvm");
         Self {
             dir,
             console,
             log,
             api,
             child: Some(child),
-            stderr: Some(stderr),
+            stderr,
         }
     }
 
@@ -614,7 +616,9 @@ impl SocketVm {
             // The VM may be gone (its socket with it): what the guest printed last says why.
             let log = self.log_text();
             panic!(
-                "podvm api {args:?} failed:\n{out}\nthe VM's console log ends:\n{}",
+                "podvm api {args:?} failed:\n{out}\nthe VM's stderr ends:\n{}\n\
+                 the VM's console log ends:\n{}",
+                tail(&self.stderr_text(), 4000),
                 tail(&log, 3000)
             );
         }
@@ -663,11 +667,14 @@ impl SocketVm {
         self.child.as_ref().expect("running").id() as i32
     }
 
+    /// What podvm wrote to its stderr so far.
+    pub fn stderr_text(&self) -> String {
+        let bytes = std::fs::read(&self.stderr).unwrap_or_default();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
     fn take_stderr(&mut self) -> String {
-        self.stderr
-            .take()
-            .map(|h| h.join().unwrap_or_default())
-            .unwrap_or_default()
+        self.stderr_text()
     }
 
     /// Kills podvm and returns its stderr and console log, for a failure message.
