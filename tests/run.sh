@@ -11,4 +11,9 @@ benches/guest/build.sh
 # Integration tests start the podvm binary, which `cargo test` alone does not build.
 cargo build --workspace --bins
 # --no-fail-fast: one run reports every failing test binary, not only the first.
-cargo test --workspace --no-fail-fast "$@"
+status=0
+cargo test --workspace --no-fail-fast "$@" || status=$?
+# resources/: the image (built without a container engine), the manifests against the
+# Kubernetes schemas and Pod Security "restricted", the seccomp profile against the lists.
+tests/resources/run.sh || status=$?
+exit "$status"

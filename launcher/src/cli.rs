@@ -20,6 +20,9 @@ pub enum Command {
     Console(ConsoleArgs),
     /// Call a running VM's control API (`podvm run --api-socket`); prints the JSON answer.
     Api(ApiArgs),
+    /// Print the pod's seccomp profile (OCI JSON, for a Localhost seccompProfile), made
+    /// from the same allowlists podvm's threads filter themselves with.
+    SeccompProfile,
 }
 
 #[derive(Debug, Args)]
@@ -160,6 +163,15 @@ pub struct RunArgs {
     /// (or tiny guests such as the benchmark's).
     #[arg(long)]
     pub allow_pvm: bool,
+    /// Seccomp filters, one allowlist per thread: kill (a call outside the list ends podvm
+    /// with a line naming the thread and the call), log (such calls go through and the
+    /// kernel logs them; for finding what a list lacks) or off (development only).
+    #[arg(long, value_name = "MODE", default_value = "kill", env = "PODVM_SECCOMP", value_parser = parse_seccomp)]
+    pub seccomp: podvm_seccomp::Mode,
+}
+
+fn parse_seccomp(value: &str) -> Result<podvm_seccomp::Mode, String> {
+    value.parse()
 }
 
 fn parse_migration_addr(value: &str) -> Result<vmm::migration::MigrationAddr, String> {

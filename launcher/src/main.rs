@@ -20,6 +20,8 @@ use crate::cli::{Cli, Command, RunArgs};
 #[derive(Debug, thiserror::Error)]
 enum Error {
     #[error(transparent)]
+    Seccomp(podvm_seccomp::Error),
+    #[error(transparent)]
     Preflight(#[from] preflight::PreflightError),
     #[error(transparent)]
     Build(#[from] vmm::builder::BuildError),
@@ -48,6 +50,14 @@ fn main() -> ExitCode {
         Command::Run(args) => run(*args),
         Command::Console(args) => console::attach(&args.socket, args.escape).map_err(Error::from),
         Command::Api(args) => api_client::call(&args.socket, &args.action).map_err(Error::from),
+        Command::SeccompProfile => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&podvm_seccomp::oci_profile())
+                    .expect("the profile serializes")
+            );
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -123,6 +133,11 @@ fn run(args: RunArgs) -> Result<(), Error> {
         }
         tracing::warn!("host KVM is PVM: only PVM-enabled or tiny guest kernels will run");
     }
+    // Before any thread starts: each thread installs its filter in this mode.
+    if args.seccomp == podvm_seccomp::Mode::Off {
+        tracing::warn!("--seccomp off: podvm runs WITHOUT seccomp filters; for development only, never in a pod");
+    }
+    podvm_seccomp::set_mode(args.seccomp).map_err(Error::Seccomp)?;
     // Before any thread starts: SIGTERM/SIGINT then reach only the event loop's signalfd.
     vmm::shutdown::block_termination_signals().map_err(Error::Signals)?;
     let incoming = match &args.incoming {

@@ -43,6 +43,9 @@ hostname podvm-sandbox
 # shellcheck source=tests/guest/modload.sh
 . /lib/podvm/modload.sh
 podvm_load_modules /etc/podvm/modules
+# Open to every user, as distributions' udev rules make them and a KVM device plugin hands
+# them to a pod: the guest tests run podvm as a pod's user (tests/src/pod.rs).
+chmod 0666 /dev/kvm /dev/vhost-net /dev/net/tun 2>/dev/null || :
 ip link set lo up 2>/dev/null || podvm_kmsg "cannot bring up lo"
 
 cmd=/podvm-sandbox/cmd.sh

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 
 pub mod netns;
+pub mod pod;
 
 /// podvm's default kernel command line (kept equal to `vmm::config::DEFAULT_CMDLINE`).
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
@@ -299,6 +300,8 @@ pub fn guest_command(script: &str, extra: &[&str]) -> Command {
             &exec_cmdline(&format!("echo {SCRIPT_START}\n{script}")),
         ])
         .args(extra);
+    // As root, podvm runs as a VM pod's user would (see `pod`).
+    pod::confine(&mut cmd);
     cmd
 }
 
@@ -392,6 +395,7 @@ impl TempDir {
         let dir = std::env::temp_dir().join(format!("podvm-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create temp dir");
+        pod::give(&dir);
         Self(dir)
     }
 
@@ -399,6 +403,7 @@ impl TempDir {
     pub fn file(&self, name: &str, bytes: &[u8]) -> String {
         let path = self.0.join(name);
         std::fs::write(&path, bytes).expect("write temp file");
+        pod::give(&path);
         path.to_str().expect("utf-8 path").to_string()
     }
 
@@ -408,6 +413,7 @@ impl TempDir {
         std::fs::File::create(&path)
             .and_then(|f| f.set_len(size))
             .expect("create sparse file");
+        pod::give(&path);
         path.to_str().expect("utf-8 path").to_string()
     }
 }
@@ -481,12 +487,22 @@ impl SocketVm {
     /// A podvm built like a guest started with `script` and `extra`, waiting for a
     /// migration on `unix:<its dir>/migration.sock` (returned with it) instead of booting.
     pub fn incoming(name: &str, script: &str, extra: &[&str]) -> (Self, String) {
+        Self::incoming_env(name, script, extra, &[])
+    }
+
+    /// [`SocketVm::incoming`] with more environment variables for podvm.
+    pub fn incoming_env(
+        name: &str,
+        script: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> (Self, String) {
         let dir = TempDir::new(name);
         let socket = dir.0.join("migration.sock");
         let addr = format!("unix:{}", socket.display());
         let mut args: Vec<&str> = extra.to_vec();
         args.extend(["--incoming", &addr]);
-        let mut vm = Self::spawn(dir, script, &args);
+        let mut vm = Self::spawn(dir, script, &args, env);
         let deadline = Instant::now() + boot_timeout();
         while !socket.exists() {
             if let Some(status) = vm.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
@@ -504,12 +520,13 @@ impl SocketVm {
         (vm, addr)
     }
 
-    fn spawn(dir: TempDir, script: &str, extra: &[&str]) -> Self {
+    fn spawn(dir: TempDir, script: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let console = dir.0.join("console.sock");
         let log = dir.0.join("console.log");
         let api = dir.0.join("api.sock");
         let stderr = dir.0.join("stderr.log");
         let mut cmd = guest_command(script, extra);
+        cmd.envs(env.iter().copied());
         cmd.arg("--console")
             .arg(&console)
             .arg("--console-log")
@@ -539,7 +556,7 @@ impl SocketVm {
 
     fn try_start(name: &str, script: &str, extra: &[&str]) -> Result<Self, String> {
         let dir = TempDir::new(name);
-        let mut vm = Self::spawn(dir, script, extra);
+        let mut vm = Self::spawn(dir, script, extra, &[]);
         match vm.try_wait_log(SCRIPT_START, boot_timeout()) {
             Ok(_) => Ok(vm),
             Err(why) => {
@@ -679,12 +696,53 @@ impl SocketVm {
 
     /// Kills podvm and returns its stderr and console log, for a failure message.
     pub fn kill_and_report(&mut self) -> String {
+        let threads = self.threads();
         self.kill();
         format!(
-            "stderr:\n{}\nconsole log:\n{}",
+            "stderr:\n{}\nthreads (name, state, kernel wait, system call):\n{threads}\nconsole log:\n{}",
             self.take_stderr(),
             self.log_text()
         )
+    }
+
+    /// What each podvm thread is doing (for a failure report of a VM that hangs).
+    fn threads(&mut self) -> String {
+        if !self.running() {
+            return "(podvm has exited)".into();
+        }
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid())) else {
+            return String::new();
+        };
+        let mut out = String::new();
+        for task in tasks.flatten() {
+            let read = |f: &str| {
+                std::fs::read_to_string(task.path().join(f))
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string()
+            };
+            let status = read("status");
+            let state = status
+                .lines()
+                .find_map(|l| l.strip_prefix("State:"))
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            let syscall: String = read("syscall")
+                .split(' ')
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ");
+            out.push_str(&format!(
+                "  {} {}: {} wchan={} syscall={}\n",
+                task.file_name().to_string_lossy(),
+                read("comm"),
+                state,
+                read("wchan"),
+                syscall
+            ));
+        }
+        out
     }
 
     /// Kills podvm (SIGKILL) and reaps it.

@@ -297,3 +297,31 @@ fn api_socket_equal_to_console_socket_is_refused() {
     ]);
     assert_one_clear_error(&out, "is also the --console socket");
 }
+
+#[test]
+fn bad_seccomp_mode_names_the_choices() {
+    let out = run_podvm(&["run", "--kernel", "/k", "--seccomp", "on"]);
+    assert_eq!(out.status.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("--seccomp"), "{out}");
+    for choice in ["kill", "log", "off"] {
+        assert!(out.stderr.contains(choice), "{out}");
+    }
+    assert!(!out.stderr.contains("panicked"), "{out}");
+}
+
+#[test]
+fn seccomp_profile_is_an_oci_profile_with_kvm_run_allowed() {
+    let out = run_podvm(&["seccomp-profile"]);
+    assert!(out.status.success(), "{out}");
+    let profile: serde_json::Value = serde_json::from_str(&out.stdout).expect("JSON");
+    assert_eq!(profile["defaultAction"], "SCMP_ACT_ERRNO");
+    let syscalls = profile["syscalls"].as_array().unwrap();
+    assert!(syscalls
+        .iter()
+        .any(|e| e["names"] == serde_json::json!(["ioctl"])
+            && e["args"][0]["value"] == serde_json::json!(0xae80u64)));
+    let unconditional = syscalls[0]["names"].as_array().unwrap();
+    for name in ["read", "write", "futex", "exit_group", "execve"] {
+        assert!(unconditional.contains(&serde_json::json!(name)), "{name}");
+    }
+}

@@ -53,7 +53,11 @@ impl LoopDevice {
             .status()
             .ok()?
             .success();
-        ok.then_some(Self(dev))
+        // The container runtime gives a block PVC's device to the pod's user.
+        ok.then(|| {
+            podvm_tests::pod::give(&dev);
+            Self(dev)
+        })
     }
 }
 

@@ -535,6 +535,10 @@ fn answer_each(listener: TcpListener, n: usize) -> JoinHandle<usize> {
 /// with no capability at all (what "needs no capability" means, in a test that is root).
 fn without_capabilities(cmd: &mut std::process::Command) {
     use std::os::unix::process::CommandExt;
+    if podvm_tests::pod::unprivileged() {
+        // podvm already starts as the pod's user with no capability at all.
+        return;
+    }
     // SAFETY: the closure runs in the child between fork and exec and only calls prctl,
     // which is async-signal-safe.
     unsafe {
@@ -602,9 +606,19 @@ fn net_tap_backend_opens_an_agents_tap_without_capabilities_and_reaches_a_peer()
         return;
     }
     let net = PodNet::new();
-    // The privileged agent's part: a tap for podvm's user (root here), addressed, up.
+    // The privileged agent's part: a tap for podvm's user (the pod's, see
+    // podvm_tests::pod), addressed, up.
+    let podvm_user = podvm_tests::pod::podvm_uid().to_string();
     net.ip(&[
-        "tuntap", "add", "dev", "tap0", "mode", "tap", "user", "0", "vnet_hdr",
+        "tuntap",
+        "add",
+        "dev",
+        "tap0",
+        "mode",
+        "tap",
+        "user",
+        &podvm_user,
+        "vnet_hdr",
     ]);
     net.ip(&["addr", "add", "10.99.0.1/24", "dev", "tap0"]);
     net.ip(&["link", "set", "tap0", "up"]);

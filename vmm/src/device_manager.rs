@@ -232,9 +232,10 @@ impl DeviceManager {
         &mut self,
         vm: &VmFd,
         mem: &GuestMemory,
-        net: devices::virtio::net::Net,
+        mut net: devices::virtio::net::Net,
     ) -> Result<(), DeviceError> {
         let name = format!("nic {}", self.nics.len());
+        net.open_vhost(mem);
         self.nics.push(net.metrics());
         let net = Arc::new(Mutex::new(net));
         self.add_virtio(vm, mem, &name, net.clone())?;

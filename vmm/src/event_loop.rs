@@ -66,6 +66,7 @@ impl EventLoop {
 
     /// Runs until the guest asks to end.
     pub fn run(mut self) {
+        podvm_seccomp::install_or_exit(podvm_seccomp::ThreadKind::EventLoop);
         while !self.done.load(Ordering::Acquire) {
             if let Err(e) = self.manager.run() {
                 tracing::error!(error = ?e, "event loop wait failed");

@@ -55,6 +55,8 @@ pub enum RunError {
     Vcpu(#[from] VcpuError),
     #[error("cannot start the event loop thread: {0}")]
     EventLoopThread(#[source] std::io::Error),
+    #[error("cannot start the migration thread: {0}")]
+    MigrationThread(#[source] std::io::Error),
     #[error(
         "flushing disk {path} at exit failed: {source}; writes the guest completed may be lost"
     )]
@@ -79,7 +81,28 @@ impl Vm {
         &self,
         listener: migration::IncomingListener,
     ) -> Result<(), migration::MigrationError> {
-        self.migrator.receive(&self.vcpus, listener)
+        // On a thread of its own, with the migration thread's seccomp filter: the stream
+        // is read before anything else is filtered (the main thread filters itself once
+        // it has started the others).
+        let (migrator, vcpus) = (&self.migrator, &self.vcpus);
+        std::thread::scope(|scope| {
+            let receiving = std::thread::Builder::new()
+                .name("migration".into())
+                .spawn_scoped(scope, move || {
+                    podvm_seccomp::install_or_exit(podvm_seccomp::ThreadKind::Migration);
+                    migrator.receive(vcpus, listener)
+                })
+                .map_err(|e| {
+                    migration::MigrationError::Invalid(format!(
+                        "cannot start the migration thread: {e}"
+                    ))
+                })?;
+            receiving.join().unwrap_or_else(|_| {
+                Err(migration::MigrationError::Invalid(
+                    "the migration thread panicked".into(),
+                ))
+            })
+        })
     }
 
     /// Runs the guest until it powers off, resets, or a vCPU fails; returns which.
@@ -99,12 +122,19 @@ impl Vm {
         stop.set_threads(threads.iter().map(|t| t.as_pthread_t()).collect());
         tracing::info!(vcpus = threads.len(), "guest started");
 
+        if let Err(e) = self.migrator.spawn_thread() {
+            stop_vcpus(&stop, threads);
+            return Err(RunError::MigrationThread(e));
+        }
         let event_loop = self.event_loop;
         let looper = std::thread::Builder::new()
             .name("event-loop".into())
             .spawn(move || event_loop.run());
         match looper {
             Ok(handle) => {
+                // Every thread is started: from here the main thread only waits, stops
+                // the vCPUs and flushes.
+                podvm_seccomp::install_or_exit(podvm_seccomp::ThreadKind::Main);
                 let _ = handle.join();
             }
             Err(e) => {

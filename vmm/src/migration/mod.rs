@@ -30,7 +30,7 @@ use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::exit::{ExitReason, ExitRequest};
@@ -243,6 +243,8 @@ pub struct Migrator {
     active: AtomicBool,
     /// The source has paused the VM for the handover.
     handover: AtomicBool,
+    /// Hands a destination to the migration thread ([`Migrator::spawn_thread`]).
+    jobs: Mutex<Option<mpsc::Sender<MigrationAddr>>>,
 }
 
 /// How long the source waits for the destination's answer once it sent everything, and
@@ -320,7 +322,59 @@ impl Migrator {
             }),
             active: AtomicBool::new(false),
             handover: AtomicBool::new(false),
+            jobs: Mutex::new(None),
         }
+    }
+
+    /// Starts the thread outgoing migrations run on, idle until [`Migrator::start`] hands
+    /// it a destination. It is started with the VM, by the main thread, so that it gets
+    /// only its own seccomp filter (a thread inherits the filter of the thread that
+    /// creates it, and the event loop, where `migrate` arrives, has another). It lives as
+    /// long as the process and keeps the migrator alive: the devices the migrator holds are
+    /// never dropped on this thread, whose filter does not allow what their teardown does
+    /// (the process's exit closes everything).
+    pub fn spawn_thread(self: &Arc<Self>) -> std::io::Result<()> {
+        let (tx, rx) = mpsc::channel::<MigrationAddr>();
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("migration".into())
+            .spawn(move || {
+                podvm_seccomp::install_or_exit(podvm_seccomp::ThreadKind::Migration);
+                while let Ok(addr) = rx.recv() {
+                    me.run_outgoing(addr);
+                }
+            })?;
+        *lock(&self.jobs) = Some(tx);
+        Ok(())
+    }
+
+    /// One outgoing migration, on the migration thread.
+    fn run_outgoing(&self, addr: MigrationAddr) {
+        let started = Instant::now();
+        let result = self.send(&addr);
+        let mut status = lock(&self.status);
+        status.total_ms = started.elapsed().as_secs_f64() * 1e3;
+        match result {
+            Ok(()) => {
+                status.state = "completed";
+                tracing::info!(
+                    to = %addr,
+                    total_ms = status.total_ms as u64,
+                    downtime_ms = format_args!("{:.1}", status.downtime_ms),
+                    rounds = status.rounds,
+                    phases = %status.downtime_phases_ms,
+                    "migrated"
+                );
+                drop(status);
+                self.exit.request(ExitReason::Migrated);
+            }
+            Err(e) => {
+                tracing::warn!(to = %addr, error = %e, "migration failed; the VM runs on here");
+                status.state = "failed";
+                status.error = Some(e.to_string());
+            }
+        }
+        self.active.store(false, Ordering::SeqCst);
     }
 
     /// Whether the VM is paused for a migration's handover (an API resume must wait).
@@ -333,7 +387,7 @@ impl Migrator {
         lock(&self.status).clone()
     }
 
-    /// Starts migrating the running VM to `addr` on a thread of its own.
+    /// Starts migrating the running VM to `addr` on the migration thread.
     pub fn start(self: &Arc<Self>, addr: MigrationAddr) -> Result<(), MigrationError> {
         if self.exit.reason().is_some() {
             return Err(MigrationError::NotRunning);
@@ -349,41 +403,14 @@ impl Migrator {
             address: Some(addr.to_string()),
             ..Default::default()
         };
-        let me = self.clone();
-        let spawned = std::thread::Builder::new()
-            .name("migration".into())
-            .spawn(move || {
-                let started = Instant::now();
-                let result = me.send(&addr);
-                let mut status = lock(&me.status);
-                status.total_ms = started.elapsed().as_secs_f64() * 1e3;
-                match result {
-                    Ok(()) => {
-                        status.state = "completed";
-                        tracing::info!(
-                            to = %addr,
-                            total_ms = status.total_ms as u64,
-                            downtime_ms = format_args!("{:.1}", status.downtime_ms),
-                            rounds = status.rounds,
-                            phases = %status.downtime_phases_ms,
-                            "migrated"
-                        );
-                        drop(status);
-                        me.exit.request(ExitReason::Migrated);
-                    }
-                    Err(e) => {
-                        tracing::warn!(to = %addr, error = %e, "migration failed; the VM runs on here");
-                        status.state = "failed";
-                        status.error = Some(e.to_string());
-                    }
-                }
-                me.active.store(false, Ordering::SeqCst);
-            });
-        if let Err(e) = spawned {
+        let sent = lock(&self.jobs)
+            .as_ref()
+            .is_some_and(|jobs| jobs.send(addr).is_ok());
+        if !sent {
             self.active.store(false, Ordering::SeqCst);
             let mut status = lock(&self.status);
             status.state = "failed";
-            status.error = Some(format!("cannot start the migration thread: {e}"));
+            status.error = Some("the migration thread is not running".into());
         }
         Ok(())
     }
@@ -399,11 +426,22 @@ impl Migrator {
         };
         Ok(match addr {
             MigrationAddr::Tcp(hostport) => {
-                let target = hostport
-                    .to_socket_addrs()
-                    .map_err(err)?
-                    .next()
-                    .ok_or_else(|| err(std::io::ErrorKind::NotFound.into()))?;
+                let target = match hostport.parse::<std::net::SocketAddr>() {
+                    Ok(target) => target,
+                    // Resolving a name reads files and loads resolver modules, which the
+                    // migration thread's seccomp filter refuses (it would end podvm).
+                    Err(_) if podvm_seccomp::mode() != podvm_seccomp::Mode::Off => {
+                        return Err(err(std::io::Error::new(
+                            std::io::ErrorKind::InvalidInput,
+                            "podvm resolves no host names under its seccomp filters; give the destination's IP address (tcp:10.0.0.6:4444, tcp:[fd00::6]:4444)",
+                        )));
+                    }
+                    Err(_) => hostport
+                        .to_socket_addrs()
+                        .map_err(err)?
+                        .next()
+                        .ok_or_else(|| err(std::io::ErrorKind::NotFound.into()))?,
+                };
                 let s = TcpStream::connect_timeout(&target, CONNECT_TIMEOUT).map_err(err)?;
                 let _ = s.set_nodelay(true);
                 s.set_read_timeout(Some(HANDOVER_TIMEOUT)).map_err(err)?;

@@ -136,6 +136,7 @@ impl Vcpu {
         std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
+                podvm_seccomp::install_or_exit(podvm_seccomp::ThreadKind::Vcpu);
                 self.run(&control);
                 control.thread_ended();
             })

@@ -665,7 +665,10 @@ impl VirtioDevice for Block {
 
     fn thaw(&mut self) {
         self.frozen = false;
-        self.process_queue();
+        // The event loop takes up the requests queued meanwhile, on its own thread.
+        if let Err(e) = self.activate_event.write(1) {
+            tracing::error!(error = %e, "cannot wake the virtio-blk event handler");
+        }
     }
 
     fn queue_states(&self) -> Vec<virtio_queue::QueueState> {

@@ -75,6 +75,11 @@ pub struct Net {
     pub(crate) queues_watched: bool,
     pub(crate) backend: Box<dyn NetBackend>,
     pub(crate) vhost: Option<super::vhost::VhostDatapath>,
+    /// The vhost-net instance opened at build time ([`Net::open_vhost`]), if any.
+    vhost_handle: Option<super::vhost::VhostHandle>,
+    /// A reset took the queues from vhost-net: the event loop has the backend watch the
+    /// tap again.
+    pub(crate) backend_rewatch: bool,
     /// Receive buffers taken from the ring, waiting for a frame.
     rx_held: std::collections::VecDeque<RxBuf>,
     /// Frozen for a migration: neither queue is served.
@@ -132,6 +137,8 @@ impl Net {
             queues_watched: false,
             backend,
             vhost: None,
+            vhost_handle: None,
+            backend_rewatch: false,
             rx_held: std::collections::VecDeque::new(),
             frozen: false,
             vhost_held: false,
@@ -150,16 +157,34 @@ impl Net {
         &self.config
     }
 
+    /// Opens the vhost-net instance this device will hand its queues to, if it is set to use
+    /// vhost-net and its backend can. Called while the VM is built (before any thread is
+    /// filtered); where /dev/vhost-net cannot be opened the device moves frames itself.
+    pub fn open_vhost(&mut self, mem: &GuestMemoryMmap) {
+        if !self.config.vhost || self.backend.tap_for_vhost().is_none() {
+            return;
+        }
+        match super::vhost::VhostHandle::open(mem) {
+            Ok(handle) => self.vhost_handle = Some(handle),
+            Err(e) => tracing::warn!(error = %e, "vhost-net unavailable; podvm moves the frames"),
+        }
+    }
+
     /// Hands the queues to vhost-net when the backend allows it; false if the device moves
     /// the frames itself.
     pub(crate) fn start_vhost(&mut self) -> bool {
-        if !self.config.vhost || self.vhost_held || self.vhost.is_some() {
+        if self.vhost_held || self.vhost.is_some() {
             return self.vhost.is_some();
         }
-        let (Some(active), Some(tap)) = (self.active.as_ref(), self.backend.tap_for_vhost()) else {
+        let (Some(handle), Some(active), Some(tap)) = (
+            self.vhost_handle.as_ref(),
+            self.active.as_ref(),
+            self.backend.tap_for_vhost(),
+        ) else {
             return false;
         };
         match super::vhost::VhostDatapath::start(
+            handle,
             &active.mem,
             self.acked_features,
             [&active.rx, &active.tx],
@@ -594,8 +619,13 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         if self.vhost.take().is_some() {
-            self.backend.set_external_datapath(false);
+            // Detached from vhost-net (dropping it); the backend watches the tap again from
+            // the event loop, whose watches a vCPU thread does not change.
             M::set(&self.metrics.vhost_active, 0);
+            self.backend_rewatch = true;
+            if let Err(e) = self.activate_event.write(1) {
+                tracing::error!(error = %e, "cannot hand the tap back to the event loop");
+            }
         }
         self.active = None;
         self.rx_held.clear();
@@ -610,8 +640,11 @@ impl VirtioDevice for Net {
 
     fn thaw(&mut self) {
         self.frozen = false;
-        self.process_tx();
-        self.deliver_rx();
+        // The event loop moves what queued up meanwhile (its thread, with its filter, owns
+        // the backend's sockets; the migration thread that thaws may not open them).
+        if let Err(e) = self.activate_event.write(1) {
+            tracing::error!(error = %e, "cannot wake the virtio-net event handler");
+        }
     }
 
     fn announce(&mut self) {

@@ -60,6 +60,12 @@ impl MutEventSubscriber for Net {
         match events.data() {
             TOKEN_ACTIVATE => {
                 let _ = self.activate_event.read();
+                if std::mem::take(&mut self.backend_rewatch) {
+                    self.backend.set_external_datapath(false);
+                    if self.active.is_none() {
+                        return;
+                    }
+                }
                 if self.vhost_held {
                     if let Some(v) = &self.vhost {
                         let _ = ops.remove(Events::empty(&v.calls[RX]));

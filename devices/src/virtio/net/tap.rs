@@ -318,6 +318,7 @@ impl NetBackend for Tap {
         let spawned = std::thread::Builder::new()
             .name("announce".into())
             .spawn(move || {
+                podvm_seccomp::install_or_exit(podvm_seccomp::ThreadKind::Announce);
                 for delay_ms in ANNOUNCE_DELAYS_MS {
                     std::thread::sleep(std::time::Duration::from_millis(delay_ms));
                     match (&file).write(&frame) {

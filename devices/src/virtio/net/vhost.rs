@@ -32,25 +32,43 @@ fn step<T>(what: &'static str, r: vhost::Result<T>) -> Result<T, VhostError> {
     r.map_err(|source| VhostError { what, source })
 }
 
-/// A running vhost-net instance serving the device's two queues.
+type Instance = Arc<KernNet<Arc<GuestMemoryMmap>>>;
+
+/// An open vhost-net instance owned by this process, not yet serving any queue. It is
+/// opened while the VM is built, on the main thread: the threads that later start and stop
+/// the datapath run under seccomp filters that allow the vhost ioctls but no `open`.
+pub struct VhostHandle(Instance);
+
+impl VhostHandle {
+    /// Opens /dev/vhost-net for guest memory `mem` and makes this process its owner.
+    pub fn open(mem: &GuestMemoryMmap) -> Result<Self, VhostError> {
+        let net = step("open /dev/vhost-net", KernNet::new(Arc::new(mem.clone())))?;
+        step("set owner", net.set_owner())?;
+        Ok(Self(Arc::new(net)))
+    }
+}
+
+/// The vhost-net instance serving the device's two queues.
 pub struct VhostDatapath {
-    net: KernNet<Arc<GuestMemoryMmap>>,
+    net: Instance,
     /// Signalled by the kernel when it used buffers of queue 0 (RX) and 1 (TX).
     pub calls: [EventFd; 2],
 }
 
 impl VhostDatapath {
-    /// Opens /dev/vhost-net and starts it on `queues` (RX, TX) with the `tap`, `kicks` being
-    /// the queues' notification eventfds. `acked` are the features the driver accepted.
+    /// Starts the instance `handle` on `queues` (RX, TX) with the `tap`, `kicks` being the
+    /// queues' notification eventfds. `acked` are the features the driver accepted. The
+    /// instance may have served the queues before (stopped for a migration or a reset):
+    /// every ring setting is given again.
     pub fn start(
+        handle: &VhostHandle,
         mem: &GuestMemoryMmap,
         acked: u64,
         queues: [&Queue; 2],
         kicks: &[EventFd],
         tap: &File,
     ) -> Result<Self, VhostError> {
-        let net = step("open /dev/vhost-net", KernNet::new(Arc::new(mem.clone())))?;
-        step("set owner", net.set_owner())?;
+        let net = handle.0.clone();
         let supported = step("get features", net.get_features())?;
         step("set features", net.set_features(acked & supported))?;
         let regions: Vec<VhostUserMemoryRegionInfo> = mem

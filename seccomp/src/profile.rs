@@ -1,0 +1,270 @@
+//! The pod's seccomp profile (OCI / Kubernetes `Localhost`): what podvm needs from exec to
+//! exit, that is every thread's list plus what the process does before its threads filter
+//! themselves (loading, parsing the spec, opening KVM, disks, taps and sockets, building
+//! the VM). Anything else fails with EPERM (`SCMP_ACT_ERRNO`).
+
+use serde_json::{json, Value};
+use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
+
+use crate::lists::{allowlist, Allowed, Arg};
+use crate::ThreadKind;
+
+const KVMIO: u32 = 0xae;
+ioctl_io_nr!(KVM_GET_API_VERSION, KVMIO, 0x00);
+ioctl_io_nr!(KVM_CREATE_VM, KVMIO, 0x01);
+ioctl_iowr_nr!(
+    KVM_GET_MSR_INDEX_LIST,
+    KVMIO,
+    0x02,
+    kvm_bindings::kvm_msr_list
+);
+ioctl_io_nr!(KVM_CHECK_EXTENSION, KVMIO, 0x03);
+ioctl_io_nr!(KVM_GET_VCPU_MMAP_SIZE, KVMIO, 0x04);
+ioctl_iowr_nr!(
+    KVM_GET_SUPPORTED_CPUID,
+    KVMIO,
+    0x05,
+    kvm_bindings::kvm_cpuid2
+);
+ioctl_io_nr!(KVM_CREATE_VCPU, KVMIO, 0x41);
+ioctl_io_nr!(KVM_SET_TSS_ADDR, KVMIO, 0x47);
+ioctl_iow_nr!(KVM_SET_IDENTITY_MAP_ADDR, KVMIO, 0x48, u64);
+ioctl_io_nr!(KVM_CREATE_IRQCHIP, KVMIO, 0x60);
+ioctl_iow_nr!(KVM_IRQFD, KVMIO, 0x76, kvm_bindings::kvm_irqfd);
+ioctl_iow_nr!(KVM_CREATE_PIT2, KVMIO, 0x77, kvm_bindings::kvm_pit_config);
+ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_bindings::kvm_ioeventfd);
+ioctl_iow_nr!(KVM_ENABLE_CAP, KVMIO, 0xa3, kvm_bindings::kvm_enable_cap);
+const TUNTAP: u32 = b'T' as u32;
+ioctl_iow_nr!(TUNSETIFF, TUNTAP, 202, ::std::os::raw::c_int);
+ioctl_iow_nr!(TUNSETVNETHDRSZ, TUNTAP, 216, ::std::os::raw::c_int);
+ioctl_ior_nr!(TUNGETIFF, TUNTAP, 210, ::std::os::raw::c_uint);
+ioctl_ior_nr!(BLKGETSIZE64, 0x12, 114, u64);
+ioctl_io_nr!(BLKSSZGET, 0x12, 104);
+
+/// Calls made before the threads filter themselves, unconditionally.
+const STARTUP: &[(&str, i64)] = &[
+    ("execve", libc::SYS_execve),
+    ("arch_prctl", libc::SYS_arch_prctl),
+    ("set_tid_address", libc::SYS_set_tid_address),
+    ("set_robust_list", libc::SYS_set_robust_list),
+    ("rseq", libc::SYS_rseq),
+    ("prlimit64", libc::SYS_prlimit64),
+    ("getrlimit", libc::SYS_getrlimit),
+    ("setrlimit", libc::SYS_setrlimit),
+    ("rt_sigaction", libc::SYS_rt_sigaction),
+    ("sigaltstack", libc::SYS_sigaltstack),
+    ("poll", libc::SYS_poll),
+    ("openat", libc::SYS_openat),
+    ("open", libc::SYS_open),
+    ("newfstatat", libc::SYS_newfstatat),
+    ("fstat", libc::SYS_fstat),
+    ("statx", libc::SYS_statx),
+    ("lseek", libc::SYS_lseek),
+    ("readlink", libc::SYS_readlink),
+    ("readlinkat", libc::SYS_readlinkat),
+    ("access", libc::SYS_access),
+    ("faccessat2", libc::SYS_faccessat2),
+    ("getcwd", libc::SYS_getcwd),
+    ("uname", libc::SYS_uname),
+    ("getuid", libc::SYS_getuid),
+    ("geteuid", libc::SYS_geteuid),
+    ("getgid", libc::SYS_getgid),
+    ("getegid", libc::SYS_getegid),
+    ("sched_getaffinity", libc::SYS_sched_getaffinity),
+    ("getdents64", libc::SYS_getdents64),
+    ("memfd_create", libc::SYS_memfd_create),
+    ("ftruncate", libc::SYS_ftruncate),
+    ("fchmod", libc::SYS_fchmod),
+    ("unlink", libc::SYS_unlink),
+    ("unlinkat", libc::SYS_unlinkat),
+    ("rename", libc::SYS_rename),
+    ("renameat", libc::SYS_renameat),
+    ("renameat2", libc::SYS_renameat2),
+    ("mkdir", libc::SYS_mkdir),
+    ("mkdirat", libc::SYS_mkdirat),
+    ("bind", libc::SYS_bind),
+    ("listen", libc::SYS_listen),
+    ("epoll_create1", libc::SYS_epoll_create1),
+    ("eventfd2", libc::SYS_eventfd2),
+    ("signalfd4", libc::SYS_signalfd4),
+    ("timerfd_create", libc::SYS_timerfd_create),
+    ("timerfd_settime", libc::SYS_timerfd_settime),
+    ("io_uring_setup", libc::SYS_io_uring_setup),
+    ("io_uring_register", libc::SYS_io_uring_register),
+    ("seccomp", libc::SYS_seccomp),
+    ("dup", libc::SYS_dup),
+    ("dup2", libc::SYS_dup2),
+    ("dup3", libc::SYS_dup3),
+    ("pipe2", libc::SYS_pipe2),
+    ("socketpair", libc::SYS_socketpair),
+    ("clone3", libc::SYS_clone3),
+    ("clone", libc::SYS_clone),
+];
+
+/// What the process does before filtering that the threads' lists restrict by argument:
+/// loading code (mmap and mprotect with PROT_EXEC), opening unix sockets, setting up KVM,
+/// taps and disks, and `prctl` for the filters themselves.
+fn startup_conditional() -> Vec<Allowed> {
+    let ioctls = [
+        KVM_GET_API_VERSION(),
+        KVM_CREATE_VM(),
+        KVM_GET_MSR_INDEX_LIST(),
+        KVM_CHECK_EXTENSION(),
+        KVM_GET_VCPU_MMAP_SIZE(),
+        KVM_GET_SUPPORTED_CPUID(),
+        KVM_CREATE_VCPU(),
+        KVM_SET_TSS_ADDR(),
+        KVM_SET_IDENTITY_MAP_ADDR(),
+        KVM_CREATE_IRQCHIP(),
+        KVM_IRQFD(),
+        KVM_CREATE_PIT2(),
+        KVM_IOEVENTFD(),
+        KVM_ENABLE_CAP(),
+        TUNSETIFF(),
+        TUNSETVNETHDRSZ(),
+        TUNGETIFF(),
+        BLKGETSIZE64(),
+        BLKSSZGET(),
+        // A tap's index (does it exist?), MTU and address, asked on a UDP socket.
+        libc::SIOCGIFINDEX as _,
+        libc::SIOCGIFMTU as _,
+        libc::SIOCGIFHWADDR as _,
+    ];
+    let mut list = vec![
+        Allowed {
+            name: "ioctl",
+            nr: libc::SYS_ioctl,
+            arg: Some(Arg::OneOf {
+                index: 1,
+                values: ioctls.to_vec(),
+            }),
+        },
+        Allowed {
+            name: "socket",
+            nr: libc::SYS_socket,
+            arg: Some(Arg::OneOf {
+                index: 0,
+                values: vec![libc::AF_UNIX as u64],
+            }),
+        },
+        Allowed {
+            name: "prctl",
+            nr: libc::SYS_prctl,
+            arg: Some(Arg::OneOf {
+                index: 0,
+                values: vec![libc::PR_SET_NO_NEW_PRIVS as u64],
+            }),
+        },
+    ];
+    for (name, nr) in [("mmap", libc::SYS_mmap), ("mprotect", libc::SYS_mprotect)] {
+        list.push(Allowed {
+            name,
+            nr,
+            arg: None,
+        });
+    }
+    list
+}
+
+fn op_entries(allowed: &Allowed) -> Vec<Value> {
+    match &allowed.arg {
+        None => Vec::new(),
+        Some(Arg::OneOf { index, values }) => values
+            .iter()
+            .map(|v| {
+                json!({
+                    "names": [allowed.name],
+                    "action": "SCMP_ACT_ALLOW",
+                    "args": [{"index": index, "value": v, "op": "SCMP_CMP_EQ"}],
+                })
+            })
+            .collect(),
+        Some(Arg::NoBits { index, mask }) => vec![json!({
+            "names": [allowed.name],
+            "action": "SCMP_ACT_ALLOW",
+            "args": [{"index": index, "value": mask, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"}],
+        })],
+    }
+}
+
+/// The profile, as the JSON a `Localhost` seccompProfile file holds.
+pub fn oci_profile() -> Value {
+    let mut all: Vec<Allowed> = ThreadKind::ALL.into_iter().flat_map(allowlist).collect();
+    all.extend(STARTUP.iter().map(|&(name, nr)| Allowed {
+        name,
+        nr,
+        arg: None,
+    }));
+    all.extend(startup_conditional());
+    let mut unconditional: Vec<&str> = all
+        .iter()
+        .filter(|a| a.arg.is_none())
+        .map(|a| a.name)
+        .collect();
+    unconditional.sort_unstable();
+    unconditional.dedup();
+    let mut entries = vec![json!({"names": unconditional, "action": "SCMP_ACT_ALLOW"})];
+    let mut seen = Vec::new();
+    for a in all.iter().filter(|a| a.arg.is_some()) {
+        if unconditional.contains(&a.name) {
+            continue;
+        }
+        for entry in op_entries(a) {
+            if !seen.contains(&entry) {
+                seen.push(entry.clone());
+                entries.push(entry);
+            }
+        }
+    }
+    json!({
+        "defaultAction": "SCMP_ACT_ERRNO",
+        "defaultErrnoRet": libc::EPERM,
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": entries,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seccomp_profile_is_oci_json_that_covers_every_thread_and_startup() {
+        let p = oci_profile();
+        assert_eq!(p["defaultAction"], "SCMP_ACT_ERRNO");
+        assert_eq!(p["architectures"], json!(["SCMP_ARCH_X86_64"]));
+        let entries = p["syscalls"].as_array().unwrap();
+        let names: Vec<&str> = entries
+            .iter()
+            .flat_map(|e| e["names"].as_array().unwrap())
+            .map(|n| n.as_str().unwrap())
+            .collect();
+        for kind in ThreadKind::ALL {
+            for a in allowlist(kind) {
+                assert!(names.contains(&a.name), "{kind:?} {}", a.name);
+            }
+        }
+        for (name, _) in STARTUP {
+            assert!(names.contains(name), "{name}");
+        }
+        // Every entry is in the OCI schema's shape.
+        for e in entries {
+            assert_eq!(e["action"], "SCMP_ACT_ALLOW");
+            for arg in e["args"].as_array().into_iter().flatten() {
+                assert!(arg["index"].as_u64().unwrap() < 6);
+                assert!(arg["value"].is_u64());
+                let op = arg["op"].as_str().unwrap();
+                assert!(["SCMP_CMP_EQ", "SCMP_CMP_MASKED_EQ"].contains(&op), "{op}");
+            }
+        }
+        // KVM_RUN is allowed, by value.
+        assert!(entries
+            .iter()
+            .any(|e| e["names"] == json!(["ioctl"]) && e["args"][0]["value"] == json!(0xae80u64)));
+        // No call is both unconditional and listed with conditions.
+        let first = entries[0]["names"].as_array().unwrap();
+        for e in &entries[1..] {
+            assert!(!first.contains(&e["names"][0]), "{e}");
+        }
+    }
+}

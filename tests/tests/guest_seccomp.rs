@@ -1,0 +1,117 @@
+//! Seccomp, seen from outside: each kind of podvm thread that makes a call outside its list
+//! ends the process (exit status 159) with one line naming the thread kind and the call.
+//! The violation comes from podvm's test hook (`PODVM_SECCOMP_TEST_VIOLATION=<kind>`: that
+//! thread opens a netlink socket right after installing its filter).
+
+use podvm_tests::{guest_command, kvm_available, run_command};
+
+/// Boots a guest with the hook set for `kind` and returns podvm's outcome.
+fn violate(kind: &str) -> podvm_tests::Outcome {
+    // Were the thread not stopped, the guest would end at once, podvm with status 0.
+    let mut cmd = guest_command("echo NOT-STOPPED", &[]);
+    cmd.env("PODVM_SECCOMP_TEST_VIOLATION", kind);
+    run_command(cmd)
+}
+
+#[test]
+fn seccomp_each_thread_kind_dies_on_a_call_outside_its_list_with_a_line_naming_it() {
+    if !kvm_available() {
+        return;
+    }
+    // The announcer runs only at a migration's destination with a tap NIC; its violation
+    // is checked by guest_migration's tap test.
+    for kind in ["vcpu", "event-loop", "migration", "main"] {
+        let out = violate(kind);
+        assert_eq!(out.status.code(), Some(159), "{kind}:\n{out}");
+        let line = format!(
+            "podvm: seccomp: the {kind} thread made system call socket (41) with arguments 0x10, 0x3, 0x0"
+        );
+        assert!(
+            out.stderr.contains(&line),
+            "{kind}: no line {line:?}:\n{out}"
+        );
+        assert!(
+            out.stderr
+                .contains("which its filter does not allow; podvm stops (exit status 159"),
+            "{kind}:\n{out}"
+        );
+    }
+}
+
+/// `Name: value` of a /proc status file.
+fn field<'a>(status: &'a str, name: &str) -> &'a str {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no {name} in\n{status}"))
+}
+
+#[test]
+fn seccomp_podvm_runs_as_the_pod_user_without_capabilities_and_every_thread_filtered() {
+    if !kvm_available() {
+        return;
+    }
+    if !podvm_tests::pod::unprivileged() {
+        eprintln!(
+            "*** SKIPPED: the tests are not root (or PODVM_TEST_AS_ROOT=1), so podvm is not started as a pod's user here ***"
+        );
+        return;
+    }
+    let mut vm = podvm_tests::SocketVm::start(
+        "seccomp-status",
+        "while true; do sleep 1; done",
+        &["--cpus", "2"],
+    );
+    let pid = vm.pid();
+    // The main thread filters itself right after starting the others; give it a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let (status, tasks) = loop {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let mut tasks = Vec::new();
+        for entry in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+            let path = entry.unwrap().path().join("status");
+            if let Ok(s) = std::fs::read_to_string(path) {
+                tasks.push(s);
+            }
+        }
+        let filtered = |s: &String| field(s, "Seccomp") == "2";
+        if tasks.iter().all(filtered) || std::time::Instant::now() > deadline {
+            break (status, tasks);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let report = vm.kill_and_report();
+    assert_eq!(field(&status, "Uid"), "107\t107\t107\t107", "{status}");
+    assert_eq!(field(&status, "Gid"), "107\t107\t107\t107", "{status}");
+    assert_eq!(field(&status, "Groups"), "", "{status}");
+    for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(
+            field(&status, caps),
+            "0000000000000000",
+            "{caps}:\n{status}"
+        );
+    }
+    assert_eq!(field(&status, "NoNewPrivs"), "1", "{status}");
+    assert_eq!(field(&status, "Seccomp"), "2", "{status}");
+    let mut names = Vec::new();
+    for task in &tasks {
+        let name = field(task, "Name");
+        names.push(name.to_string());
+        assert_eq!(
+            field(task, "Seccomp"),
+            "2",
+            "thread {name}:\n{task}\n{report}"
+        );
+        // The pod's profile and the thread's own list (the main thread: its own and the
+        // profile; others may also carry the filters of the thread that started them).
+        let filters: u32 = field(task, "Seccomp_filters").parse().unwrap();
+        assert!(filters >= 2, "thread {name} has {filters} filters:\n{task}");
+    }
+    for kind in ["vcpu0", "vcpu1", "event-loop", "migration"] {
+        assert!(
+            names.iter().any(|n| n == kind),
+            "no {kind} thread in {names:?}"
+        );
+    }
+}
