@@ -25,7 +25,7 @@ use seccompiler::{
 
 pub use lists::{allowlist, Allowed, Arg};
 pub use profile::oci_profile;
-pub use sigsys::EXIT_STATUS;
+pub use sigsys::{EXIT_STATUS, TERMINATION_LOG_ENV};
 
 /// The kinds of podvm threads, each with its own list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,6 +125,7 @@ fn mode_code(mode: Mode) -> u8 {
 pub fn set_mode(mode: Mode) -> Result<(), Error> {
     if mode == Mode::Kill {
         sigsys::install_handler().map_err(Error::Handler)?;
+        sigsys::open_termination_log();
     }
     if mode != Mode::Off {
         fix_malloc_arenas();

@@ -6,6 +6,7 @@
 
 use std::cell::Cell;
 use std::io;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use crate::ThreadKind;
 
@@ -16,6 +17,26 @@ pub const EXIT_STATUS: i32 = 128 + libc::SIGSYS;
 thread_local! {
     /// The kind of the filter this thread installed (an index into [`ThreadKind::ALL`]).
     static KIND: Cell<u8> = const { Cell::new(u8::MAX) };
+}
+
+/// Where, besides stderr, the handler writes its line: the container's termination
+/// message file, opened at start (the handler may not open anything). -1: none.
+static TERMINATION_LOG: AtomicI32 = AtomicI32::new(-1);
+
+/// The variable naming the termination message file, and its default: Kubernetes' default
+/// `terminationMessagePath`, which kubelet mounts writable for any user. What a stopped
+/// podvm wrote there becomes its pod's `lastState.terminated.message`.
+pub const TERMINATION_LOG_ENV: &str = "PODVM_TERMINATION_LOG";
+const TERMINATION_LOG_DEFAULT: &str = "/dev/termination-log";
+
+/// Opens the termination message file if there is one (it is never created).
+pub(crate) fn open_termination_log() {
+    let path =
+        std::env::var_os(TERMINATION_LOG_ENV).unwrap_or_else(|| TERMINATION_LOG_DEFAULT.into());
+    if let Ok(file) = std::fs::OpenOptions::new().append(true).open(path) {
+        use std::os::fd::IntoRawFd;
+        TERMINATION_LOG.store(file.into_raw_fd(), Ordering::SeqCst);
+    }
 }
 
 pub(crate) fn remember(kind: ThreadKind) {
@@ -169,10 +190,15 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, context: 
         len: 0,
     };
     describe(kind, i64::from(nr), args, path, &mut line);
-    // SAFETY: writes an initialised buffer to stderr, then ends the process; both calls
-    // are async-signal-safe and allowed by every filter.
+    // SAFETY: writes an initialised buffer to stderr and to the termination message file
+    // (a descriptor opened at start, or none), then ends the process; both calls are
+    // async-signal-safe and allowed by every filter.
     unsafe {
         libc::write(2, line.buf.as_ptr().cast(), line.len);
+        let log = TERMINATION_LOG.load(Ordering::Relaxed);
+        if log >= 0 {
+            libc::write(log, line.buf.as_ptr().cast(), line.len);
+        }
         libc::_exit(EXIT_STATUS);
     }
 }

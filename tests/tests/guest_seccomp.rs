@@ -5,12 +5,17 @@
 
 use podvm_tests::{guest_command, kvm_available, run_command};
 
-/// Boots a guest with the hook set for `kind` and returns podvm's outcome.
-fn violate(kind: &str) -> podvm_tests::Outcome {
+/// Boots a guest with the hook set for `kind` and returns podvm's outcome and what it
+/// wrote to its termination message file (Kubernetes' `terminationMessagePath`).
+fn violate(kind: &str) -> (podvm_tests::Outcome, String) {
+    let dir = podvm_tests::TempDir::new(&format!("seccomp-{kind}"));
+    let termination_log = dir.file("termination-log", b"");
     // Were the thread not stopped, the guest would end at once, podvm with status 0.
     let mut cmd = guest_command("echo NOT-STOPPED", &[]);
-    cmd.env("PODVM_SECCOMP_TEST_VIOLATION", kind);
-    run_command(cmd)
+    cmd.env("PODVM_SECCOMP_TEST_VIOLATION", kind)
+        .env("PODVM_TERMINATION_LOG", &termination_log);
+    let out = run_command(cmd);
+    (out, std::fs::read_to_string(&termination_log).unwrap())
 }
 
 #[test]
@@ -21,7 +26,7 @@ fn seccomp_each_thread_kind_dies_on_a_call_outside_its_list_with_a_line_naming_i
     // The announcer runs only at a migration's destination with a tap NIC; its violation
     // is checked by guest_migration's tap test.
     for kind in ["vcpu", "event-loop", "migration", "main"] {
-        let out = violate(kind);
+        let (out, message) = violate(kind);
         assert_eq!(out.status.code(), Some(159), "{kind}:\n{out}");
         let line = format!(
             "podvm: seccomp: the {kind} thread made system call socket (41) with arguments 0x10, 0x3, 0x0"
@@ -34,6 +39,11 @@ fn seccomp_each_thread_kind_dies_on_a_call_outside_its_list_with_a_line_naming_i
             out.stderr
                 .contains("which its filter does not allow; podvm stops (exit status 159"),
             "{kind}:\n{out}"
+        );
+        // The same line is the pod's termination message.
+        assert!(
+            message.starts_with(&line) && message.ends_with('\n') && message.lines().count() == 1,
+            "{kind}: termination message {message:?}"
         );
     }
 }
