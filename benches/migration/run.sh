@@ -35,7 +35,9 @@ stamp=$(date -u +%Y%m%dT%H%M%SZ)
 log=$out/sandbox-$stamp.log
 podvm_log "running in the KVM sandbox; log: $log"
 env_args=()
-for v in MIGBENCH_SIZES MIGBENCH_LOADS MIGBENCH_DOWNTIME_MS MIGBENCH_SETTLE_S MIGBENCH_ROUNDS; do
+# PODVM_SECCOMP (kill, log, off) reaches podvm: the filters' cost can be compared.
+for v in MIGBENCH_SIZES MIGBENCH_LOADS MIGBENCH_DOWNTIME_MS MIGBENCH_SETTLE_S MIGBENCH_ROUNDS \
+    PODVM_SECCOMP; do
     [[ -n ${!v:-} ]] && env_args+=(--env "$v=${!v}")
 done
 "$root/tests/sandbox/run" --mem "${MIGBENCH_SANDBOX_MEM:-6144}" --cpus 2 \
