@@ -5,9 +5,10 @@
 #![allow(non_snake_case)]
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_dirty_log, kvm_fpu, kvm_irqchip,
-    kvm_lapic_state, kvm_mp_state, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs,
-    kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_dirty_log, kvm_enable_cap, kvm_fpu,
+    kvm_ioeventfd, kvm_irqchip, kvm_irqfd, kvm_lapic_state, kvm_mp_state, kvm_msr_list, kvm_msrs,
+    kvm_pit_config, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_userspace_memory_region,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
@@ -60,6 +61,57 @@ ioctl_iow_nr!(KVM_SET_PIT2, KVMIO, 0xa0, kvm_pit_state2);
 ioctl_iow_nr!(TUNSETOFFLOAD, TUNTAP, 208, ::std::os::raw::c_uint);
 ioctl_io_nr!(BLKDISCARD, BLK, 119);
 ioctl_io_nr!(BLKZEROOUT, BLK, 127);
+
+// Building the VM, opening taps and disks: before any thread filters itself.
+ioctl_io_nr!(KVM_GET_API_VERSION, KVMIO, 0x00);
+ioctl_io_nr!(KVM_CREATE_VM, KVMIO, 0x01);
+ioctl_iowr_nr!(KVM_GET_MSR_INDEX_LIST, KVMIO, 0x02, kvm_msr_list);
+ioctl_io_nr!(KVM_CHECK_EXTENSION, KVMIO, 0x03);
+ioctl_io_nr!(KVM_GET_VCPU_MMAP_SIZE, KVMIO, 0x04);
+ioctl_iowr_nr!(KVM_GET_SUPPORTED_CPUID, KVMIO, 0x05, kvm_cpuid2);
+ioctl_io_nr!(KVM_CREATE_VCPU, KVMIO, 0x41);
+ioctl_io_nr!(KVM_SET_TSS_ADDR, KVMIO, 0x47);
+ioctl_iow_nr!(KVM_SET_IDENTITY_MAP_ADDR, KVMIO, 0x48, u64);
+ioctl_io_nr!(KVM_CREATE_IRQCHIP, KVMIO, 0x60);
+ioctl_iow_nr!(KVM_IRQFD, KVMIO, 0x76, kvm_irqfd);
+ioctl_iow_nr!(KVM_CREATE_PIT2, KVMIO, 0x77, kvm_pit_config);
+ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
+ioctl_iow_nr!(KVM_ENABLE_CAP, KVMIO, 0xa3, kvm_enable_cap);
+ioctl_iow_nr!(TUNSETIFF, TUNTAP, 202, ::std::os::raw::c_int);
+ioctl_iow_nr!(TUNSETVNETHDRSZ, TUNTAP, 216, ::std::os::raw::c_int);
+ioctl_ior_nr!(TUNGETIFF, TUNTAP, 210, ::std::os::raw::c_uint);
+ioctl_ior_nr!(BLKGETSIZE64, BLK, 114, u64);
+ioctl_io_nr!(BLKSSZGET, BLK, 104);
+
+/// What the process asks before its threads filter themselves (the OCI profile's part).
+pub fn startup() -> Vec<u64> {
+    let mut list: Vec<u64> = [
+        KVM_GET_API_VERSION(),
+        KVM_CREATE_VM(),
+        KVM_GET_MSR_INDEX_LIST(),
+        KVM_CHECK_EXTENSION(),
+        KVM_GET_VCPU_MMAP_SIZE(),
+        KVM_GET_SUPPORTED_CPUID(),
+        KVM_CREATE_VCPU(),
+        KVM_SET_TSS_ADDR(),
+        KVM_SET_IDENTITY_MAP_ADDR(),
+        KVM_CREATE_IRQCHIP(),
+        KVM_IRQFD(),
+        KVM_CREATE_PIT2(),
+        KVM_IOEVENTFD(),
+        KVM_ENABLE_CAP(),
+        TUNSETIFF(),
+        TUNSETVNETHDRSZ(),
+        TUNGETIFF(),
+        BLKGETSIZE64(),
+        BLKSSZGET(),
+    ]
+    .map(u64::from)
+    .to_vec();
+    // A tap's index (does it exist?), MTU and address, asked on a UDP socket.
+    list.extend([libc::SIOCGIFINDEX, libc::SIOCGIFMTU, libc::SIOCGIFHWADDR]);
+    list
+}
 
 /// Terminal ioctls (the console on stdio: raw mode and back).
 pub const TCGETS: u64 = libc::TCGETS;

@@ -4,42 +4,9 @@
 //! the VM). Anything else fails with EPERM (`SCMP_ACT_ERRNO`).
 
 use serde_json::{json, Value};
-use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
 use crate::lists::{allowlist, Allowed, Arg};
 use crate::ThreadKind;
-
-const KVMIO: u32 = 0xae;
-ioctl_io_nr!(KVM_GET_API_VERSION, KVMIO, 0x00);
-ioctl_io_nr!(KVM_CREATE_VM, KVMIO, 0x01);
-ioctl_iowr_nr!(
-    KVM_GET_MSR_INDEX_LIST,
-    KVMIO,
-    0x02,
-    kvm_bindings::kvm_msr_list
-);
-ioctl_io_nr!(KVM_CHECK_EXTENSION, KVMIO, 0x03);
-ioctl_io_nr!(KVM_GET_VCPU_MMAP_SIZE, KVMIO, 0x04);
-ioctl_iowr_nr!(
-    KVM_GET_SUPPORTED_CPUID,
-    KVMIO,
-    0x05,
-    kvm_bindings::kvm_cpuid2
-);
-ioctl_io_nr!(KVM_CREATE_VCPU, KVMIO, 0x41);
-ioctl_io_nr!(KVM_SET_TSS_ADDR, KVMIO, 0x47);
-ioctl_iow_nr!(KVM_SET_IDENTITY_MAP_ADDR, KVMIO, 0x48, u64);
-ioctl_io_nr!(KVM_CREATE_IRQCHIP, KVMIO, 0x60);
-ioctl_iow_nr!(KVM_IRQFD, KVMIO, 0x76, kvm_bindings::kvm_irqfd);
-ioctl_iow_nr!(KVM_CREATE_PIT2, KVMIO, 0x77, kvm_bindings::kvm_pit_config);
-ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_bindings::kvm_ioeventfd);
-ioctl_iow_nr!(KVM_ENABLE_CAP, KVMIO, 0xa3, kvm_bindings::kvm_enable_cap);
-const TUNTAP: u32 = b'T' as u32;
-ioctl_iow_nr!(TUNSETIFF, TUNTAP, 202, ::std::os::raw::c_int);
-ioctl_iow_nr!(TUNSETVNETHDRSZ, TUNTAP, 216, ::std::os::raw::c_int);
-ioctl_ior_nr!(TUNGETIFF, TUNTAP, 210, ::std::os::raw::c_uint);
-ioctl_ior_nr!(BLKGETSIZE64, 0x12, 114, u64);
-ioctl_io_nr!(BLKSSZGET, 0x12, 104);
 
 /// Calls made before the threads filter themselves, unconditionally.
 const STARTUP: &[(&str, i64)] = &[
@@ -105,38 +72,14 @@ const STARTUP: &[(&str, i64)] = &[
 /// loading code (mmap and mprotect with PROT_EXEC), opening unix sockets, setting up KVM,
 /// taps and disks, and `prctl` for the filters themselves.
 fn startup_conditional() -> Vec<Allowed> {
-    let ioctls = [
-        KVM_GET_API_VERSION(),
-        KVM_CREATE_VM(),
-        KVM_GET_MSR_INDEX_LIST(),
-        KVM_CHECK_EXTENSION(),
-        KVM_GET_VCPU_MMAP_SIZE(),
-        KVM_GET_SUPPORTED_CPUID(),
-        KVM_CREATE_VCPU(),
-        KVM_SET_TSS_ADDR(),
-        KVM_SET_IDENTITY_MAP_ADDR(),
-        KVM_CREATE_IRQCHIP(),
-        KVM_IRQFD(),
-        KVM_CREATE_PIT2(),
-        KVM_IOEVENTFD(),
-        KVM_ENABLE_CAP(),
-        TUNSETIFF(),
-        TUNSETVNETHDRSZ(),
-        TUNGETIFF(),
-        BLKGETSIZE64(),
-        BLKSSZGET(),
-        // A tap's index (does it exist?), MTU and address, asked on a UDP socket.
-        libc::SIOCGIFINDEX as _,
-        libc::SIOCGIFMTU as _,
-        libc::SIOCGIFHWADDR as _,
-    ];
+    let ioctls = crate::ioctls::startup();
     let mut list = vec![
         Allowed {
             name: "ioctl",
             nr: libc::SYS_ioctl,
             arg: Some(Arg::OneOf {
                 index: 1,
-                values: ioctls.to_vec(),
+                values: ioctls,
             }),
         },
         Allowed {

@@ -190,9 +190,9 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, context: 
         len: 0,
     };
     describe(kind, i64::from(nr), args, path, &mut line);
-    // SAFETY: writes an initialised buffer to stderr and to the termination message file
-    // (a descriptor opened at start, or none), then ends the process; both calls are
-    // async-signal-safe and allowed by every filter.
+    // Writes the line to stderr and to the termination message file (a descriptor opened
+    // at start, or none), then ends the process.
+    // SAFETY: write and _exit are async-signal-safe, allowed by every filter, and given an initialised buffer.
     unsafe {
         libc::write(2, line.buf.as_ptr().cast(), line.len);
         let log = TERMINATION_LOG.load(Ordering::Relaxed);

@@ -76,9 +76,9 @@ pub fn confine(cmd: &mut Command) {
         return;
     }
     let program = profile_program().clone();
-    // SAFETY: the closure runs in the child between fork and exec and makes only raw
-    // system calls (prctl, setgroups, setresgid, setresuid, seccomp), which are
-    // async-signal-safe; it allocates nothing (the program was built before the fork).
+    // The closure runs in the child between fork and exec and makes only raw system calls
+    // (prctl, setgroups, setresgid, setresuid, seccomp); the program was built before.
+    // SAFETY: those calls are async-signal-safe and the closure allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
             let check = |rc: libc::c_long| {
