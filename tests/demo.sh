@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The README's demo: builds podvm and the test guest, then boots the guest with an interactive
-# shell on the console (2 vCPUs, 512 MiB). `exit` or `poweroff -f` in the guest ends it.
+# The README's demo: builds podvm and the test guest, then runs the KubeVirt
+# VirtualMachineInstance of resources/examples/demo-vmi.yaml (2 vCPUs, 512 MiB, a disk, the
+# masquerade network, a console socket) and attaches this terminal to its console with
+# `podvm console`, where the guest's busybox shell runs. `exit` or `poweroff -f` in the guest
+# ends it; Ctrl-] detaches (podvm then runs on; `kill` it or attach again).
 #
 # On a host with hardware KVM podvm runs directly. Where /dev/kvm cannot run a stock kernel
 # (PVM, as on the project's own machines) or is missing, it runs inside the KVM sandbox
@@ -37,11 +40,29 @@ fi
 tests/guest/build.sh
 cargo build --release -p launcher
 podvm=$PWD/target/release/podvm
-guest=$PWD/target/guest
-args=(run --kernel "$guest/vmlinuz" --initrd "$guest/initramfs.cpio.gz" --cpus 2 --memory 512)
+demo=$PWD/target/demo
+# The VMI's kernelBoot paths (/usr/share/podvm/guest/..., where the demo image has the guest)
+# are looked up under --kernel-boot-root; the PVC "demodisk" is a sparse file here.
+rm -rf "$demo"
+mkdir -p "$demo/root/usr/share/podvm/guest" "$demo/run"
+cp target/guest/vmlinuz target/guest/initramfs.cpio.gz "$demo/root/usr/share/podvm/guest/"
+# Runs podvm in the background (its log in run/podvm.log), then the console client.
+cat >"$demo/start.sh" <<EOS
+set -e
+dd if=/dev/zero of=$demo/disk.img bs=1 count=0 seek=1073741824 2>/dev/null
+$podvm run --vmi $PWD/resources/examples/demo-vmi.yaml --kernel-boot-root $demo/root \\
+    --volume demodisk=$demo/disk.img --run-dir $demo/run 2>$demo/run/podvm.log &
+while [ ! -S $demo/run/console.sock ]; do
+    kill -0 \$! 2>/dev/null || { cat $demo/run/podvm.log; exit 1; }
+    sleep 0.2
+done
+echo "demo: podvm runs the VMI (log: $demo/run/podvm.log); attaching to its console, Ctrl-] detaches"
+$podvm console $demo/run/console.sock || true
+wait
+EOS
 
 if $hardware_kvm; then
-    exec "$podvm" "${args[@]}"
+    exec sh "$demo/start.sh"
 fi
 echo "demo: this host's /dev/kvm cannot run a stock kernel; booting inside the KVM sandbox" >&2
-exec tests/sandbox/run --interactive --file "$podvm" --file "$guest" -- "$podvm" "${args[@]}"
+exec tests/sandbox/run --interactive --file "$podvm" --file "$demo" --file "$PWD/resources/examples/demo-vmi.yaml" -- sh "$demo/start.sh"

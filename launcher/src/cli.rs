@@ -16,6 +16,10 @@ pub struct Cli {
 pub enum Command {
     /// Boot a VM and run it until the guest powers off or reboots.
     Run(Box<RunArgs>),
+    /// Check a KubeVirt VirtualMachineInstance without starting anything, and print the VM
+    /// `podvm run --vmi` would run (vCPUs, memory, disks with paths and modes, NICs with
+    /// ports, kernel); every problem is reported, with its field path, and exits non-zero.
+    Validate(ValidateArgs),
     /// Attach this terminal to a VM's console socket (detach with Ctrl-]).
     Console(ConsoleArgs),
     /// Call a running VM's control API (`podvm run --api-socket`); prints the JSON answer.
@@ -63,6 +67,68 @@ pub enum ApiAction {
 }
 
 #[derive(Debug, Args)]
+pub struct ValidateArgs {
+    #[command(flatten)]
+    pub vmi: VmiArgs,
+}
+
+/// A KubeVirt VirtualMachineInstance as the VM's spec, and where its volumes are.
+#[derive(Debug, Args, Clone)]
+pub struct VmiArgs {
+    /// The VM as a KubeVirt VirtualMachineInstance (kubevirt.io/v1, YAML or JSON) in FILE;
+    /// without it, the environment variable PODVM_VMI holds the spec itself (for a Downward
+    /// API or ConfigMap). docs/vmi.md lists what is supported.
+    #[arg(long, value_name = "FILE")]
+    pub vmi: Option<PathBuf>,
+    /// The VirtualMachineInstance itself (YAML or JSON), when --vmi is not given.
+    #[arg(long, env = "PODVM_VMI", hide = true, conflicts_with = "vmi")]
+    pub vmi_inline: Option<String>,
+    /// The VM's writable run directory (an emptyDir): console and API sockets, emptyDisks,
+    /// cloud-init seed disks, containerDisk copies.
+    #[arg(long, value_name = "DIR", default_value = "/var/run/podvm")]
+    pub run_dir: PathBuf,
+    /// Where block PVCs (volumeDevices) are: DIR/<volume name>.
+    #[arg(long, value_name = "DIR", default_value = "/dev")]
+    pub pvc_block_dir: PathBuf,
+    /// Where filesystem PVCs are mounted: DIR/<volume name>/disk.img.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/run/kubevirt-private/vmi-disks"
+    )]
+    pub pvc_fs_dir: PathBuf,
+    /// Where each containerDisk's image is mounted: DIR/<volume name>/ (its disk under
+    /// disk/, or at the volume's path).
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/run/kubevirt/container-disks"
+    )]
+    pub container_disk_dir: PathBuf,
+    /// The directory kernelBoot's kernelPath and initrdPath are relative to (where the kernel
+    /// image's files are mounted; `/` for files in podvm's own image).
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    pub kernel_boot_root: PathBuf,
+    /// A volume's disk at PATH instead of the default place (repeatable).
+    #[arg(long = "volume", value_name = "NAME=PATH", value_parser = parse_volume_path)]
+    pub volume_paths: Vec<(String, PathBuf)>,
+}
+
+/// A VMI describes the VM; the flags that do so conflict with it.
+const VMI: [&str; 2] = ["vmi", "vmi_inline"];
+
+fn parse_volume_path(value: &str) -> Result<(String, PathBuf), String> {
+    match value.split_once('=') {
+        Some((name, path)) if !name.is_empty() && !path.is_empty() => {
+            Ok((name.to_string(), path.into()))
+        }
+        _ => Err(format!(
+            "{value:?}: use --volume NAME=PATH (a volume name of the VMI and its disk's path)"
+        )),
+    }
+}
+
+#[derive(Debug, Args)]
 pub struct ConsoleArgs {
     /// The socket given to `podvm run --console`.
     pub socket: PathBuf,
@@ -71,38 +137,41 @@ pub struct ConsoleArgs {
     pub escape: char,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Args, Clone)]
 pub struct RunArgs {
-    /// Kernel image: a bzImage, or an ELF vmlinux (PVH entry used when present).
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    #[command(flatten)]
+    pub vmi: VmiArgs,
+    /// Kernel image: a bzImage, or an ELF vmlinux (PVH entry used when present). Required
+    /// unless the VM comes from --vmi or PODVM_VMI.
+    #[arg(long, value_name = "PATH", conflicts_with_all = VMI)]
+    pub kernel: Option<PathBuf>,
     /// Initial ramdisk.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with_all = VMI)]
     pub initrd: Option<PathBuf>,
     /// Kernel command line; replaces the default entirely.
-    #[arg(long, value_name = "STR", default_value = vmm::config::DEFAULT_CMDLINE)]
+    #[arg(long, value_name = "STR", default_value = vmm::config::DEFAULT_CMDLINE, conflicts_with_all = VMI)]
     pub cmdline: String,
     /// Number of vCPUs.
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = 1, conflicts_with_all = VMI)]
     pub cpus: u8,
     /// Guest memory in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    #[arg(long, value_name = "MIB", default_value_t = 256, conflicts_with_all = VMI)]
     pub memory: u64,
     /// Where the serial console (COM1) goes: `stdio` (podvm's own terminal, raw mode when it
     /// is one), `off`, or the PATH of a unix socket to create (mode 0600) for `podvm console`.
-    #[arg(long, value_name = "stdio|off|PATH", default_value = "stdio")]
+    #[arg(long, value_name = "stdio|off|PATH", default_value = "stdio", conflicts_with_all = VMI)]
     pub console: String,
     /// Bytes of console output replayed to each client that attaches to a console socket.
     #[arg(long, value_name = "BYTES", default_value_t = vmm::console::DEFAULT_HISTORY)]
     pub console_history: usize,
     /// Also append all console output to this file (with a console socket).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with_all = VMI)]
     pub console_log: Option<PathBuf>,
     /// A virtio-blk disk: a raw image file or a block device, with options
     /// `readonly`, `direct=on|off` (default on for block devices, off for files) and
     /// `serial=ID` and `aio=io_uring|sync` (default io_uring, falling back to sync where the
     /// kernel or seccomp forbids it). Repeat for more disks; the guest sees them in this order (vda, vdb, ...).
-    #[arg(long, value_name = "PATH[,readonly][,direct=on|off][,serial=ID][,aio=io_uring|sync]", value_parser = parse_disk)]
+    #[arg(long, value_name = "PATH[,readonly][,direct=on|off][,serial=ID][,aio=io_uring|sync]", value_parser = parse_disk, conflicts_with_all = VMI)]
     pub disk: Vec<vmm::config::DiskConfig>,
     /// A virtio-net NIC. `user`: the userspace masquerade NAT (KubeVirt's masquerade
     /// binding, no privileges): the guest gets 10.0.2.2/24 by DHCP, gateway 10.0.2.1, the
@@ -118,11 +187,11 @@ pub struct RunArgs {
     /// created for podvm's user (`ip tuntap add dev NAME mode tap user UID`); podvm opens it
     /// without privileges and never changes its MTU or flags; vhost-net moves its frames when
     /// /dev/vhost-net opens (`vhost=off` to have podvm do it). Options: `mac=MAC`, `vhost=`.
-    #[arg(long, value_name = "user[,mac=MAC][,mtu=N][,resolv=PATH][,port=SPEC]...[,max-flows=N] | tap=NAME[,mac=MAC][,vhost=on|off]", value_parser = parse_net)]
+    #[arg(long, value_name = "user[,mac=MAC][,mtu=N][,resolv=PATH][,port=SPEC]...[,max-flows=N] | tap=NAME[,mac=MAC][,vhost=on|off]", value_parser = parse_net, conflicts_with_all = VMI)]
     pub net: Vec<vmm::config::NicConfig>,
     /// Seconds the guest has to power off after SIGTERM presses its ACPI power button, before
     /// podvm stops it (Kubernetes' default grace period is 30 s).
-    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    #[arg(long, value_name = "SECS", default_value_t = 30, conflicts_with_all = VMI)]
     pub shutdown_timeout: u64,
     /// Serve the control API (HTTP/1.1 + JSON, docs/api.md) on a unix socket created at PATH
     /// (mode 0600); `podvm api PATH ...` calls it.

@@ -6,6 +6,7 @@ mod console;
 mod preflight;
 mod terminal;
 mod vm_socket;
+mod vmi;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -14,7 +15,7 @@ use clap::Parser;
 use vmm::config::{ConsoleConfig, VmConfig};
 use vmm::ExitReason;
 
-use crate::cli::{Cli, Command, RunArgs};
+use crate::cli::{Cli, Command, RunArgs, VmiArgs};
 
 /// A failure that ends podvm with a non-zero exit.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +40,20 @@ enum Error {
     VcpuFailed,
     #[error("incoming migration failed, the guest did not start here: {0}")]
     Migration(#[from] vmm::migration::MigrationError),
+    #[error(transparent)]
+    Vmi(#[from] vmi::Errors),
+    #[error("--vmi {0}: cannot read it: {1}")]
+    VmiRead(std::path::PathBuf, #[source] std::io::Error),
+    #[error("give the VirtualMachineInstance: --vmi FILE, or its text in PODVM_VMI")]
+    VmiMissing,
+    #[error("give the VM: --kernel PATH (with --disk, --net, ... as needed), or a KubeVirt VirtualMachineInstance with --vmi FILE or PODVM_VMI")]
+    NoKernel,
+    #[error("spec.domain.devices.rng: virtio-rng is not in this build of podvm yet; remove rng from the VMI")]
+    RngMissing,
+    #[error(transparent)]
+    VmiPrepare(#[from] vmi::prepare::PrepareError),
+    #[error("--incoming: the VMI's {0}; its contents live in the source pod's run directory and podvm migrates memory, not disks: use a PVC (shared storage) for a VM that migrates")]
+    EphemeralDiskMigration(String),
     #[error("--incoming: migration traffic carries all guest memory; give --migration-tls-cert, --migration-tls-key and --migration-tls-ca (mutual TLS), or --migration-insecure (on both podvms) to migrate in plaintext on a trusted link")]
     MigrationTls,
 }
@@ -48,6 +63,7 @@ fn main() -> ExitCode {
     init_logging();
     let result = match cli.command {
         Command::Run(args) => run(*args),
+        Command::Validate(args) => validate(&args.vmi),
         Command::Console(args) => console::attach(&args.socket, args.escape).map_err(Error::from),
         Command::Api(args) => api_client::call(&args.socket, &args.action).map_err(Error::from),
         Command::SeccompProfile => {
@@ -80,11 +96,47 @@ fn init_logging() {
         .init();
 }
 
-fn run(args: RunArgs) -> Result<(), Error> {
-    let config = VmConfig {
+/// Reads and maps the VMI of `--vmi` or `PODVM_VMI`, if one is given.
+fn load_vmi(args: &VmiArgs) -> Result<Option<vmi::Plan>, Error> {
+    let text = match (&args.vmi, &args.vmi_inline) {
+        (Some(path), _) => {
+            std::fs::read_to_string(path).map_err(|e| Error::VmiRead(path.clone(), e))?
+        }
+        (None, Some(text)) => text.clone(),
+        (None, None) => return Ok(None),
+    };
+    let doc = vmi::parse_document(&text)?;
+    let paths = vmi::Paths {
+        block_dir: args.pvc_block_dir.clone(),
+        fs_dir: args.pvc_fs_dir.clone(),
+        container_disk_dir: args.container_disk_dir.clone(),
+        kernel_boot_root: args.kernel_boot_root.clone(),
+        run_dir: args.run_dir.clone(),
+        volume_paths: args.volume_paths.iter().cloned().collect(),
+    };
+    Ok(Some(vmi::plan(&doc, &paths, &vmi::RealHost)?))
+}
+
+/// `podvm validate`: the VM a VMI describes, or every problem in it.
+fn validate(args: &VmiArgs) -> Result<(), Error> {
+    let plan = load_vmi(args)?.ok_or(Error::VmiMissing)?;
+    print!("{}", vmi::prepare::describe(&plan));
+    if !plan.ignored.is_empty() {
+        println!("  accepted without effect in podvm:");
+        for line in &plan.ignored {
+            println!("    {line}");
+        }
+    }
+    Ok(())
+}
+
+/// The VM of the command-line flags.
+fn config_from_flags(args: &RunArgs) -> Result<VmConfig, Error> {
+    let args = args.clone();
+    Ok(VmConfig {
         vcpus: args.cpus,
         memory_mib: args.memory,
-        kernel: args.kernel,
+        kernel: args.kernel.ok_or(Error::NoKernel)?,
         initrd: args.initrd,
         cmdline: args.cmdline,
         console: match args.console.as_str() {
@@ -100,32 +152,78 @@ fn run(args: RunArgs) -> Result<(), Error> {
         nics: args.net,
         shutdown_timeout: std::time::Duration::from_secs(args.shutdown_timeout),
         api_socket: args.api_socket,
-        migration: vmm::migration::MigrationConfig {
-            downtime: std::time::Duration::from_millis(args.migration_downtime_ms),
-            timeout: std::time::Duration::from_secs(args.migration_timeout),
-            insecure: args.migration_insecure,
-            tls: match (
-                args.migration_tls_cert,
-                args.migration_tls_key,
-                args.migration_tls_ca,
-            ) {
-                (Some(cert), Some(key), Some(ca)) => Some(vmm::migration::tls::TlsFiles {
-                    cert,
-                    key,
-                    ca,
-                    server_name: args.migration_tls_server_name,
-                }),
-                _ => None,
-            },
-        },
-        incoming: args.incoming.is_some(),
+        migration: Default::default(),
+        incoming: false,
+    })
+}
+
+fn run(args: RunArgs) -> Result<(), Error> {
+    let plan = load_vmi(&args.vmi)?;
+    let mut config = match &plan {
+        Some(plan) => {
+            tracing::info!(
+                vmi = %format!("{}/{}", plan.namespace, plan.name),
+                "VM from a VirtualMachineInstance"
+            );
+            for line in &plan.ignored {
+                tracing::info!("{line}");
+            }
+            let mut config = plan.config.clone();
+            if let Some(api) = &args.api_socket {
+                config.api_socket = Some(api.clone());
+            }
+            if let ConsoleConfig::Socket { history, .. } = &mut config.console {
+                *history = args.console_history;
+            }
+            config
+        }
+        None => config_from_flags(&args)?,
     };
+    config.migration = vmm::migration::MigrationConfig {
+        downtime: std::time::Duration::from_millis(args.migration_downtime_ms),
+        timeout: std::time::Duration::from_secs(args.migration_timeout),
+        insecure: args.migration_insecure,
+        tls: match (
+            args.migration_tls_cert,
+            args.migration_tls_key,
+            args.migration_tls_ca,
+        ) {
+            (Some(cert), Some(key), Some(ca)) => Some(vmm::migration::tls::TlsFiles {
+                cert,
+                key,
+                ca,
+                server_name: args.migration_tls_server_name,
+            }),
+            _ => None,
+        },
+    };
+    config.incoming = args.incoming.is_some();
     config.validate().map_err(vmm::builder::BuildError::from)?;
     preflight::check_file("--kernel", &config.kernel)?;
     preflight::check_kernel_format(&config.kernel)?;
     if let Some(initrd) = &config.initrd {
         preflight::check_file("--initrd", initrd)?;
         preflight::check_initrd_fits(initrd, config.memory_mib)?;
+    }
+    if let Some(plan) = &plan {
+        if plan.rng {
+            return Err(Error::RngMissing);
+        }
+        if config.incoming {
+            if let Some(d) = plan.disks.iter().find(|d| {
+                matches!(
+                    d.source,
+                    vmi::DiskSource::EmptyDisk { .. }
+                        | vmi::DiskSource::ContainerDisk { copy: true, .. }
+                )
+            }) {
+                return Err(Error::EphemeralDiskMigration(format!(
+                    "disk {:?} is an emptyDisk or a writable containerDisk",
+                    d.name
+                )));
+            }
+        }
+        vmi::prepare::prepare(plan, &args.vmi.run_dir)?;
     }
     if preflight::host_kvm_is_pvm() {
         if !args.allow_pvm {

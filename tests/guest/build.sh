@@ -36,7 +36,8 @@ outdir=$(cd -- "$outdir" && pwd)
 # The modules the guest loads, by name. Dependencies are added and ordered
 # automatically (virtio_ring before virtio, ...); ones built into the kernel or
 # absent from it are skipped. "button" is the ACPI power button driver, "evdev"
-# gives it the /dev/input node that acpid reads.
+# gives it the /dev/input node that acpid reads; vfat and its code pages mount the
+# cloud-init NoCloud seed disk podvm writes for a VMI.
 modules=(
     virtio_ring virtio
     virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
@@ -45,6 +46,7 @@ modules=(
     failover net_failover virtio_net
     button
     evdev
+    fat vfat nls_cp437 nls_ascii nls_utf8 nls_iso8859_1
 )
 read -r -a extra <<<"${PODVM_GUEST_EXTRA_MODULES:-}"
 modules+=("${extra[@]}")

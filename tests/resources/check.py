@@ -18,6 +18,7 @@ Exits non-zero with one line per problem.
 import hashlib
 import io
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -49,6 +50,8 @@ def check_schemas():
     version = kubernetes_validate.latest_version()
     count = 0
     for path, index, doc in manifests():
+        if is_vmi(doc):
+            continue  # a KubeVirt custom resource: check_vmis runs podvm validate on it
         count += 1
         try:
             kubernetes_validate.validate(doc, version, strict=True)
@@ -236,6 +239,60 @@ def check_profile(podvm):
     print(f"seccomp profile: {len(names)} calls, same as `podvm seccomp-profile`")
 
 
+# --- 3b. KubeVirt VirtualMachineInstances --------------------------------------------
+
+def is_vmi(doc):
+    return isinstance(doc, dict) and str(doc.get("apiVersion", "")).startswith("kubevirt.io/")
+
+
+def vmi_docs():
+    """The VMIs of resources/: files of their own, and ConfigMap entries holding one."""
+    for path, index, doc in manifests():
+        if is_vmi(doc):
+            yield f"{path}[{index}]", doc, None
+        if doc.get("kind") == "ConfigMap":
+            for key, text in (doc.get("data") or {}).items():
+                inner = yaml.safe_load(text)
+                if is_vmi(inner):
+                    name = doc.get("metadata", {}).get("name")
+                    yield f"{path}[{index}] ConfigMap {name} data.{key}", inner, text
+
+
+def check_vmis(podvm):
+    import tempfile
+
+    demo = RESOURCES / "examples" / "demo-vmi.yaml"
+    demo_text = demo.read_text()
+    demo_body = demo_text[demo_text.index("apiVersion:"):]
+    count = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = pathlib.Path(tmp)
+        for where, doc, text in vmi_docs():
+            count += 1
+            # podvm validate checks that the files exist: stand-ins for the kernel, the
+            # initrd and the PVCs, which only a pod has.
+            root = tmp / f"root{count}"
+            container = doc["spec"]["domain"].get("firmware", {}).get("kernelBoot", {}).get("container", {})
+            for key in ("kernelPath", "initrdPath"):
+                if key in container:
+                    f = root / container[key].lstrip("/")
+                    f.parent.mkdir(parents=True, exist_ok=True)
+                    f.write_bytes(b"\x7fELF\x02\x01\x01\x00")
+            args = [podvm, "validate", "--kernel-boot-root", str(root), "--run-dir", str(tmp / "run")]
+            for v in doc["spec"].get("volumes", []):
+                if "persistentVolumeClaim" in v or "dataVolume" in v:
+                    img = tmp / f"pvc-{count}-{v['name']}.img"
+                    img.write_bytes(b"\0" * 4096)
+                    args += ["--volume", f"{v['name']}={img}"]
+            env = dict(os.environ, PODVM_VMI=json.dumps(doc))
+            run = subprocess.run(args, env=env, capture_output=True, text=True)
+            if run.returncode != 0:
+                problem(where, f"podvm validate refuses it:\n{run.stderr}")
+            if text is not None and text != demo_body:
+                problem(where, f"differs from {demo.relative_to(ROOT)} (from its apiVersion line on); keep the two identical")
+    print(f"VMIs: {count} accepted by podvm validate")
+
+
 # --- 4. the image ----------------------------------------------------------------------
 
 def blob(layout, digest):
@@ -346,6 +403,7 @@ def main():
     check_schemas()
     check_pss()
     check_profile(sys.argv[1])
+    check_vmis(sys.argv[1])
     if len(sys.argv) == 3:
         check_image(sys.argv[2])
     if problems:

@@ -386,6 +386,14 @@ pub fn run_guest_script(script: &str, extra: &[&str]) -> Outcome {
     run_guest_with_retry(|| run_watched(guest_command(script, extra), true, false, |_, _, _| {}))
 }
 
+/// The test guest's files and kernel arguments, for a VMI's `kernelBoot`.
+pub struct VmiGuest {
+    pub kernel: String,
+    pub initrd: String,
+    /// podvm's default command line with the script to run.
+    pub kernel_args: String,
+}
+
 /// A scratch directory removed on drop.
 pub struct TempDir(pub PathBuf);
 
@@ -520,11 +528,62 @@ impl SocketVm {
         (vm, addr)
     }
 
+    /// Boots the test guest running `script` from a KubeVirt VirtualMachineInstance:
+    /// `vmi` gets the VM's directory (also podvm's `--run-dir`) and the guest's files and
+    /// kernel arguments, and returns the VMI's text (written to `vmi.yaml` there). The VMI
+    /// must set `logSerialConsole: true` (the harness reads `console.log`) and keep the
+    /// serial console; podvm runs with `--vmi`, `--run-dir` and `extra`. Returns once the
+    /// script has started.
+    pub fn start_vmi(
+        name: &str,
+        script: &str,
+        vmi: impl Fn(&TempDir, &VmiGuest) -> String,
+        extra: &[&str],
+    ) -> Self {
+        let attempt = || {
+            let dir = TempDir::new(name);
+            let g = guest();
+            let boot = VmiGuest {
+                kernel: g.kernel.display().to_string(),
+                initrd: g.initrd.display().to_string(),
+                kernel_args: exec_cmdline(&format!("echo {SCRIPT_START}\n{script}")),
+            };
+            let file = dir.file("vmi.yaml", vmi(&dir, &boot).as_bytes());
+            let mut cmd = Command::new(podvm_bin());
+            cmd.args(["run", "--vmi", &file, "--run-dir"])
+                .arg(&dir.0)
+                .args(extra);
+            pod::confine(&mut cmd);
+            let mut vm = Self::spawn_command(dir, cmd);
+            match vm.try_wait_log(SCRIPT_START, boot_timeout()) {
+                Ok(_) => Ok(vm),
+                Err(why) => {
+                    vm.kill();
+                    Err(format!(
+                        "guest did not reach its script: {why}\nstderr:\n{}\nconsole log:\n{}",
+                        vm.take_stderr(),
+                        vm.log_text()
+                    ))
+                }
+            }
+        };
+        match attempt() {
+            Ok(vm) => vm,
+            Err(first) if std::env::var_os("PODVM_IN_SANDBOX").is_some() => {
+                eprintln!(
+                    "*** guest never reached its script inside the KVM sandbox; booting it \
+                     once more. First attempt:\n{first}"
+                );
+                attempt().unwrap_or_else(|e| panic!("{e}"))
+            }
+            Err(first) => panic!("{first}"),
+        }
+    }
+
     fn spawn(dir: TempDir, script: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let console = dir.0.join("console.sock");
         let log = dir.0.join("console.log");
         let api = dir.0.join("api.sock");
-        let stderr = dir.0.join("stderr.log");
         let mut cmd = guest_command(script, extra);
         cmd.envs(env.iter().copied());
         cmd.arg("--console")
@@ -532,8 +591,18 @@ impl SocketVm {
             .arg("--console-log")
             .arg(&log)
             .arg("--api-socket")
-            .arg(&api)
-            .stdin(Stdio::null())
+            .arg(&api);
+        Self::spawn_command(dir, cmd)
+    }
+
+    /// Spawns `cmd`, a podvm whose console socket, console log and API socket are
+    /// `console.sock`, `console.log` and `api.sock` in `dir`.
+    fn spawn_command(dir: TempDir, mut cmd: Command) -> Self {
+        let console = dir.0.join("console.sock");
+        let log = dir.0.join("console.log");
+        let api = dir.0.join("api.sock");
+        let stderr = dir.0.join("stderr.log");
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).expect("create stderr file"));
         let child = cmd.spawn().expect("spawn podvm");

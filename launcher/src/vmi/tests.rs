@@ -1,0 +1,535 @@
+use super::*;
+
+/// A host with the given block devices, files and directories.
+#[derive(Default)]
+struct FakeHost {
+    block: Vec<&'static str>,
+    files: Vec<&'static str>,
+}
+
+impl Host for FakeHost {
+    fn probe(&self, path: &Path) -> Probe {
+        let p = path.to_str().unwrap();
+        if self.block.contains(&p) {
+            Probe::Block
+        } else if self.files.contains(&p) {
+            Probe::File
+        } else if self.files.iter().any(|f| f.starts_with(&format!("{p}/"))) {
+            Probe::Dir
+        } else {
+            Probe::Missing
+        }
+    }
+
+    fn files_in(&self, dir: &Path) -> Option<Vec<PathBuf>> {
+        let prefix = format!("{}/", dir.display());
+        let found: Vec<PathBuf> = self
+            .files
+            .iter()
+            .filter(|f| {
+                f.strip_prefix(&prefix)
+                    .is_some_and(|rest| !rest.contains('/'))
+            })
+            .map(PathBuf::from)
+            .collect();
+        (!found.is_empty()).then_some(found)
+    }
+}
+
+fn host() -> FakeHost {
+    FakeHost {
+        block: vec!["/dev/rootdisk"],
+        files: vec![
+            "/boot/vmlinuz",
+            "/boot/initrd.img",
+            "/var/run/kubevirt-private/vmi-disks/data/disk.img",
+            "/var/run/kubevirt/container-disks/cd/disk/fedora.img",
+        ],
+    }
+}
+
+const FULL: &str = r#"
+apiVersion: kubevirt.io/v1
+kind: VirtualMachineInstance
+metadata:
+  name: testvm
+  namespace: vms
+  labels: {app: x}
+spec:
+  terminationGracePeriodSeconds: 40
+  nodeSelector: {disk: ssd}
+  domain:
+    cpu: {sockets: 1, cores: 2, threads: 2}
+    memory: {guest: 1Gi}
+    resources:
+      requests: {memory: 1200Mi, cpu: "2"}
+      limits: {memory: 1300Mi}
+    firmware:
+      kernelBoot:
+        kernelArgs: console=ttyS0 root=/dev/vda
+        container:
+          image: quay.io/me/kernel:1
+          kernelPath: /boot/vmlinuz
+          initrdPath: /boot/initrd.img
+    devices:
+      rng: {}
+      disks:
+        - name: data
+          disk: {bus: virtio}
+          serial: data-1
+        - name: rootdisk
+          bootOrder: 1
+          cache: none
+          disk: {bus: virtio}
+        - name: cloudinit
+          disk: {bus: virtio}
+        - name: scratch
+          disk: {}
+        - name: cd
+          disk: {readonly: true}
+      interfaces:
+        - name: default
+          masquerade: {}
+          macAddress: "02:00:00:00:00:01"
+          ports:
+            - {name: http, port: 80}
+            - {port: 53, protocol: UDP}
+  networks:
+    - name: default
+      pod: {}
+  volumes:
+    - name: rootdisk
+      persistentVolumeClaim: {claimName: root-pvc}
+    - name: data
+      dataVolume: {name: data-dv}
+    - name: cloudinit
+      cloudInitNoCloud:
+        userData: |
+          #cloud-config
+          password: hello
+        networkDataBase64: dmVyc2lvbjogMgo=
+    - name: scratch
+      emptyDisk: {capacity: 2Gi}
+    - name: cd
+      containerDisk: {image: quay.io/containerdisks/fedora:40}
+"#;
+
+fn plan_text(text: &str) -> Result<Plan, Errors> {
+    plan_with(text, &host())
+}
+
+fn plan_with(text: &str, host: &FakeHost) -> Result<Plan, Errors> {
+    plan(&parse_document(text)?, &Paths::default(), host)
+}
+
+#[test]
+fn vmi_full_example_maps_every_field() {
+    let plan = plan_text(FULL).unwrap();
+    assert_eq!(
+        (plan.name.as_str(), plan.namespace.as_str()),
+        ("testvm", "vms")
+    );
+    let c = &plan.config;
+    assert_eq!(c.vcpus, 4);
+    assert_eq!(plan.topology, (1, 2, 2));
+    assert_eq!(c.memory_mib, 1024, "memory.guest wins over requests.memory");
+    assert_eq!(c.kernel, PathBuf::from("/boot/vmlinuz"));
+    assert_eq!(c.initrd, Some(PathBuf::from("/boot/initrd.img")));
+    assert_eq!(c.cmdline, "console=ttyS0 root=/dev/vda");
+    assert_eq!(c.shutdown_timeout, std::time::Duration::from_secs(40));
+    assert!(plan.rng);
+    // bootOrder 1 makes rootdisk vda; the rest keep the spec's order.
+    let names: Vec<&str> = plan.disks.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(names, ["rootdisk", "data", "cloudinit", "scratch", "cd"]);
+    assert_eq!(c.disks[0].path, PathBuf::from("/dev/rootdisk"));
+    assert_eq!(c.disks[0].direct, Some(true));
+    assert_eq!(plan.disks[0].source, DiskSource::BlockPvc);
+    assert_eq!(
+        c.disks[1].path,
+        PathBuf::from("/var/run/kubevirt-private/vmi-disks/data/disk.img")
+    );
+    assert_eq!(c.disks[1].serial.as_deref(), Some("data-1"));
+    assert_eq!(plan.disks[1].source, DiskSource::FilePvc);
+    assert_eq!(
+        c.disks[2].path,
+        PathBuf::from("/var/run/podvm/cloudinit-cidata.img")
+    );
+    assert!(c.disks[2].read_only, "the seed disk is read-only");
+    let DiskSource::CloudInit(seed) = &plan.disks[2].source else {
+        panic!("{:?}", plan.disks[2]);
+    };
+    assert_eq!(seed.user_data, b"#cloud-config\npassword: hello\n");
+    assert_eq!(seed.network_config.as_deref(), Some(&b"version: 2\n"[..]));
+    assert_eq!(
+        seed.meta_data,
+        b"instance-id: testvm.vms\nlocal-hostname: testvm\n"
+    );
+    assert_eq!(c.disks[3].path, PathBuf::from("/var/run/podvm/scratch.img"));
+    assert_eq!(
+        plan.disks[3].source,
+        DiskSource::EmptyDisk { capacity: 2 << 30 }
+    );
+    // A read-only containerDisk is used in place, not copied.
+    assert_eq!(
+        c.disks[4].path,
+        PathBuf::from("/var/run/kubevirt/container-disks/cd/disk/fedora.img")
+    );
+    assert!(c.disks[4].read_only);
+    assert_eq!(c.nics.len(), 1);
+    assert_eq!(c.nics[0].mac, Some([2, 0, 0, 0, 0, 1]));
+    let NetBackendConfig::User {
+        forwards,
+        forward_all,
+        ..
+    } = &c.nics[0].backend
+    else {
+        panic!("{:?}", c.nics[0]);
+    };
+    assert!(!forward_all);
+    assert_eq!(
+        forwards,
+        &[
+            PortForward {
+                proto: Proto::Tcp,
+                host: 80,
+                guest: 80
+            },
+            PortForward {
+                proto: Proto::Udp,
+                host: 53,
+                guest: 53
+            },
+        ]
+    );
+    assert!(
+        matches!(&c.console, ConsoleConfig::Socket { path, log: None, .. } if path == Path::new("/var/run/podvm/console.sock"))
+    );
+    assert_eq!(c.api_socket, Some(PathBuf::from("/var/run/podvm/api.sock")));
+    for field in [
+        "metadata.labels",
+        "spec.nodeSelector",
+        "spec.domain.resources.limits",
+        "spec.domain.resources.requests.cpu",
+    ] {
+        assert!(
+            plan.ignored
+                .iter()
+                .any(|l| l.starts_with(&format!("{field}: ignored"))),
+            "{field} not reported as ignored: {:?}",
+            plan.ignored
+        );
+    }
+}
+
+#[test]
+fn vmi_json_is_accepted_too() {
+    let doc = parse_document(FULL).unwrap();
+    let json = serde_json::to_string(&doc).unwrap();
+    assert_eq!(plan_text(&json).unwrap(), plan_text(FULL).unwrap());
+}
+
+const MINIMAL: &str = r#"
+apiVersion: kubevirt.io/v1
+kind: VirtualMachineInstance
+metadata: {name: tiny}
+spec:
+  domain:
+    resources: {requests: {memory: 128M}}
+    firmware: {kernelBoot: {container: {image: k, kernelPath: boot/vmlinuz}}}
+"#;
+
+#[test]
+fn vmi_defaults_follow_kubevirt() {
+    let plan = plan_text(MINIMAL).unwrap();
+    assert_eq!(plan.namespace, "default");
+    let c = &plan.config;
+    assert_eq!(c.vcpus, 1);
+    assert_eq!(c.memory_mib, 123, "128M = 122.07 MiB, rounded up");
+    assert_eq!(c.cmdline, vmm::config::DEFAULT_CMDLINE);
+    assert_eq!(c.initrd, None);
+    assert_eq!(
+        c.shutdown_timeout,
+        std::time::Duration::from_secs(DEFAULT_GRACE_SECONDS)
+    );
+    assert!(c.disks.is_empty());
+    assert!(!plan.rng);
+    // No interfaces and no networks: KubeVirt's default pod interface, every port forwarded.
+    assert_eq!(c.nics.len(), 1);
+    assert!(matches!(
+        c.nics[0].backend,
+        NetBackendConfig::User {
+            forward_all: true,
+            ..
+        }
+    ));
+    assert!(matches!(c.console, ConsoleConfig::Socket { .. }));
+}
+
+#[test]
+fn vmi_without_serial_console_or_network() {
+    let text = MINIMAL.replace(
+        "    firmware:",
+        "    devices: {autoattachSerialConsole: false, autoattachPodInterface: false}\n    firmware:",
+    );
+    let plan = plan_text(&text).unwrap();
+    assert_eq!(plan.config.console, ConsoleConfig::Off);
+    assert!(plan.config.nics.is_empty());
+}
+
+#[test]
+fn vmi_paths_can_be_overridden_per_volume() {
+    let text = FULL.replace("claimName: root-pvc", "claimName: root-pvc, readOnly: true");
+    let doc = parse_document(&text).unwrap();
+    let mut paths = Paths::default();
+    paths
+        .volume_paths
+        .insert("rootdisk".into(), "/elsewhere/root.img".into());
+    let mut host = host();
+    host.files.push("/elsewhere/root.img");
+    let plan = plan(&doc, &paths, &host).unwrap();
+    assert_eq!(
+        plan.config.disks[0].path,
+        PathBuf::from("/elsewhere/root.img")
+    );
+    assert!(
+        plan.config.disks[0].read_only,
+        "the PVC's readOnly makes the disk read-only"
+    );
+    assert_eq!(plan.disks[0].source, DiskSource::FilePvc);
+}
+
+#[test]
+fn vmi_writable_container_disk_is_copied_to_the_run_dir() {
+    let text = FULL.replace("disk: {readonly: true}", "disk: {}");
+    let plan = plan_text(&text).unwrap();
+    assert_eq!(
+        plan.config.disks[4].path,
+        PathBuf::from("/var/run/podvm/cd.img")
+    );
+    assert_eq!(
+        plan.disks[4].source,
+        DiskSource::ContainerDisk {
+            image: "/var/run/kubevirt/container-disks/cd/disk/fedora.img".into(),
+            copy: true
+        }
+    );
+}
+
+/// Applies `edit` to FULL and expects exactly the errors `want` (path, message part).
+fn assert_refused(edit: (&str, &str), want: &[(&str, &str)]) {
+    let (from, to) = edit;
+    assert!(FULL.contains(from), "{from:?} not in FULL");
+    let text = FULL.replacen(from, to, 1);
+    let errors = match plan_text(&text) {
+        Ok(_) => panic!("accepted after {from:?} -> {to:?}"),
+        Err(Errors(e)) => e,
+    };
+    for (path, part) in want {
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.path == *path && e.message.contains(part)),
+            "no error {path}: ...{part}... in {errors:#?}"
+        );
+    }
+    assert_eq!(errors.len(), want.len(), "{errors:#?}");
+}
+
+#[test]
+fn vmi_broken_specs_are_refused_with_field_paths() {
+    assert_refused(
+        (
+            "disk: {bus: virtio}\n          serial",
+            "disk: {bus: sata}\n          serial",
+        ),
+        &[(
+            "spec.domain.devices.disks[0].disk.bus",
+            "sata is not supported; use virtio",
+        )],
+    );
+    assert_refused(
+        (
+            "- name: scratch\n          disk: {}",
+            "- name: nothere\n          disk: {}",
+        ),
+        &[
+            (
+                "spec.domain.devices.disks[3].name",
+                "no volume named \"nothere\"",
+            ),
+            ("spec.volumes[3]", "\"scratch\" is not used by any disk"),
+        ],
+    );
+    assert_refused(
+        ("guest: 1Gi", "guest: 1Gb"),
+        &[("spec.domain.memory.guest", "\"1Gb\" is not a quantity")],
+    );
+    assert_refused(
+        ("- name: cd\n          disk", "- name: data\n          disk"),
+        &[
+            (
+                "spec.domain.devices.disks[4].name",
+                "\"data\" is used twice",
+            ),
+            ("spec.volumes[4]", "\"cd\" is not used by any disk"),
+        ],
+    );
+    assert_refused(
+        (
+            "claimName: root-pvc",
+            "claimName: root-pvc}\n    - {name: extra, persistentVolumeClaim: {claimName: x}",
+        ),
+        &[(
+            "spec.volumes[1].persistentVolumeClaim",
+            "the PVC is at neither /dev/extra",
+        )],
+    );
+    assert_refused(
+        ("      pod: {}", "      multus: {networkName: x}"),
+        &[("spec.networks[0].multus", "is not supported")],
+    );
+    assert_refused(
+        ("          masquerade: {}", "          bridge: {}"),
+        &[("spec.domain.devices.interfaces[0].bridge", "use masquerade")],
+    );
+    assert_refused(
+        ("threads: 2", "threads: 0"),
+        &[("spec.domain.cpu.threads", "0 is out of range")],
+    );
+    assert_refused(
+        ("kind: VirtualMachineInstance", "kind: Pod"),
+        &[("kind", "use VirtualMachineInstance")],
+    );
+    assert_refused(
+        ("      rng: {}", "      rng: {}\n      tpm: {}"),
+        &[("spec.domain.devices.tpm", "not supported")],
+    );
+    assert_refused(
+        ("      rng: {}", "      rgn: {}"),
+        &[("spec.domain.devices.rgn", "unknown field")],
+    );
+    assert_refused(
+        ("kernelPath: /boot/vmlinuz", "kernelPath: /boot/nothere"),
+        &[(
+            "spec.domain.firmware.kernelBoot.container.kernelPath",
+            "/boot/nothere is missing",
+        )],
+    );
+    assert_refused(
+        (
+            "    firmware:\n      kernelBoot:",
+            "    firmware:\n      bootloader: {efi: {}}\n      kernelBoot:",
+        ),
+        &[("spec.domain.firmware.bootloader", "use kernelBoot")],
+    );
+    assert_refused(
+        ("{port: 53, protocol: UDP}", "{port: 53, protocol: SCTP}"),
+        &[(
+            "spec.domain.devices.interfaces[0].ports[1].protocol",
+            "SCTP is not supported",
+        )],
+    );
+    assert_refused(
+        ("cache: none", "cache: writethrough"),
+        &[(
+            "spec.domain.devices.disks[1].cache",
+            "writethrough is not supported",
+        )],
+    );
+    assert_refused(
+        ("capacity: 2Gi", "capacity: 0"),
+        &[("spec.volumes[3].emptyDisk.capacity", "more than 0")],
+    );
+    assert_refused(
+        (
+            "networkDataBase64: dmVyc2lvbjogMgo=",
+            "networkDataBase64: '!!!'",
+        ),
+        &[(
+            "spec.volumes[2].cloudInitNoCloud.networkDataBase64",
+            "not valid base64",
+        )],
+    );
+    assert_refused(
+        (
+            "macAddress: \"02:00:00:00:00:01\"",
+            "macAddress: \"03:00:00:00:00:01\"",
+        ),
+        &[(
+            "spec.domain.devices.interfaces[0].macAddress",
+            "not a unicast address",
+        )],
+    );
+}
+
+#[test]
+fn vmi_all_problems_are_reported_at_once() {
+    let text = FULL
+        .replacen("bus: virtio", "bus: scsi", 1)
+        .replace("guest: 1Gi", "guest: lots")
+        .replace("cores: 2", "cores: -1")
+        .replace("apiVersion: kubevirt.io/v1", "apiVersion: kubevirt.io/v2");
+    let Err(Errors(errors)) = plan_text(&text) else {
+        panic!("accepted");
+    };
+    let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "apiVersion",
+            "spec.domain.cpu.cores",
+            "spec.domain.memory.guest",
+            "spec.domain.devices.disks[0].disk.bus"
+        ],
+        "{errors:#?}"
+    );
+}
+
+#[test]
+fn vmi_memory_is_required_and_bounded() {
+    let no_memory = MINIMAL.replace("    resources: {requests: {memory: 128M}}\n", "");
+    let Err(Errors(e)) = plan_text(&no_memory) else {
+        panic!("accepted")
+    };
+    assert_eq!(e[0].path, "spec.domain.memory.guest");
+    assert!(e[0].message.contains("required"), "{e:?}");
+    let tiny = MINIMAL.replace("128M", "16Mi");
+    let Err(Errors(e)) = plan_text(&tiny) else {
+        panic!("accepted")
+    };
+    assert_eq!(e[0].path, "spec.domain.resources.requests.memory");
+    assert!(e[0].message.contains("16 MiB is out of range"), "{e:?}");
+}
+
+#[test]
+fn vmi_document_errors_are_clear() {
+    for (text, part) in [
+        ("", "empty"),
+        ("a: [", "invalid YAML"),
+        ("{\"a\": ", "invalid JSON"),
+        ("a: 1\n---\nb: 2\n", "2 YAML documents"),
+    ] {
+        let Err(Errors(e)) = parse_document(text) else {
+            panic!("{text:?} parsed")
+        };
+        assert!(e[0].message.contains(part), "{text:?}: {e:?}");
+    }
+    let Err(Errors(e)) = plan_text("just a string") else {
+        panic!("accepted")
+    };
+    assert_eq!(e[0].path, "(document)");
+}
+
+#[test]
+fn vmi_mac_addresses_parse_with_colons_or_dashes() {
+    assert_eq!(
+        parse_mac("52:54:00:ab:cd:ef"),
+        Some([0x52, 0x54, 0, 0xab, 0xcd, 0xef])
+    );
+    assert_eq!(
+        parse_mac("52-54-00-AB-CD-EF"),
+        Some([0x52, 0x54, 0, 0xab, 0xcd, 0xef])
+    );
+    assert_eq!(parse_mac("52:54:00:ab:cd"), None);
+    assert_eq!(parse_mac("5254.00ab.cdef"), None);
+}

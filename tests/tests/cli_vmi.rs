@@ -1,0 +1,210 @@
+//! `podvm validate --vmi` and `podvm run --vmi` on specs with problems: every problem is
+//! reported with its field path, at once, and nothing starts. No guest boots here.
+
+use std::process::Command;
+
+use podvm_tests::{podvm_bin, run_command, Outcome, TempDir};
+
+/// A valid VMI whose files live in `dir`: a kernel, a block-less filesystem PVC `data`,
+/// a cloud-init volume and the pod network.
+fn good_vmi(dir: &TempDir) -> String {
+    dir.file("vmlinuz", b"\x7fELF\x02\x01\x01\x00");
+    std::fs::create_dir_all(dir.0.join("pvcs/data")).unwrap();
+    dir.file("pvcs/data/disk.img", &[0u8; 4096]);
+    format!(
+        r##"apiVersion: kubevirt.io/v1
+kind: VirtualMachineInstance
+metadata: {{name: web, namespace: shop}}
+spec:
+  domain:
+    cpu: {{sockets: 1, cores: 2, threads: 1}}
+    memory: {{guest: 512Mi}}
+    firmware:
+      kernelBoot:
+        kernelArgs: console=ttyS0
+        container: {{image: example/kernel, kernelPath: {dir}/vmlinuz}}
+    devices:
+      disks:
+        - name: data
+          disk: {{bus: virtio}}
+        - name: cloudinit
+          disk: {{bus: virtio}}
+      interfaces:
+        - name: default
+          masquerade: {{}}
+          ports: [{{port: 8080}}]
+  networks:
+    - name: default
+      pod: {{}}
+  volumes:
+    - name: data
+      persistentVolumeClaim: {{claimName: web-data}}
+    - name: cloudinit
+      cloudInitNoCloud: {{userData: "#cloud-config\n"}}
+"##,
+        dir = dir.0.display()
+    )
+}
+
+fn podvm(dir: &TempDir, args: &[&str], vmi: &str) -> Outcome {
+    let file = dir.file("vmi.yaml", vmi.as_bytes());
+    let fs_dir = dir.0.join("pvcs");
+    let run_dir = dir.0.join("run");
+    let mut cmd = Command::new(podvm_bin());
+    cmd.args(args)
+        .args(["--vmi", &file, "--pvc-block-dir"])
+        .arg(dir.0.join("no-block-pvcs"))
+        .arg("--pvc-fs-dir")
+        .arg(&fs_dir)
+        .arg("--run-dir")
+        .arg(&run_dir);
+    run_command(cmd)
+}
+
+#[test]
+fn vmi_validate_prints_the_vm_it_would_run() {
+    let dir = TempDir::new("vmi-valid");
+    let out = podvm(&dir, &["validate"], &good_vmi(&dir));
+    assert!(out.status.success(), "{out}");
+    for line in [
+        "VirtualMachineInstance shop/web: valid",
+        "vcpus:    2 (1 socket x 2 cores x 1 thread)",
+        "memory:   512 MiB",
+        "disk vda: \"data\": filesystem PVC:",
+        "pvcs/data/disk.img (read-write)",
+        "disk vdb: \"cloudinit\": cloudInitNoCloud seed",
+        "nic eth0: \"default\": masquerade",
+        "ports: 8080/tcp",
+        "shutdown: the guest has 180 s",
+    ] {
+        assert!(out.stdout.contains(line), "{line:?} missing\n{out}");
+    }
+    assert!(
+        !dir.0.join("run").exists(),
+        "validate must not create anything\n{out}"
+    );
+}
+
+#[test]
+fn vmi_from_the_environment_is_validated_too() {
+    let dir = TempDir::new("vmi-env");
+    let vmi = good_vmi(&dir);
+    let mut cmd = Command::new(podvm_bin());
+    cmd.args(["validate", "--pvc-fs-dir"])
+        .arg(dir.0.join("pvcs"))
+        .env("PODVM_VMI", &vmi);
+    let out = run_command(cmd);
+    assert!(out.status.success(), "{out}");
+    assert!(out.stdout.contains("shop/web: valid"), "{out}");
+}
+
+/// Each broken spec: the edit to the good VMI and the field-path errors expected.
+const BROKEN: &[(&str, &str, &str, &[&str])] = &[
+    (
+        "unknown bus",
+        "        - name: cloudinit\n          disk: {bus: virtio}",
+        "        - name: cloudinit\n          disk: {bus: sata}",
+        &["spec.domain.devices.disks[1].disk.bus: sata is not supported; use virtio"],
+    ),
+    (
+        "missing volume for a disk",
+        "        - name: cloudinit\n          disk",
+        "        - name: cloud-init\n          disk",
+        &[
+            "spec.domain.devices.disks[1].name: no volume named \"cloud-init\" in spec.volumes",
+            "spec.volumes[1]: \"cloudinit\" is not used by any disk",
+        ],
+    ),
+    (
+        "bad quantity",
+        "guest: 512Mi",
+        "guest: 512MB",
+        &["spec.domain.memory.guest: \"512MB\" is not a quantity"],
+    ),
+    (
+        "duplicate names",
+        "    - name: cloudinit\n      cloudInit",
+        "    - name: data\n      cloudInit",
+        &[
+            "spec.volumes[1].name: \"data\" is used twice",
+            "spec.domain.devices.disks[1].name: no volume named \"cloudinit\"",
+        ],
+    ),
+    (
+        "PVC path missing",
+        "claimName: web-data",
+        "claimName: web-data}\n    - {name: logs, persistentVolumeClaim: {claimName: web-logs}",
+        &["spec.volumes[1].persistentVolumeClaim: the PVC is at neither", "--volume logs=PATH"],
+    ),
+    (
+        "unsupported network",
+        "      pod: {}",
+        "      multus: {networkName: storage}",
+        &["spec.networks[0].multus: is not supported"],
+    ),
+    (
+        "unsupported binding",
+        "          masquerade: {}",
+        "          bridge: {}",
+        &["spec.domain.devices.interfaces[0].bridge: is not supported; podvm's binding is masquerade"],
+    ),
+    (
+        "several problems at once",
+        "cores: 2, threads: 1",
+        "cores: 2, threads: 1, model: Skylake}\n    clock: {timezone: Europe/Paris",
+        &[
+            "spec.domain.cpu.model: \"Skylake\" is not supported",
+            "spec.domain.clock.timezone: is not supported",
+        ],
+    ),
+];
+
+#[test]
+fn vmi_broken_specs_are_refused_with_field_paths_and_nothing_starts() {
+    let dir = TempDir::new("vmi-broken");
+    let good = good_vmi(&dir);
+    for (what, from, to, errors) in BROKEN {
+        assert!(good.contains(from), "{what}: {from:?} not in the VMI");
+        let vmi = good.replacen(from, to, 1);
+        for command in [&["validate"][..], &["run", "--allow-pvm"]] {
+            let out = podvm(&dir, command, &vmi);
+            assert_eq!(out.status.code(), Some(1), "{what}: {command:?}\n{out}");
+            assert!(!out.stderr.contains("panicked"), "{what}\n{out}");
+            assert!(
+                out.stderr
+                    .contains("podvm: error: the VirtualMachineInstance has"),
+                "{what}\n{out}"
+            );
+            for error in *errors {
+                assert!(
+                    out.stderr.contains(error),
+                    "{what}: {error:?} missing\n{out}"
+                );
+            }
+            assert!(
+                out.stdout.is_empty(),
+                "{what}: nothing is printed as valid\n{out}"
+            );
+            assert!(
+                !dir.0.join("run").exists(),
+                "{what}: {command:?} created its run directory\n{out}"
+            );
+        }
+    }
+}
+
+#[test]
+fn vmi_and_vm_flags_conflict() {
+    let dir = TempDir::new("vmi-flags");
+    let vmi = good_vmi(&dir);
+    let out = podvm(&dir, &["run", "--memory", "512"], &vmi);
+    assert_eq!(out.status.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("--memory"), "{out}");
+    let out = run_command({
+        let mut cmd = Command::new(podvm_bin());
+        cmd.args(["run"]);
+        cmd
+    });
+    assert_eq!(out.status.code(), Some(1), "{out}");
+    assert!(out.stderr.contains("give the VM: --kernel PATH"), "{out}");
+}

@@ -1,0 +1,221 @@
+//! `podvm run --vmi`: a KubeVirt VirtualMachineInstance runs as the VM, with its PVC disk,
+//! its cloud-init NoCloud disk, an emptyDisk, the masquerade network and the console.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use podvm_tests::{kvm_available, pattern, pod, SocketVm, TempDir, VmiGuest};
+
+const USER_DATA: &str =
+    "#cloud-config\nhostname: vmi-test\nruncmd:\n  - echo hello from cloud-init\n";
+
+/// The VMI of the test: a filesystem PVC `data`, a cloudInitNoCloud volume, an emptyDisk, the
+/// pod network with masquerade and one forwarded port, and the serial console logged.
+fn test_vmi(g: &VmiGuest) -> String {
+    let user_data: String = USER_DATA
+        .lines()
+        .map(|l| format!("          {l}\n"))
+        .collect();
+    format!(
+        r#"apiVersion: kubevirt.io/v1
+kind: VirtualMachineInstance
+metadata:
+  name: testvm
+  namespace: tests
+  labels: {{app: podvm-test}}
+spec:
+  terminationGracePeriodSeconds: 30
+  nodeSelector: {{kubernetes.io/os: linux}}
+  domain:
+    cpu: {{cores: 1}}
+    memory: {{guest: 256Mi}}
+    resources: {{limits: {{memory: 400Mi}}}}
+    firmware:
+      kernelBoot:
+        kernelArgs: "{args}"
+        container:
+          image: podvm/test-guest:latest
+          kernelPath: {kernel}
+          initrdPath: {initrd}
+    devices:
+      logSerialConsole: true
+      disks:
+        - name: data
+          serial: data-pvc
+          disk: {{bus: virtio}}
+        - name: cloudinit
+          disk: {{bus: virtio}}
+        - name: scratch
+          disk: {{bus: virtio}}
+      interfaces:
+        - name: default
+          masquerade: {{}}
+          ports:
+            - {{name: http, port: 18080}}
+  networks:
+    - name: default
+      pod: {{}}
+  volumes:
+    - name: data
+      persistentVolumeClaim: {{claimName: data-pvc}}
+    - name: cloudinit
+      cloudInitNoCloud:
+        userData: |
+{user_data}    - name: scratch
+      emptyDisk: {{capacity: 64Mi}}
+"#,
+        args = g.kernel_args,
+        kernel = g.kernel,
+        initrd = g.initrd,
+    )
+}
+
+const SCRIPT: &str = r#"echo "SERIAL=$(cat /sys/block/vda/serial)"
+echo "VDA-SHA=$(head -c 1048576 /dev/vda | sha256sum | cut -d' ' -f1)"
+echo "VDC-SECTORS=$(cat /sys/block/vdc/size)"
+echo "VDB-RO=$(cat /sys/block/vdb/ro)"
+# The volume label in the boot sector of a FAT12/16 file system (busybox has no blkid).
+echo "VDB-LABEL=$(dd if=/dev/vdb bs=1 skip=43 count=11 2>/dev/null)"
+mkdir -p /mnt/seed
+if mount -t vfat -o ro /dev/vdb /mnt/seed; then
+  echo "USERDATA-SHA=$(sha256sum /mnt/seed/user-data | cut -d' ' -f1)"
+  echo "META-ID=$(sed -n 's/^instance-id: //p' /mnt/seed/meta-data)"
+  umount /mnt/seed
+else
+  echo SEED-MOUNT-FAILED
+fi
+ip link set lo up
+ip link set eth0 up
+cat > /tmp/dhcp.sh <<'EOS'
+#!/bin/sh
+case "$1" in bound|renew)
+  ip addr add $ip/$mask dev $interface
+  for r in $router; do ip route add default via $r; done
+  echo "DHCP-IP=$ip/$mask"
+  echo "DHCP-ROUTER=$router";;
+esac
+EOS
+chmod +x /tmp/dhcp.sh
+udhcpc -i eth0 -f -q -n -t 10 -T 2 -s /tmp/dhcp.sh || echo DHCP-FAILED
+ping -c 1 -W 5 10.0.2.1 >/dev/null && echo PING-GATEWAY=ok
+printf 'written-by-the-guest' | dd of=/dev/vda bs=512 seek=4096 conv=fsync 2>/dev/null
+echo WAITING-FOR-CONSOLE
+read -r line
+echo "GOT=[$line]"
+"#;
+
+#[test]
+fn vmi_example_boots_with_pvc_cloud_init_empty_disk_network_and_console() {
+    if !kvm_available() {
+        return;
+    }
+    // The filesystem PVC, where KubeVirt puts it (under --pvc-fs-dir).
+    let pvcs = TempDir::new("vmi-pvcs");
+    let claim = pvcs.0.join("data");
+    std::fs::create_dir_all(&claim).unwrap();
+    pod::give(&claim);
+    let contents = pattern(1 << 20, 0x5eed);
+    let mut image = contents.clone();
+    image.resize(8 << 20, 0);
+    let disk = claim.join("disk.img");
+    std::fs::write(&disk, &image).unwrap();
+    pod::give(&disk);
+    let pvc_dir = pvcs.0.display().to_string();
+
+    let mut vm = SocketVm::start_vmi(
+        "vmi",
+        SCRIPT,
+        |_, g| test_vmi(g),
+        &["--pvc-fs-dir", &pvc_dir, "--kernel-boot-root", "/"],
+    );
+    // The console: a client that attaches gets the backlog, and what it types reaches the
+    // guest's shell.
+    vm.wait_log("WAITING-FOR-CONSOLE");
+    let mut console = std::os::unix::net::UnixStream::connect(&vm.console).expect("console");
+    console
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut backlog = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&backlog).contains("WAITING-FOR-CONSOLE") {
+        let n = console.read(&mut buf).expect("console backlog");
+        assert!(n > 0, "console closed");
+        backlog.extend_from_slice(&buf[..n]);
+    }
+    console.write_all(b"typed-on-the-console\n").unwrap();
+    let seed_disk = vm.dir.0.join("cloudinit-cidata.img");
+    let scratch = vm.dir.0.join("scratch.img");
+    assert!(
+        seed_disk.exists() && scratch.exists(),
+        "podvm made the disks in its run dir"
+    );
+    let out = vm.wait();
+    assert!(out.status.success(), "{out}");
+    assert_eq!(
+        out.value("GOT").as_deref(),
+        Some("[typed-on-the-console]"),
+        "{out}"
+    );
+
+    assert_eq!(out.value("SERIAL").as_deref(), Some("data-pvc"), "{out}");
+    let want_sha = {
+        let file = pvcs.0.join("contents");
+        std::fs::write(&file, &contents).unwrap();
+        podvm_tests::sha256_file(file.to_str().unwrap())
+    };
+    assert_eq!(
+        out.value("VDA-SHA"),
+        Some(want_sha),
+        "the PVC's disk.img is vda\n{out}"
+    );
+    let image = std::fs::read(&disk).unwrap();
+    assert_eq!(
+        &image[4096 * 512..4096 * 512 + 20],
+        b"written-by-the-guest",
+        "the guest's write reached the PVC"
+    );
+    assert_eq!(
+        out.value("VDC-SECTORS").as_deref(),
+        Some("131072"),
+        "the 64Mi emptyDisk is vdc\n{out}"
+    );
+    assert_eq!(out.value("VDB-RO").as_deref(), Some("1"), "{out}");
+    assert_eq!(out.value("VDB-LABEL").as_deref(), Some("CIDATA"), "{out}");
+    let user_data_sha = {
+        let file = pvcs.0.join("user-data");
+        std::fs::write(&file, USER_DATA).unwrap();
+        podvm_tests::sha256_file(file.to_str().unwrap())
+    };
+    assert_eq!(
+        out.value("USERDATA-SHA"),
+        Some(user_data_sha),
+        "the guest reads the user-data given in the VMI\n{out}"
+    );
+    assert_eq!(
+        out.value("META-ID").as_deref(),
+        Some("testvm.tests"),
+        "{out}"
+    );
+    assert_eq!(
+        out.value("DHCP-IP").as_deref(),
+        Some("10.0.2.2/24"),
+        "{out}"
+    );
+    assert_eq!(
+        out.value("DHCP-ROUTER").as_deref(),
+        Some("10.0.2.1"),
+        "{out}"
+    );
+    assert_eq!(out.value("PING-GATEWAY").as_deref(), Some("ok"), "{out}");
+    // The cluster-only fields were accepted and each said to be ignored.
+    for field in [
+        "metadata.labels",
+        "spec.nodeSelector",
+        "spec.domain.resources.limits",
+    ] {
+        assert!(
+            out.stderr.contains(&format!("{field}: ignored")),
+            "{field} not logged as ignored\n{out}"
+        );
+    }
+}
