@@ -10,6 +10,16 @@ use clap::{Args, Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log lines on stderr: json (one object per line, with the VMI's namespace and name),
+    /// text, or auto (json for a VM from a VMI when stderr is not a terminal, else text).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "auto",
+        env = "PODVM_LOG_FORMAT"
+    )]
+    pub log_format: crate::logging::Format,
 }
 
 #[derive(Debug, Subcommand)]
@@ -53,7 +63,7 @@ pub enum ApiAction {
         #[arg(long, value_name = "SECS")]
         timeout: Option<u64>,
     },
-    /// Stop the VM now, without the guest's cooperation (podvm exits 1).
+    /// Stop the VM now, without the guest's cooperation (podvm exits 4).
     Stop,
     /// Start a live migration to a podvm started with `--incoming ADDR` and the same
     /// devices; `podvm api SOCKET migration` follows it. When it completes, this podvm exits
@@ -197,6 +207,16 @@ pub struct RunArgs {
     /// (mode 0600); `podvm api PATH ...` calls it.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// Serve the pod's probes and metrics over HTTP on this TCP address (`0.0.0.0:9000`,
+    /// `[::]:9000`): GET /readyz (200 while the guest runs), /healthz (200 while podvm's
+    /// event loop turns), /metrics (Prometheus). Read-only; the control API stays on its
+    /// unix socket.
+    #[arg(long, value_name = "ADDR")]
+    pub status_listen: Option<std::net::SocketAddr>,
+    /// A file that exists while the guest runs (for an exec probe or a sidecar); default
+    /// `<run dir>/ready` for a VM from a VMI, none otherwise.
+    #[arg(long, value_name = "PATH")]
+    pub ready_file: Option<PathBuf>,
     /// Wait for a live migration on ADDR (`tcp:HOST:PORT` or `unix:PATH`) instead of
     /// booting; give the same devices as the source. Exits non-zero, without running the
     /// guest, if the migration fails.

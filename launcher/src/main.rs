@@ -3,12 +3,12 @@
 mod api_client;
 mod cli;
 mod console;
+mod logging;
 mod preflight;
 mod terminal;
 mod vm_socket;
 mod vmi;
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -58,11 +58,45 @@ enum Error {
     MigrationTls,
 }
 
+/// podvm's exit status says why the VM ended (README, "Exit status").
+mod exit {
+    /// The guest powered off, or the VM migrated away and runs on elsewhere.
+    pub const POWERED_OFF: u8 = 0;
+    /// podvm could not start the VM: a problem with the spec, a flag, a file or KVM.
+    pub const NOT_STARTED: u8 = 1;
+    // 2: command-line usage (clap).
+    /// The guest rebooted; a reboot ends the VM.
+    pub const REBOOTED: u8 = 3;
+    /// The guest was stopped without powering off: the shutdown grace period ran out, a
+    /// second signal, or the API's stop.
+    pub const STOPPED: u8 = 4;
+    /// The VM failed: a vCPU hit an error KVM could not handle.
+    pub const FAILED: u8 = 5;
+    /// An incoming migration failed; the guest never ran here.
+    pub const MIGRATION_FAILED: u8 = 6;
+    // 159 (128 + SIGSYS): a seccomp violation (podvm_seccomp::EXIT_STATUS).
+}
+
+impl Error {
+    fn exit_code(&self) -> u8 {
+        match self {
+            Error::Stopped => exit::STOPPED,
+            Error::VcpuFailed => exit::FAILED,
+            Error::Migration(_) => exit::MIGRATION_FAILED,
+            _ => exit::NOT_STARTED,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    let from_vmi = matches!(&cli.command, Command::Run(a) if a.vmi.vmi.is_some() || a.vmi.vmi_inline.is_some());
+    logging::init(cli.log_format, from_vmi);
     let result = match cli.command {
-        Command::Run(args) => run(*args),
+        Command::Run(args) => match run(*args) {
+            Ok(code) => return ExitCode::from(code),
+            Err(e) => Err(e),
+        },
         Command::Validate(args) => validate(&args.vmi),
         Command::Console(args) => console::attach(&args.socket, args.escape).map_err(Error::from),
         Command::Api(args) => api_client::call(&args.socket, &args.action).map_err(Error::from),
@@ -79,21 +113,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("podvm: error: {e}");
-            ExitCode::FAILURE
+            podvm_seccomp::termination_message(&format!("podvm: error: {e}"));
+            ExitCode::from(e.exit_code())
         }
     }
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PODVM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal())
-        .without_time()
-        .init();
 }
 
 /// Reads and maps the VMI of `--vmi` or `PODVM_VMI`, if one is given.
@@ -154,13 +177,16 @@ fn config_from_flags(args: &RunArgs) -> Result<VmConfig, Error> {
         api_socket: args.api_socket,
         migration: Default::default(),
         incoming: false,
+        status: Default::default(),
     })
 }
 
-fn run(args: RunArgs) -> Result<(), Error> {
+/// Runs the VM until it ends; the exit status says how it ended (errors have their own).
+fn run(args: RunArgs) -> Result<u8, Error> {
     let plan = load_vmi(&args.vmi)?;
     let mut config = match &plan {
         Some(plan) => {
+            logging::set_vmi(&plan.namespace, &plan.name);
             tracing::info!(
                 vmi = %format!("{}/{}", plan.namespace, plan.name),
                 "VM from a VirtualMachineInstance"
@@ -198,6 +224,13 @@ fn run(args: RunArgs) -> Result<(), Error> {
         },
     };
     config.incoming = args.incoming.is_some();
+    config.status = vmm::status::StatusConfig {
+        listen: args.status_listen,
+        ready_file: args
+            .ready_file
+            .clone()
+            .or_else(|| plan.as_ref().map(|_| args.vmi.run_dir.join("ready"))),
+    };
     config.validate().map_err(vmm::builder::BuildError::from)?;
     preflight::check_file("--kernel", &config.kernel)?;
     preflight::check_kernel_format(&config.kernel)?;
@@ -256,20 +289,23 @@ fn run(args: RunArgs) -> Result<(), Error> {
     let raw = (config.console == ConsoleConfig::Stdio).then(terminal::RawMode::enter);
     let reason = vm.run();
     drop(raw);
-    match reason? {
-        ExitReason::PowerOff => {
-            tracing::info!("guest powered off; podvm exits");
-            Ok(())
-        }
-        ExitReason::Reset => {
-            tracing::info!("guest rebooted; podvm exits (a reboot ends the VM, as in a pod)");
-            Ok(())
-        }
-        ExitReason::Error => Err(Error::VcpuFailed),
-        ExitReason::Stopped => Err(Error::Stopped),
+    let (code, why) = match reason? {
+        ExitReason::PowerOff => (exit::POWERED_OFF, "guest powered off"),
+        ExitReason::Reset => (
+            exit::REBOOTED,
+            "guest rebooted (a reboot ends the VM, as in a pod)",
+        ),
+        ExitReason::Error => return Err(Error::VcpuFailed),
+        ExitReason::Stopped => return Err(Error::Stopped),
         ExitReason::Migrated => {
             eprintln!("migrated");
-            Ok(())
+            (
+                exit::POWERED_OFF,
+                "migrated: the VM runs on at the destination",
+            )
         }
-    }
+    };
+    tracing::info!(exit_code = code, "{why}; podvm exits");
+    podvm_seccomp::termination_message(why);
+    Ok(code)
 }

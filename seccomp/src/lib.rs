@@ -40,15 +40,18 @@ pub enum ThreadKind {
     Migration,
     /// The announcer a destination starts for a tap NIC (RARP frames).
     Announce,
+    /// The pod's status endpoint (readiness, liveness, metrics over HTTP) and readiness file.
+    Status,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 5] = [
+    pub const ALL: [ThreadKind; 6] = [
         ThreadKind::Main,
         ThreadKind::EventLoop,
         ThreadKind::Vcpu,
         ThreadKind::Migration,
         ThreadKind::Announce,
+        ThreadKind::Status,
     ];
 
     pub fn name(self) -> &'static str {
@@ -58,6 +61,7 @@ impl ThreadKind {
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::Migration => "migration",
             ThreadKind::Announce => "announce",
+            ThreadKind::Status => "status",
         }
     }
 }
@@ -119,13 +123,20 @@ fn mode_code(mode: Mode) -> u8 {
     }
 }
 
+/// Writes `line` (and a newline) to the container's termination message file, when there
+/// is one (see [`TERMINATION_LOG_ENV`]; opened by [`set_mode`]): why podvm ended, shown as
+/// the pod's `lastState.terminated.message`.
+pub fn termination_message(line: &str) {
+    sigsys::write_termination_log(format!("{line}\n").as_bytes());
+}
+
 /// Chooses the mode for every thread of the process; call it once, on the main thread,
 /// before any thread starts. Until it is called, [`install`] installs nothing (library
 /// users and unit tests run unfiltered).
 pub fn set_mode(mode: Mode) -> Result<(), Error> {
+    sigsys::open_termination_log();
     if mode == Mode::Kill {
         sigsys::install_handler().map_err(Error::Handler)?;
-        sigsys::open_termination_log();
     }
     if mode != Mode::Off {
         fix_malloc_arenas();
@@ -310,10 +321,28 @@ mod tests {
                 "{kind:?}"
             );
         }
-        // No thread runs programs or opens files once the guest runs.
+        // No thread runs programs or opens files once the guest runs; the status thread
+        // may only create a new file (its readiness file), never open an existing one.
         for kind in ThreadKind::ALL {
-            for name in ["execve", "execveat", "open", "openat", "ptrace", "mount"] {
+            for name in ["execve", "execveat", "open", "ptrace", "mount"] {
                 assert!(!has(kind, name), "{kind:?} allows {name}");
+            }
+            let openat: Vec<Allowed> = allowlist(kind)
+                .into_iter()
+                .filter(|a| a.name == "openat")
+                .collect();
+            if kind == ThreadKind::Status {
+                let create_new =
+                    (libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC) as u64;
+                assert_eq!(
+                    openat.iter().map(|a| a.arg.clone()).collect::<Vec<_>>(),
+                    [Some(Arg::OneOf {
+                        index: 2,
+                        values: vec![create_new]
+                    })]
+                );
+            } else {
+                assert!(openat.is_empty(), "{kind:?} allows openat");
             }
         }
         // vCPU threads open no sockets; the event loop no unix sockets.

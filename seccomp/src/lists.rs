@@ -263,6 +263,32 @@ pub fn allowlist(kind: ThreadKind) -> Vec<Allowed> {
         ThreadKind::Announce => {
             // Writes five frames to a tap, sleeping in between.
         }
+        ThreadKind::Status => {
+            // Accepts probe and scrape connections on its TCP port and answers each; creates
+            // and removes the readiness file (openat only with O_CREAT|O_EXCL: it can make a
+            // new file, never open, truncate or write an existing one).
+            list.extend(any(&[
+                ("poll", libc::SYS_poll),
+                ("ppoll", libc::SYS_ppoll),
+                ("accept4", libc::SYS_accept4),
+                ("recvfrom", libc::SYS_recvfrom),
+                ("sendto", libc::SYS_sendto),
+                ("setsockopt", libc::SYS_setsockopt),
+                ("shutdown", libc::SYS_shutdown),
+                ("unlink", libc::SYS_unlink),
+            ]));
+            list.push(with(
+                "openat",
+                libc::SYS_openat,
+                Arg::OneOf {
+                    index: 2,
+                    values: vec![
+                        (libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC) as u64,
+                    ],
+                },
+            ));
+            list.push(ioctl(vec![ioctls::FIONBIO]));
+        }
         ThreadKind::Main => {
             // Once the guest runs: waits for the event loop, stops and joins the vCPUs,
             // hands the console its last bytes, flushes the disks, restores the terminal.

@@ -39,6 +39,16 @@ pub(crate) fn open_termination_log() {
     }
 }
 
+/// Appends `bytes` to the termination message file, if one is open.
+pub(crate) fn write_termination_log(bytes: &[u8]) {
+    let fd = TERMINATION_LOG.load(Ordering::SeqCst);
+    if fd >= 0 {
+        // SAFETY: `fd` was opened by open_termination_log and is never closed; the buffer
+        // is a valid slice for its length.
+        unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
+    }
+}
+
 pub(crate) fn remember(kind: ThreadKind) {
     let index = ThreadKind::ALL.iter().position(|&k| k == kind).unwrap_or(0);
     KIND.with(|k| k.set(index as u8));

@@ -532,13 +532,15 @@ impl SocketVm {
     /// `vmi` gets the VM's directory (also podvm's `--run-dir`) and the guest's files and
     /// kernel arguments, and returns the VMI's text (written to `vmi.yaml` there). The VMI
     /// must set `logSerialConsole: true` (the harness reads `console.log`) and keep the
-    /// serial console; podvm runs with `--vmi`, `--run-dir` and `extra`. Returns once the
-    /// script has started.
+    /// serial console; podvm runs with `--vmi`, `--run-dir` and `extra` (where `{dir}`
+    /// stands for the VM's directory), with `env` added to its environment. Returns once
+    /// the script has started.
     pub fn start_vmi(
         name: &str,
         script: &str,
         vmi: impl Fn(&TempDir, &VmiGuest) -> String,
         extra: &[&str],
+        env: &[(&str, &str)],
     ) -> Self {
         let attempt = || {
             let dir = TempDir::new(name);
@@ -550,9 +552,11 @@ impl SocketVm {
             };
             let file = dir.file("vmi.yaml", vmi(&dir, &boot).as_bytes());
             let mut cmd = Command::new(podvm_bin());
+            let dir_text = dir.0.display().to_string();
             cmd.args(["run", "--vmi", &file, "--run-dir"])
                 .arg(&dir.0)
-                .args(extra);
+                .args(extra.iter().map(|a| a.replace("{dir}", &dir_text)))
+                .envs(env.iter().copied());
             pod::confine(&mut cmd);
             let mut vm = Self::spawn_command(dir, cmd);
             match vm.try_wait_log(SCRIPT_START, boot_timeout()) {

@@ -127,7 +127,7 @@ fn api_shutdown_of_a_guest_that_ignores_the_button_stops_it_after_the_timeout() 
         "{out}"
     );
     let out = vm.wait();
-    assert_eq!(out.status.code(), Some(1), "{out}");
+    assert_eq!(out.status.code(), Some(4), "{out}");
     assert!(
         out.stderr
             .contains("did not power off within the shutdown timeout"),
@@ -263,7 +263,7 @@ fn api_bad_requests_get_errors_and_the_guest_runs_on() {
     let api = vm.api.clone();
     let console = vm.console.clone();
     let out = vm.wait();
-    assert_eq!(out.status.code(), Some(1), "{out}");
+    assert_eq!(out.status.code(), Some(4), "{out}");
     assert!(
         out.stderr.contains("podvm: error: the guest was stopped"),
         "{out}"

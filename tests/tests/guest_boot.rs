@@ -69,12 +69,16 @@ fn guest_poweroff_ends_podvm_with_exit_0() {
 }
 
 #[test]
-fn guest_reboot_ends_podvm_with_exit_0() {
+fn guest_reboot_ends_podvm_with_exit_3() {
     if !kvm_available() {
         return;
     }
     let out = run_guest_script("echo about-to-reboot\nreboot -f\nsleep 30\n", &[]);
-    assert!(out.status.success(), "{out}");
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "a reboot has its own exit status\n{out}"
+    );
     assert!(out.stdout.contains("about-to-reboot"), "{out}");
     assert_eq!(
         out.script_status(),
@@ -128,7 +132,7 @@ fn guest_ignoring_power_button_is_stopped_after_timeout() {
         "READY-FOR-SIGTERM",
         libc::SIGTERM,
     );
-    assert_eq!(out.status.code(), Some(1), "{out}");
+    assert_eq!(out.status.code(), Some(4), "{out}");
     assert!(
         out.stderr
             .contains("did not power off within the shutdown timeout"),

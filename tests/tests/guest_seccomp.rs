@@ -11,7 +11,14 @@ fn violate(kind: &str) -> (podvm_tests::Outcome, String) {
     let dir = podvm_tests::TempDir::new(&format!("seccomp-{kind}"));
     let termination_log = dir.file("termination-log", b"");
     // Were the thread not stopped, the guest would end at once, podvm with status 0.
-    let mut cmd = guest_command("echo NOT-STOPPED", &[]);
+    // The status thread exists only with a status port or a readiness file.
+    let ready = dir.0.join("ready").display().to_string();
+    let extra: &[&str] = if kind == "status" {
+        &["--ready-file", &ready]
+    } else {
+        &[]
+    };
+    let mut cmd = guest_command("echo NOT-STOPPED", extra);
     cmd.env("PODVM_SECCOMP_TEST_VIOLATION", kind)
         .env("PODVM_TERMINATION_LOG", &termination_log);
     let out = run_command(cmd);
@@ -25,7 +32,7 @@ fn seccomp_each_thread_kind_dies_on_a_call_outside_its_list_with_a_line_naming_i
     }
     // The announcer runs only at a migration's destination with a tap NIC; its violation
     // is checked by guest_migration's tap test.
-    for kind in ["vcpu", "event-loop", "migration", "main"] {
+    for kind in ["vcpu", "event-loop", "migration", "main", "status"] {
         let (out, message) = violate(kind);
         assert_eq!(out.status.code(), Some(159), "{kind}:\n{out}");
         let line = format!(

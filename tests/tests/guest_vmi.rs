@@ -127,6 +127,7 @@ fn vmi_example_boots_with_pvc_cloud_init_empty_disk_network_and_console() {
         SCRIPT,
         |_, g| test_vmi(g),
         &["--pvc-fs-dir", &pvc_dir, "--kernel-boot-root", "/"],
+        &[],
     );
     // The console: a client that attaches gets the backlog, and what it types reaches the
     // guest's shell.
@@ -218,4 +219,181 @@ fn vmi_example_boots_with_pvc_cloud_init_empty_disk_network_and_console() {
             "{field} not logged as ignored\n{out}"
         );
     }
+}
+
+/// One HTTP GET on the status port: (status code, body).
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("status port");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: podvm\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("status answer");
+    let code = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not HTTP: {answer:?}"));
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (code, body.to_string())
+}
+
+/// The value of the sample `line_start` (a metric name with its labels) in `metrics`.
+fn sample(metrics: &str, line_start: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(line_start)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {line_start:?} in\n{metrics}"))
+}
+
+/// Polls until `check` holds (up to a minute; the status thread follows the state every
+/// 200 ms).
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !check() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn vmi_pod_lifecycle_readiness_liveness_metrics_json_logs_and_graceful_sigterm() {
+    if !kvm_available() {
+        return;
+    }
+    let port = 19_000 + (std::process::id() % 1000) as u16;
+    let port_arg = format!("127.0.0.1:{port}");
+    let termination = TempDir::new("vmi-termination");
+    let termination_log = termination.file("termination-log", b"");
+    // The guest powers off when its power button is pressed (acpid), after writing to its
+    // disk: SIGTERM's graceful path.
+    let script = "dd if=/dev/zero of=/dev/vda bs=4096 count=64 2>/dev/null\necho LIFECYCLE-READY\nsleep 600\n";
+    let vmi = |dir: &TempDir, g: &VmiGuest| {
+        dir.sparse("disk.img", 16 << 20);
+        format!(
+            r#"apiVersion: kubevirt.io/v1
+kind: VirtualMachineInstance
+metadata: {{name: lifecycle, namespace: probes}}
+spec:
+  terminationGracePeriodSeconds: 45
+  domain:
+    memory: {{guest: 192Mi}}
+    firmware:
+      kernelBoot:
+        kernelArgs: "{args}"
+        container: {{image: test, kernelPath: {kernel}, initrdPath: {initrd}}}
+    devices:
+      logSerialConsole: true
+      autoattachPodInterface: false
+      disks:
+        - name: data
+          disk: {{bus: virtio}}
+  volumes:
+    - name: data
+      persistentVolumeClaim: {{claimName: data}}
+"#,
+            args = g.kernel_args,
+            kernel = g.kernel,
+            initrd = g.initrd,
+        )
+    };
+    // The PVC is the file the VMI builder made in the VM's directory.
+    let mut vm = SocketVm::start_vmi(
+        "vmi-lifecycle",
+        script,
+        vmi,
+        &[
+            "--status-listen",
+            &port_arg,
+            "--volume",
+            "data={dir}/disk.img",
+        ],
+        &[("PODVM_TERMINATION_LOG", &termination_log)],
+    );
+    vm.wait_log("LIFECYCLE-READY");
+    let ready_file = vm.dir.0.join("ready");
+
+    // Running: ready (endpoint and file), alive, and metrics that count.
+    eventually("ready", || {
+        http_get(port, "/readyz").0 == 200 && ready_file.exists()
+    });
+    let (code, body) = http_get(port, "/healthz");
+    assert_eq!(code, 200, "{body}");
+    let info = vm.api_json(&["info"]);
+    assert_eq!(
+        info["shutdown_timeout_s"], 45.0,
+        "terminationGracePeriodSeconds"
+    );
+    let (code, metrics) = http_get(port, "/metrics");
+    assert_eq!(code, 200);
+    assert_eq!(sample(&metrics, "podvm_vm_state{state=\"running\"}"), 1.0);
+    assert!(
+        sample(&metrics, "podvm_vcpu_seconds_total{vcpu=\"0\"}") > 0.0,
+        "{metrics}"
+    );
+    assert!(sample(&metrics, "podvm_vcpu_exits_total{vcpu=\"0\",kind=\"io\"}") > 0.0);
+    assert!(
+        sample(&metrics, "podvm_disk_write_bytes_total{disk=\"0\"}") >= 262_144.0,
+        "the guest's 256 KiB write is counted\n{metrics}"
+    );
+    let exits_before = sample(&metrics, "podvm_vcpu_exits_total{vcpu=\"0\",kind=\"io\"}");
+
+    // Paused: not ready (endpoint and file), still alive.
+    vm.api_json(&["pause"]);
+    eventually("not ready while paused", || {
+        let (code, body) = http_get(port, "/readyz");
+        code == 503 && body.contains("\"paused\"") && !ready_file.exists()
+    });
+    assert_eq!(http_get(port, "/healthz").0, 200);
+    let (_, metrics) = http_get(port, "/metrics");
+    assert_eq!(sample(&metrics, "podvm_vm_state{state=\"paused\"}"), 1.0);
+    vm.api_json(&["resume"]);
+    eventually("ready again", || {
+        http_get(port, "/readyz").0 == 200 && ready_file.exists()
+    });
+    let (_, metrics) = http_get(port, "/metrics");
+    assert!(sample(&metrics, "podvm_vcpu_exits_total{vcpu=\"0\",kind=\"io\"}") >= exits_before);
+    assert!(
+        sample(&metrics, "podvm_vm_pauses_total") >= 1.0,
+        "{metrics}"
+    );
+
+    // SIGTERM: the guest powers off within the grace period; podvm exits 0 and says why.
+    // SAFETY: kill(2) on podvm's pid, a child of this process.
+    unsafe { libc::kill(vm.pid(), libc::SIGTERM) };
+    let out = vm.wait();
+    assert_eq!(out.status.code(), Some(0), "{out}");
+    assert!(!ready_file.exists(), "the readiness file outlived the VM");
+    let message = std::fs::read_to_string(&termination_log).unwrap();
+    assert_eq!(message, "guest powered off\n", "termination message");
+    // stderr is not a terminal and the VM came from a VMI: JSON lines naming the VMI.
+    let lines: Vec<serde_json::Value> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(lines.len() >= 3, "{out}");
+    for line in &lines {
+        assert_eq!(line["namespace"], "probes", "{line}");
+        assert_eq!(line["name"], "lifecycle", "{line}");
+        assert!(
+            line["ts"].as_str().is_some_and(|t| t.ends_with('Z')),
+            "{line}"
+        );
+    }
+    let last = lines.last().unwrap();
+    assert_eq!(last["msg"], "guest powered off; podvm exits", "{last}");
+    assert_eq!(last["exit_code"], 0);
+    assert!(
+        lines.iter().any(|l| l["msg"]
+            .as_str()
+            .is_some_and(|m| m.contains("power button"))),
+        "the SIGTERM is logged\n{out}"
+    );
 }

@@ -47,6 +47,8 @@ pub enum BuildError {
     #[error(transparent)]
     Api(#[from] ApiError),
     #[error(transparent)]
+    Status(#[from] crate::status::StatusError),
+    #[error(transparent)]
     Memory(#[from] MemoryError),
     #[error(transparent)]
     Device(#[from] DeviceError),
@@ -94,6 +96,10 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
         .as_ref()
         .map(crate::migration::tls::Tls::load)
         .transpose()?;
+
+    // 1a'. The status port, bound before the NICs: a user NIC forwarding every free port of
+    //     the pod (ports=all) must leave it to the status endpoint.
+    let status = config.status.listen.map(crate::status::bind).transpose()?;
 
     step("disks");
     // 1b. Disks, opened before anything else so a bad path or permission fails first.
@@ -173,7 +179,7 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
     let parts = std::thread::scope(|scope| {
         let registering = scope.spawn(|| register_memory(&vm, &mem));
         let parts = populate(
-            config, disks, nics, console, api, tls, &kvm, &vm, &mem, &step,
+            config, disks, nics, console, api, status, tls, &kvm, &vm, &mem, &step,
         );
         match registering.join() {
             Ok(registered) => registered.and(parts),
@@ -190,6 +196,7 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
         blocks: parts.blocks,
         vcpu_control: parts.vcpu_control,
         migrator: parts.migrator,
+        status: parts.status,
         _vm: vm,
         _mem: mem,
     })
@@ -205,6 +212,7 @@ struct Parts {
     blocks: Vec<Arc<std::sync::Mutex<devices::virtio::block::Block>>>,
     vcpu_control: Arc<VcpuControl>,
     migrator: Arc<crate::migration::Migrator>,
+    status: Option<crate::StatusParts>,
 }
 
 /// Steps 5-8: devices, ACPI and boot data in guest memory, vCPUs, the event loop.
@@ -219,6 +227,7 @@ fn populate(
         std::path::PathBuf,
     )>,
     api: Option<(std::os::unix::net::UnixListener, std::path::PathBuf)>,
+    status: Option<std::net::TcpListener>,
     tls: Option<crate::migration::tls::Tls>,
     kvm: &Kvm,
     vm: &Arc<VmFd>,
@@ -323,9 +332,11 @@ fn populate(
     );
     let on_signal = ShutdownOnSignal::new(shutdown.clone()).map_err(BuildError::Signals)?;
     event_loop.add_subscriber(Arc::new(std::sync::Mutex::new(on_signal)));
-    if let Some((listener, path)) = api {
+    let wants_status = status.is_some() || config.status.ready_file.is_some();
+    let mut status_parts = None;
+    if api.is_some() || wants_status {
         let metrics = Arc::new(crate::api::ApiMetrics::default());
-        let control = crate::control::VmControl {
+        let control = Arc::new(crate::control::VmControl {
             config: config.clone(),
             started: std::time::Instant::now(),
             vm: vm.clone(),
@@ -341,9 +352,19 @@ fn populate(
             api: metrics.clone(),
             pauses: Default::default(),
             migration: migrator.clone(),
-        };
-        let server = ApiServer::new(listener, path, Arc::new(control), metrics)?;
-        event_loop.add_subscriber(Arc::new(std::sync::Mutex::new(server)));
+        });
+        if let Some((listener, path)) = api {
+            let server = ApiServer::new(listener, path, control.clone(), metrics)?;
+            event_loop.add_subscriber(Arc::new(std::sync::Mutex::new(server)));
+        }
+        if wants_status {
+            status_parts = Some(crate::StatusParts {
+                listener: status,
+                ready_file: config.status.ready_file.clone(),
+                source: control,
+                heartbeat: event_loop.heartbeat(),
+            });
+        }
     }
     if let Some((hub, listener, path)) = console {
         event_loop.add_subscriber(Arc::new(std::sync::Mutex::new(ConsoleServer::new(
@@ -362,6 +383,7 @@ fn populate(
         blocks: devices.blocks,
         vcpu_control,
         migrator,
+        status: status_parts,
     })
 }
 

@@ -139,6 +139,8 @@ pub struct VmConfig {
     pub migration: crate::migration::MigrationConfig,
     /// The VM waits for a migration instead of booting: no kernel is loaded.
     pub incoming: bool,
+    /// The pod's status endpoint and readiness file.
+    pub status: crate::status::StatusConfig,
 }
 
 /// Kubernetes' default termination grace period.
@@ -197,6 +199,7 @@ impl VmConfig {
             api_socket: None,
             migration: Default::default(),
             incoming: false,
+            status: Default::default(),
         }
     }
 

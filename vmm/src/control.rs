@@ -288,3 +288,32 @@ impl Control for VmControl {
         json!({ "state": "stopping" })
     }
 }
+
+impl crate::status::StatusSource for VmControl {
+    fn state(&self) -> &'static str {
+        VmControl::state(self)
+    }
+
+    fn counters(&self) -> Value {
+        Control::counters(self)
+    }
+
+    fn migration(&self) -> Value {
+        Control::migration(self)
+    }
+
+    fn uptime(&self) -> (f64, f64) {
+        (
+            self.started.elapsed().as_secs_f64(),
+            self.vcpus.paused_total().as_secs_f64(),
+        )
+    }
+
+    fn vcpu_seconds(&self) -> Vec<f64> {
+        self.vcpus.cpu_seconds()
+    }
+
+    fn vcpu_exits(&self) -> Vec<Vec<(&'static str, u64)>> {
+        self.vcpus.exit_counts()
+    }
+}

@@ -21,7 +21,11 @@ pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 pub struct EventLoop {
     manager: EventManager<Subscriber>,
     done: Arc<AtomicBool>,
+    heartbeat: Arc<crate::status::Heartbeat>,
 }
+
+/// The event loop wakes at least this often, so its heartbeat shows it is not stuck.
+const BEAT_MS: i32 = 1000;
 
 /// The event loop could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +47,16 @@ impl EventLoop {
             done: done.clone(),
         }));
         manager.add_subscriber(watcher);
-        Ok(Self { manager, done })
+        Ok(Self {
+            manager,
+            done,
+            heartbeat: Default::default(),
+        })
+    }
+
+    /// The loop's pulse (see [`crate::status`]'s liveness).
+    pub fn heartbeat(&self) -> Arc<crate::status::Heartbeat> {
+        self.heartbeat.clone()
     }
 
     /// Adds a device (or anything else) that handles its own events.
@@ -68,7 +81,8 @@ impl EventLoop {
     pub fn run(mut self) {
         podvm_seccomp::install_or_exit(podvm_seccomp::ThreadKind::EventLoop);
         while !self.done.load(Ordering::Acquire) {
-            if let Err(e) = self.manager.run() {
+            self.heartbeat.beat();
+            if let Err(e) = self.manager.run_with_timeout(BEAT_MS) {
                 tracing::error!(error = ?e, "event loop wait failed");
                 return;
             }

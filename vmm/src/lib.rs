@@ -17,6 +17,7 @@ pub mod migration;
 pub mod shutdown;
 pub mod signals;
 pub mod socket;
+pub mod status;
 pub mod vcpu;
 
 use std::os::unix::thread::JoinHandleExt;
@@ -43,9 +44,18 @@ pub struct Vm {
     blocks: Vec<Arc<Mutex<devices::virtio::block::Block>>>,
     vcpu_control: Arc<VcpuControl>,
     migrator: Arc<migration::Migrator>,
+    status: Option<StatusParts>,
     // Dropped after the vCPUs have stopped: the VM fd, then guest memory.
     _vm: Arc<kvm_ioctls::VmFd>,
     _mem: memory::GuestMemory,
+}
+
+/// What the status thread serves, started with the guest.
+struct StatusParts {
+    listener: Option<std::net::TcpListener>,
+    ready_file: Option<std::path::PathBuf>,
+    source: Arc<dyn status::StatusSource>,
+    heartbeat: Arc<status::Heartbeat>,
 }
 
 /// Running the VM failed.
@@ -57,6 +67,8 @@ pub enum RunError {
     EventLoopThread(#[source] std::io::Error),
     #[error("cannot start the migration thread: {0}")]
     MigrationThread(#[source] std::io::Error),
+    #[error(transparent)]
+    Status(#[from] status::StatusError),
     #[error(
         "flushing disk {path} at exit failed: {source}; writes the guest completed may be lost"
     )]
@@ -126,6 +138,18 @@ impl Vm {
             stop_vcpus(&stop, threads);
             return Err(RunError::MigrationThread(e));
         }
+        let status = match self.status {
+            Some(s) => {
+                match status::StatusThread::spawn(s.listener, s.ready_file, s.source, s.heartbeat) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        stop_vcpus(&stop, threads);
+                        return Err(e.into());
+                    }
+                }
+            }
+            None => None,
+        };
         let event_loop = self.event_loop;
         let looper = std::thread::Builder::new()
             .name("event-loop".into())
@@ -143,6 +167,10 @@ impl Vm {
             }
         }
 
+        if let Some(status) = status {
+            // Not ready any more (the readiness file goes) before the guest stops.
+            status.stop();
+        }
         stop_vcpus(&stop, threads);
         self.serial
             .lock()

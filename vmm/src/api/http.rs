@@ -125,6 +125,8 @@ pub struct Response {
     pub status: u16,
     pub body: String,
     pub allow: Option<&'static str>,
+    /// `application/json` unless made by [`Response::text`].
+    pub content_type: &'static str,
 }
 
 impl Response {
@@ -132,8 +134,19 @@ impl Response {
     pub fn json(status: u16, body: &serde_json::Value) -> Self {
         Self {
             status,
-            body: body.to_string(),
+            body: body.to_string() + "\n",
             allow: None,
+            content_type: "application/json",
+        }
+    }
+
+    /// A plain text response of `content_type`.
+    pub fn text(status: u16, content_type: &'static str, body: String) -> Self {
+        Self {
+            status,
+            body,
+            allow: None,
+            content_type,
         }
     }
 
@@ -145,10 +158,11 @@ impl Response {
     /// The bytes on the wire; the connection closes after them.
     pub fn encode(&self) -> Vec<u8> {
         let mut head = format!(
-            "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
+            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
             self.status,
             reason(self.status),
-            self.body.len() + 1
+            self.content_type,
+            self.body.len()
         );
         if let Some(allow) = self.allow {
             let _ = write!(head, "Allow: {allow}\r\n");
@@ -156,7 +170,6 @@ impl Response {
         head.push_str("\r\n");
         let mut out = head.into_bytes();
         out.extend_from_slice(self.body.as_bytes());
-        out.push(b'\n');
         out
     }
 }

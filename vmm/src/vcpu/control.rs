@@ -91,6 +91,47 @@ pub struct VcpuControl {
     /// Thread handles to kick; filled in once the threads exist.
     threads: Mutex<Vec<libc::pthread_t>>,
     count: usize,
+    /// Exits of each vCPU to podvm, by kind.
+    exits: Vec<ExitCounts>,
+}
+
+/// Why a vCPU came back from `KVM_RUN` to podvm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitKind {
+    /// Port I/O (the serial console, ACPI PM, i8042...).
+    Io = 0,
+    /// MMIO (virtio-mmio registers, queue notifications without ioeventfd).
+    Mmio = 1,
+    /// HLT (spurious with the in-kernel LAPIC).
+    Hlt = 2,
+    /// A signal (a kick: pause, stop, migration) interrupted `KVM_RUN`.
+    Interrupted = 3,
+    /// Anything else (system events, errors).
+    Other = 4,
+}
+
+impl ExitKind {
+    pub const ALL: [(ExitKind, &'static str); 5] = [
+        (ExitKind::Io, "io"),
+        (ExitKind::Mmio, "mmio"),
+        (ExitKind::Hlt, "hlt"),
+        (ExitKind::Interrupted, "interrupted"),
+        (ExitKind::Other, "other"),
+    ];
+}
+
+/// One vCPU's exit counters.
+#[derive(Debug, Default)]
+pub struct ExitCounts([std::sync::atomic::AtomicU64; 5]);
+
+impl ExitCounts {
+    pub fn count(&self, kind: ExitKind) {
+        self.0[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, kind: ExitKind) -> u64 {
+        self.0[kind as usize].load(Ordering::Relaxed)
+    }
 }
 
 /// What a vCPU thread should do after a checkpoint.
@@ -109,7 +150,53 @@ impl VcpuControl {
             changed: Condvar::new(),
             threads: Mutex::new(Vec::new()),
             count,
+            exits: (0..count).map(|_| ExitCounts::default()).collect(),
         }
+    }
+
+    /// vCPU `id`'s exit counters.
+    pub fn exits(&self, id: u8) -> &ExitCounts {
+        &self.exits[usize::from(id)]
+    }
+
+    /// Every vCPU's exits, by kind name.
+    pub fn exit_counts(&self) -> Vec<Vec<(&'static str, u64)>> {
+        self.exits
+            .iter()
+            .map(|c| {
+                ExitKind::ALL
+                    .iter()
+                    .map(|&(k, name)| (name, c.get(k)))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// CPU time of each running vCPU thread, in seconds (empty before they start and
+    /// after they stop).
+    pub fn cpu_seconds(&self) -> Vec<f64> {
+        // The lock is held while reading: a thread leaves the list before it is joined.
+        let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        threads
+            .iter()
+            .map(|&thread| {
+                let mut clock: libc::clockid_t = 0;
+                // SAFETY: `thread` is a live vCPU thread (see above); `clock` is a valid
+                // out-pointer.
+                if unsafe { libc::pthread_getcpuclockid(thread, &mut clock) } != 0 {
+                    return 0.0;
+                }
+                let mut ts = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                // SAFETY: `ts` is a valid out-pointer; the clock id came from glibc.
+                if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+                    return 0.0;
+                }
+                ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+            })
+            .collect()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

@@ -144,9 +144,10 @@ impl Vcpu {
     }
 
     fn run(mut self, control: &control::VcpuControl) {
+        let exits = control.exits(self.id);
         loop {
             if self.io_pending && control.wants_attention() {
-                self.complete_io();
+                self.complete_io(exits);
             }
             // Once the guest has asked to end (on any vCPU), nothing it runs afterwards
             // counts.
@@ -155,7 +156,7 @@ impl Vcpu {
             {
                 return;
             }
-            if let Some(reason) = self.run_once() {
+            if let Some(reason) = self.run_once(exits) {
                 self.exit.request(reason);
                 return;
             }
@@ -167,10 +168,10 @@ impl Vcpu {
     /// the access pending. Before the thread parks, where a migration saves that state, the
     /// access is completed with `immediate_exit` set: KVM_RUN finishes it and returns
     /// without running guest code (a string instruction may exit again for its next part).
-    fn complete_io(&mut self) {
+    fn complete_io(&mut self, exits: &control::ExitCounts) {
         self.fd.set_kvm_immediate_exit(1);
         for _ in 0..64 {
-            if let Some(reason) = self.run_once() {
+            if let Some(reason) = self.run_once(exits) {
                 self.exit.request(reason);
                 break;
             }
@@ -182,7 +183,7 @@ impl Vcpu {
     }
 
     /// Runs the guest until one exit; returns a reason when the VM must end.
-    fn run_once(&mut self) -> Option<ExitReason> {
+    fn run_once(&mut self, exits: &control::ExitCounts) -> Option<ExitReason> {
         let exit = self.fd.run();
         self.io_pending = matches!(
             exit,
@@ -191,6 +192,15 @@ impl Vcpu {
                 | VcpuExit::MmioRead(..)
                 | VcpuExit::MmioWrite(..))
         );
+        exits.count(match &exit {
+            Ok(VcpuExit::IoIn(..) | VcpuExit::IoOut(..)) => control::ExitKind::Io,
+            Ok(VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..)) => control::ExitKind::Mmio,
+            Ok(VcpuExit::Hlt) => control::ExitKind::Hlt,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                control::ExitKind::Interrupted
+            }
+            _ => control::ExitKind::Other,
+        });
         match exit {
             Ok(VcpuExit::IoIn(port, data)) => {
                 if !self.buses.pio.read(u64::from(port), data) {

@@ -1,0 +1,592 @@
+//! The pod's view of the VM: readiness, liveness and Prometheus metrics over HTTP on a TCP
+//! port (`--status-listen`), and a readiness file (`--ready-file`), served by a thread of its
+//! own (seccomp kind `status`) that never touches guest memory or devices.
+//!
+//! - `GET /readyz`: 200 while the guest runs, 503 otherwise (paused, shutting down, ended);
+//!   the readiness file exists exactly while the same holds.
+//! - `GET /healthz`: 200 while the event loop turns (it beats at least once a second), 503
+//!   once it has been silent for [`WEDGED_AFTER`]: a VMM that no longer serves its devices.
+//! - `GET /metrics`: the counters of `podvm api SOCKET counters` and more, in the Prometheus
+//!   text format.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::api::http::{self, Response};
+
+/// After this long without a beat of the event loop, liveness fails.
+pub const WEDGED_AFTER: Duration = Duration::from_secs(10);
+/// How often the status thread looks at the VM's state (the readiness file follows it).
+const TICK: Duration = Duration::from_millis(200);
+/// How long a status client has to send its request.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The event loop's pulse: it beats after every wake-up, and wakes at least every second.
+#[derive(Debug)]
+pub struct Heartbeat {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Self {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Heartbeat {
+    pub fn beat(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Time since the last beat.
+    pub fn silence(&self) -> Duration {
+        let now = self.start.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// What the status thread reads of the VM.
+pub trait StatusSource: Send + Sync {
+    /// "running", "paused" or "shutting-down".
+    fn state(&self) -> &'static str;
+    /// The control API's `counters` answer.
+    fn counters(&self) -> Value;
+    /// The control API's `migration` answer.
+    fn migration(&self) -> Value;
+    /// Seconds since the VM started, and seconds it spent paused.
+    fn uptime(&self) -> (f64, f64);
+    /// CPU time of each vCPU thread, in seconds (empty once they have stopped).
+    fn vcpu_seconds(&self) -> Vec<f64>;
+    /// Exits of each vCPU to podvm, by kind.
+    fn vcpu_exits(&self) -> Vec<Vec<(&'static str, u64)>>;
+}
+
+/// Where the status is served.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StatusConfig {
+    /// The HTTP endpoint's address (TCP).
+    pub listen: Option<SocketAddr>,
+    /// A file that exists while the guest runs.
+    pub ready_file: Option<PathBuf>,
+}
+
+/// The status endpoint could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("--status-listen {addr}: cannot listen: {source}{hint}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+        hint: &'static str,
+    },
+    #[error("cannot start the status thread: {0}")]
+    Thread(#[source] io::Error),
+    #[error("--ready-file {path}: cannot remove the one an earlier run left: {source}")]
+    ReadyFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Binds the status port (before anything else takes it: the NAT's `ports=all` skips it).
+pub fn bind(addr: SocketAddr) -> Result<TcpListener, StatusError> {
+    let listener = TcpListener::bind(addr).map_err(|source| StatusError::Bind {
+        addr,
+        hint: if source.kind() == io::ErrorKind::AddrInUse {
+            "; the port is taken (a forwarded port of the VM, or another process): choose another"
+        } else {
+            ""
+        },
+        source,
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| StatusError::Bind {
+            addr,
+            source,
+            hint: "",
+        })?;
+    Ok(listener)
+}
+
+/// Removes a readiness file an earlier run left behind.
+pub fn clear_ready_file(path: &std::path::Path) -> Result<(), StatusError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(StatusError::ReadyFile {
+            path: path.to_path_buf(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The running status thread.
+pub struct StatusThread {
+    done: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<()>,
+}
+
+impl StatusThread {
+    /// Starts serving; call before the main thread filters itself.
+    pub fn spawn(
+        listener: Option<TcpListener>,
+        ready_file: Option<PathBuf>,
+        source: Arc<dyn StatusSource>,
+        heartbeat: Arc<Heartbeat>,
+    ) -> Result<Self, StatusError> {
+        let done = Arc::new(AtomicBool::new(false));
+        let mut server = Server {
+            listener,
+            ready_file,
+            ready: false,
+            source,
+            heartbeat,
+            done: done.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("status".into())
+            .spawn(move || {
+                podvm_seccomp::install_or_exit(podvm_seccomp::ThreadKind::Status);
+                server.run();
+            })
+            .map_err(StatusError::Thread)?;
+        Ok(Self { done, handle })
+    }
+
+    /// Stops serving (the readiness file goes) and waits for the thread.
+    pub fn stop(self) {
+        self.done.store(true, Ordering::Release);
+        let _ = self.handle.join();
+    }
+}
+
+struct Server {
+    listener: Option<TcpListener>,
+    ready_file: Option<PathBuf>,
+    ready: bool,
+    source: Arc<dyn StatusSource>,
+    heartbeat: Arc<Heartbeat>,
+    done: Arc<AtomicBool>,
+}
+
+impl Server {
+    fn run(&mut self) {
+        while !self.done.load(Ordering::Acquire) {
+            self.follow_readiness(self.source.state() == "running");
+            if self.wait_for_client() {
+                self.accept_all();
+            }
+        }
+        self.follow_readiness(false);
+    }
+
+    /// Creates or removes the readiness file as the VM's state changes.
+    fn follow_readiness(&mut self, ready: bool) {
+        if ready == self.ready {
+            return;
+        }
+        self.ready = ready;
+        let Some(path) = &self.ready_file else {
+            return;
+        };
+        let result = if ready {
+            // A new file only (O_EXCL): the status thread's filter allows nothing else.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .and_then(|mut f| f.write_all(b"running\n"))
+                .or_else(|e| {
+                    if e.kind() == io::ErrorKind::AlreadyExists {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })
+        } else {
+            std::fs::remove_file(path).or_else(|e| {
+                if e.kind() == io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+        };
+        if let Err(e) = result {
+            tracing::warn!(path = %path.display(), error = %e, ready, "cannot update the readiness file");
+        }
+    }
+
+    /// Waits up to one tick for a client; true if one may be waiting.
+    fn wait_for_client(&self) -> bool {
+        let Some(listener) = &self.listener else {
+            std::thread::sleep(TICK);
+            return false;
+        };
+        let mut fds = [libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: `fds` is a valid array of one pollfd for the duration of the call; the
+        // listener outlives it.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, TICK.as_millis() as libc::c_int) };
+        n > 0
+    }
+
+    fn accept_all(&mut self) {
+        let Some(listener) = &self.listener else {
+            return;
+        };
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    let response = self.serve(&stream);
+                    let mut stream = stream;
+                    let _ = stream.write_all(&response.encode());
+                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return, // WouldBlock: no more clients
+            }
+        }
+    }
+
+    /// Reads one request (within [`CLIENT_TIMEOUT`]) and answers it.
+    fn serve(&self, stream: &TcpStream) -> Response {
+        let deadline = Instant::now() + CLIENT_TIMEOUT;
+        if stream.set_nonblocking(false).is_err()
+            || stream.set_read_timeout(Some(CLIENT_TIMEOUT)).is_err()
+        {
+            return Response::error(500, "cannot read the request");
+        }
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 2048];
+        loop {
+            match http::parse(&buf) {
+                Ok(Some(req)) => return self.route(&req.method, &req.path),
+                Ok(None) => {}
+                Err(e) => return Response::error(e.status(), &e),
+            }
+            if buf.len() > http::MAX_HEAD || Instant::now() > deadline {
+                return Response::error(408, "no complete request in time");
+            }
+            match (&*stream).read(&mut chunk) {
+                Ok(0) => return Response::error(400, "the request ended before it was complete"),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Response::error(408, "no complete request in time"),
+            }
+        }
+    }
+
+    fn route(&self, method: &str, path: &str) -> Response {
+        if method != "GET" && method != "HEAD" {
+            let mut r = Response::error(405, format_args!("{path} takes GET"));
+            r.allow = Some("GET");
+            return r;
+        }
+        match path {
+            "/readyz" => {
+                let state = self.source.state();
+                let status = if state == "running" { 200 } else { 503 };
+                Response::json(
+                    status,
+                    &serde_json::json!({ "ready": status == 200, "state": state }),
+                )
+            }
+            "/healthz" | "/livez" => {
+                let silent = self.heartbeat.silence();
+                let alive = silent < WEDGED_AFTER;
+                Response::json(
+                    if alive { 200 } else { 503 },
+                    &serde_json::json!({
+                        "alive": alive,
+                        "event_loop_silent_s": silent.as_secs_f64(),
+                    }),
+                )
+            }
+            "/metrics" => Response::text(
+                200,
+                "text/plain; version=0.0.4",
+                prometheus(self.source.as_ref(), self.heartbeat.silence()),
+            ),
+            _ => Response::error(
+                404,
+                format_args!("no endpoint {path}; use /readyz, /healthz or /metrics"),
+            ),
+        }
+    }
+}
+
+/// The Prometheus text exposition of the VM's state and counters.
+pub fn prometheus(source: &dyn StatusSource, silence: Duration) -> String {
+    let mut out = Metrics::default();
+    let state = source.state();
+    out.help("podvm_vm_state", "gauge", "1 for the VM's current state");
+    for s in ["running", "paused", "shutting-down"] {
+        out.sample(
+            "podvm_vm_state",
+            &[("state", s)],
+            f64::from(u8::from(s == state)),
+        );
+    }
+    let (uptime, paused) = source.uptime();
+    out.metric(
+        "podvm_vm_uptime_seconds",
+        "gauge",
+        "Seconds since the VM started",
+        &[],
+        uptime,
+    );
+    out.metric(
+        "podvm_vm_paused_seconds_total",
+        "counter",
+        "Seconds the VM spent paused",
+        &[],
+        paused,
+    );
+    out.metric(
+        "podvm_event_loop_silence_seconds",
+        "gauge",
+        "Seconds since the event loop last turned (it turns at least once a second)",
+        &[],
+        silence.as_secs_f64(),
+    );
+    let seconds = source.vcpu_seconds();
+    out.help(
+        "podvm_vcpu_seconds_total",
+        "counter",
+        "CPU time of each vCPU thread (guest and exits)",
+    );
+    for (i, s) in seconds.iter().enumerate() {
+        out.sample("podvm_vcpu_seconds_total", &[("vcpu", &i.to_string())], *s);
+    }
+    out.help(
+        "podvm_vcpu_exits_total",
+        "counter",
+        "vCPU exits handled by podvm, by kind",
+    );
+    for (i, exits) in source.vcpu_exits().iter().enumerate() {
+        for (kind, n) in exits {
+            out.sample(
+                "podvm_vcpu_exits_total",
+                &[("vcpu", &i.to_string()), ("kind", kind)],
+                *n as f64,
+            );
+        }
+    }
+    let counters = source.counters();
+    for (group, label) in [("disks", "disk"), ("nics", "nic")] {
+        if let Some(items) = counters[group].as_array() {
+            for (i, item) in items.iter().enumerate() {
+                let index = i.to_string();
+                out.flatten(&format!("podvm_{label}"), item, &[(label, &index)]);
+            }
+        }
+    }
+    for group in ["console", "vm", "api"] {
+        if counters[group].is_object() {
+            out.flatten(&format!("podvm_{group}"), &counters[group], &[]);
+        }
+    }
+    let migration = source.migration();
+    if let Some(s) = migration["state"].as_str() {
+        out.help(
+            "podvm_migration_state",
+            "gauge",
+            "1 for the last migration's state",
+        );
+        for st in ["none", "active", "completed", "failed"] {
+            out.sample(
+                "podvm_migration_state",
+                &[("state", st)],
+                f64::from(u8::from(st == s)),
+            );
+        }
+    }
+    out.flatten("podvm_migration", &migration, &[]);
+    out.text
+}
+
+/// Counter-like names among the JSON counters are monotonic: all but these gauges.
+const GAUGES: &[&str] = &[
+    "clients_connected",
+    "backlog_bytes",
+    "tcp_flows",
+    "udp_flows",
+    "vhost_active",
+    "flow_limit",
+    "paused_s",
+    "dirty_pages",
+    "dirty_rate_pages_s",
+    "bandwidth_mbit_s",
+    "expected_downtime_ms",
+    "downtime_ms",
+    "total_ms",
+    "rounds",
+    "pages_sent",
+    "zero_pages",
+    "bytes_sent",
+    "index",
+];
+
+#[derive(Default)]
+struct Metrics {
+    text: String,
+    described: std::collections::HashSet<String>,
+}
+
+impl Metrics {
+    fn help(&mut self, name: &str, kind: &str, help: &str) {
+        if self.described.insert(name.to_string()) {
+            self.text
+                .push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        }
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        self.text.push_str(name);
+        if !labels.is_empty() {
+            let body: Vec<String> = labels
+                .iter()
+                .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+                .collect();
+            self.text.push_str(&format!("{{{}}}", body.join(",")));
+        }
+        self.text.push_str(&format!(" {value}\n"));
+    }
+
+    fn metric(&mut self, name: &str, kind: &str, help: &str, labels: &[(&str, &str)], value: f64) {
+        self.help(name, kind, help);
+        self.sample(name, labels, value);
+    }
+
+    /// Every number under `value` as `prefix_key[_key...]`, counters with `_total`.
+    fn flatten(&mut self, prefix: &str, value: &Value, labels: &[(&str, &str)]) {
+        let Some(map) = value.as_object() else {
+            return;
+        };
+        for (key, v) in map {
+            let name = format!("{prefix}_{}", key.replace('-', "_"));
+            match v {
+                Value::Object(_) => self.flatten(&name, v, labels),
+                Value::Number(n) if key != "index" => {
+                    let gauge =
+                        GAUGES.contains(&key.as_str()) || prefix.starts_with("podvm_migration");
+                    let (name, kind) = if gauge {
+                        (name, "gauge")
+                    } else {
+                        (format!("{name}_total"), "counter")
+                    };
+                    self.help(&name, kind, &format!("{key} (podvm api counters)"));
+                    self.sample(&name, labels, n.as_f64().unwrap_or(0.0));
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    struct Fake;
+
+    impl StatusSource for Fake {
+        fn state(&self) -> &'static str {
+            "paused"
+        }
+        fn counters(&self) -> Value {
+            json!({
+                "disks": [{"index": 0, "path": "/d", "read_bytes": 4096, "read_requests": 1}],
+                "nics": [{"rx_frames": 3, "nat": {"tcp_flows": 2, "tcp_opened": 7}}],
+                "console": {"clients_connected": 1, "output_bytes": 10},
+                "vm": {"pauses": 1, "paused_s": 0.5},
+                "api": {"requests": 4},
+            })
+        }
+        fn migration(&self) -> Value {
+            json!({"state": "none", "rounds": 0, "downtime_phases_ms": {"pause": 0.0}})
+        }
+        fn uptime(&self) -> (f64, f64) {
+            (12.5, 0.5)
+        }
+        fn vcpu_seconds(&self) -> Vec<f64> {
+            vec![1.25, 0.75]
+        }
+        fn vcpu_exits(&self) -> Vec<Vec<(&'static str, u64)>> {
+            vec![vec![("io", 5), ("mmio", 6)], vec![("io", 1), ("mmio", 0)]]
+        }
+    }
+
+    #[test]
+    fn status_metrics_are_prometheus_text() {
+        let text = prometheus(&Fake, Duration::from_millis(300));
+        for line in [
+            "podvm_vm_state{state=\"paused\"} 1",
+            "podvm_vm_state{state=\"running\"} 0",
+            "podvm_vm_uptime_seconds 12.5",
+            "podvm_vcpu_seconds_total{vcpu=\"1\"} 0.75",
+            "podvm_vcpu_exits_total{vcpu=\"0\",kind=\"mmio\"} 6",
+            "podvm_disk_read_bytes_total{disk=\"0\"} 4096",
+            "podvm_nic_rx_frames_total{nic=\"0\"} 3",
+            "podvm_nic_nat_tcp_flows{nic=\"0\"} 2",
+            "podvm_nic_nat_tcp_opened_total{nic=\"0\"} 7",
+            "podvm_console_clients_connected 1",
+            "podvm_console_output_bytes_total 10",
+            "podvm_api_requests_total 4",
+            "podvm_migration_state{state=\"none\"} 1",
+            "podvm_migration_downtime_phases_ms_pause 0",
+            "podvm_event_loop_silence_seconds 0.3",
+            "# TYPE podvm_disk_read_bytes_total counter",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line:?} missing in\n{text}"
+            );
+        }
+        // Each metric is described once, and every sample line parses as name{labels} value.
+        let mut types = std::collections::HashSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                assert!(
+                    types.insert(rest.split(' ').next().unwrap().to_string()),
+                    "{line}"
+                );
+            } else if !line.starts_with('#') {
+                let value = line.rsplit(' ').next().unwrap();
+                assert!(value.parse::<f64>().is_ok(), "{line}");
+            }
+        }
+    }
+
+    #[test]
+    fn status_heartbeat_measures_silence() {
+        let h = Heartbeat::default();
+        h.beat();
+        assert!(h.silence() < Duration::from_secs(1));
+    }
+}
