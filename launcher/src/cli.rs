@@ -36,7 +36,11 @@ pub enum Command {
     Api(ApiArgs),
     /// Print the pod's seccomp profile (OCI JSON, for a Localhost seccompProfile), made
     /// from the same allowlists podvm's threads filter themselves with.
-    SeccompProfile,
+    SeccompProfile {
+        /// Print instead each thread kind's own list of system calls (JSON).
+        #[arg(long)]
+        threads: bool,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -100,11 +100,27 @@ fn main() -> ExitCode {
         Command::Validate(args) => validate(&args.vmi),
         Command::Console(args) => console::attach(&args.socket, args.escape).map_err(Error::from),
         Command::Api(args) => api_client::call(&args.socket, &args.action).map_err(Error::from),
-        Command::SeccompProfile => {
+        Command::SeccompProfile { threads } => {
+            let value = if threads {
+                podvm_seccomp::ThreadKind::ALL
+                    .iter()
+                    .map(|&kind| {
+                        let mut names: Vec<&str> = podvm_seccomp::allowlist(kind)
+                            .iter()
+                            .map(|a| a.name)
+                            .collect();
+                        names.sort_unstable();
+                        names.dedup();
+                        (kind.name().to_string(), serde_json::json!(names))
+                    })
+                    .collect::<serde_json::Map<_, _>>()
+                    .into()
+            } else {
+                podvm_seccomp::oci_profile()
+            };
             println!(
                 "{}",
-                serde_json::to_string_pretty(&podvm_seccomp::oci_profile())
-                    .expect("the profile serializes")
+                serde_json::to_string_pretty(&value).expect("the profile serializes")
             );
             Ok(())
         }

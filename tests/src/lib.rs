@@ -287,10 +287,28 @@ pub fn exec_cmdline(script: &str) -> String {
     format!("{DEFAULT_CMDLINE} quiet podvm.exec={encoded}")
 }
 
+/// The command that starts a podvm that runs a VM: podvm itself or, with
+/// `PODVM_TEST_STRACE=DIR`, podvm under `strace -f -ff -o DIR/podvm` (one file per thread:
+/// what each thread kind really calls, tallied by tests/sandbox/cargo-runner; see
+/// seccomp/usage.sh). Traced podvms run as the tests' user, without the pod's profile,
+/// which forbids ptrace.
+pub fn vm_command() -> Command {
+    match std::env::var_os("PODVM_TEST_STRACE") {
+        Some(dir) => {
+            let mut cmd = Command::new("strace");
+            cmd.args(["-f", "-ff", "-qq", "-o"])
+                .arg(Path::new(&dir).join("podvm"))
+                .arg(podvm_bin());
+            cmd
+        }
+        None => Command::new(podvm_bin()),
+    }
+}
+
 /// The podvm command that boots the test guest running `script`, with `extra` arguments.
 pub fn guest_command(script: &str, extra: &[&str]) -> Command {
     let g = guest();
-    let mut cmd = Command::new(podvm_bin());
+    let mut cmd = vm_command();
     cmd.args(["run", "--kernel"])
         .arg(&g.kernel)
         .arg("--initrd")
@@ -551,7 +569,7 @@ impl SocketVm {
                 kernel_args: exec_cmdline(&format!("echo {SCRIPT_START}\n{script}")),
             };
             let file = dir.file("vmi.yaml", vmi(&dir, &boot).as_bytes());
-            let mut cmd = Command::new(podvm_bin());
+            let mut cmd = vm_command();
             let dir_text = dir.0.display().to_string();
             cmd.args(["run", "--vmi", &file, "--run-dir"])
                 .arg(&dir.0)
