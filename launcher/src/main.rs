@@ -98,6 +98,7 @@ fn run(args: RunArgs) -> Result<(), Error> {
         },
         disks: args.disk,
         nics: args.net,
+        rng: args.rng,
         shutdown_timeout: std::time::Duration::from_secs(args.shutdown_timeout),
         api_socket: args.api_socket,
         migration: vmm::migration::MigrationConfig {
