@@ -203,6 +203,10 @@ pub struct RunArgs {
     /// /dev/vhost-net opens (`vhost=off` to have podvm do it). Options: `mac=MAC`, `vhost=`.
     #[arg(long, value_name = "user[,mac=MAC][,mtu=N][,resolv=PATH][,port=SPEC]...[,max-flows=N] | tap=NAME[,mac=MAC][,vhost=on|off]", value_parser = parse_net, conflicts_with_all = VMI)]
     pub net: Vec<vmm::config::NicConfig>,
+    /// Give the guest a virtio-rng device (after the disks and NICs) that feeds it entropy
+    /// from the host's getrandom(2), as KubeVirt's `spec.domain.devices.rng` does.
+    #[arg(long, conflicts_with_all = VMI)]
+    pub rng: bool,
     /// Seconds the guest has to power off after SIGTERM presses its ACPI power button, before
     /// podvm stops it (Kubernetes' default grace period is 30 s).
     #[arg(long, value_name = "SECS", default_value_t = 30, conflicts_with_all = VMI)]

@@ -48,8 +48,6 @@ enum Error {
     VmiMissing,
     #[error("give the VM: --kernel PATH (with --disk, --net, ... as needed), or a KubeVirt VirtualMachineInstance with --vmi FILE or PODVM_VMI")]
     NoKernel,
-    #[error("spec.domain.devices.rng: virtio-rng is not in this build of podvm yet; remove rng from the VMI")]
-    RngMissing,
     #[error(transparent)]
     VmiPrepare(#[from] vmi::prepare::PrepareError),
     #[error("--incoming: the VMI's {0}; its contents live in the source pod's run directory and podvm migrates memory, not disks: use a PVC (shared storage) for a VM that migrates")]
@@ -189,6 +187,7 @@ fn config_from_flags(args: &RunArgs) -> Result<VmConfig, Error> {
         },
         disks: args.disk,
         nics: args.net,
+        rng: args.rng,
         shutdown_timeout: std::time::Duration::from_secs(args.shutdown_timeout),
         api_socket: args.api_socket,
         migration: Default::default(),
@@ -255,9 +254,6 @@ fn run(args: RunArgs) -> Result<u8, Error> {
         preflight::check_initrd_fits(initrd, config.memory_mib)?;
     }
     if let Some(plan) = &plan {
-        if plan.rng {
-            return Err(Error::RngMissing);
-        }
         if config.incoming {
             if let Some(d) = plan.disks.iter().find(|d| {
                 matches!(

@@ -36,14 +36,16 @@ outdir=$(cd -- "$outdir" && pwd)
 # The modules the guest loads, by name. Dependencies are added and ordered
 # automatically (virtio_ring before virtio, ...); ones built into the kernel or
 # absent from it are skipped. "button" is the ACPI power button driver, "evdev"
-# gives it the /dev/input node that acpid reads; vfat and its code pages mount the
-# cloud-init NoCloud seed disk podvm writes for a VMI.
+# gives it the /dev/input node that acpid reads; "virtio_rng" is the entropy
+# device (--rng; its dependency rng_core is built into Debian's kernel); vfat and
+# its code pages mount the cloud-init NoCloud seed disk podvm writes for a VMI.
 modules=(
     virtio_ring virtio
     virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
     virtio_mmio
     virtio_blk
     failover net_failover virtio_net
+    virtio_rng
     button
     evdev
     fat vfat nls_cp437 nls_ascii nls_utf8 nls_iso8859_1

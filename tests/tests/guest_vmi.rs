@@ -39,6 +39,7 @@ spec:
           initrdPath: {initrd}
     devices:
       logSerialConsole: true
+      rng: {{}}
       disks:
         - name: data
           serial: data-pvc
@@ -70,7 +71,8 @@ spec:
     )
 }
 
-const SCRIPT: &str = r#"echo "SERIAL=$(cat /sys/block/vda/serial)"
+const SCRIPT: &str = r#"echo "RNG=$(cat /sys/class/misc/hw_random/rng_current)"
+echo "SERIAL=$(cat /sys/block/vda/serial)"
 echo "VDA-SHA=$(head -c 1048576 /dev/vda | sha256sum | cut -d' ' -f1)"
 echo "VDC-SECTORS=$(cat /sys/block/vdc/size)"
 echo "VDB-RO=$(cat /sys/block/vdb/ro)"
@@ -159,6 +161,10 @@ fn vmi_example_boots_with_pvc_cloud_init_empty_disk_network_and_console() {
     );
 
     assert_eq!(out.value("SERIAL").as_deref(), Some("data-pvc"), "{out}");
+    assert!(
+        out.value("RNG").is_some_and(|r| r.starts_with("virtio_rng")),
+        "rng: {{}} gives the guest a virtio-rng device\n{out}"
+    );
     let want_sha = {
         let file = pvcs.0.join("contents");
         std::fs::write(&file, &contents).unwrap();

@@ -245,6 +245,9 @@ fn populate(
     for nic in nics {
         devices.add_net(vm, mem, nic)?;
     }
+    if config.rng {
+        devices.add_rng(vm, mem)?;
+    }
 
     step("acpi+boot");
     // 6. ACPI tables, then the kernel, initrd and command line (not for a VM that waits for
@@ -348,6 +351,7 @@ fn populate(
                 .map(|b| b.lock().unwrap_or_else(|p| p.into_inner()).metrics())
                 .collect(),
             nics: devices.nics.clone(),
+            rng: devices.rng.clone(),
             console: hub.clone(),
             api: metrics.clone(),
             pauses: Default::default(),

@@ -9,7 +9,8 @@ pub const MAX_VCPUS: u8 = 254;
 pub const MIN_MEMORY_MIB: u64 = 32;
 /// Most guest memory podvm accepts (1 TiB).
 pub const MAX_MEMORY_MIB: u64 = 1 << 20;
-/// Most virtio devices: one interrupt line each, from the IOAPIC's free pins.
+/// Most virtio devices (disks, NICs and the RNG together): one interrupt line each, from the
+/// IOAPIC's free pins.
 pub const MAX_DISKS: usize = 16;
 /// Command line used when none is given: serial console, reboot through the i8042 reset line
 /// (which podvm turns into a clean exit), reboot at once on panic, and no PCI probing (podvm
@@ -130,6 +131,9 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// virtio-net NICs, in the order the guest sees them (eth0, ...).
     pub nics: Vec<NicConfig>,
+    /// A virtio-rng device (after the disks and NICs) that feeds the guest entropy from the
+    /// host's `getrandom(2)` (KubeVirt's `spec.domain.devices.rng`).
+    pub rng: bool,
     /// After SIGTERM presses the power button, how long the guest has to power off before
     /// it is stopped.
     pub shutdown_timeout: std::time::Duration,
@@ -163,7 +167,7 @@ pub enum ConfigError {
     Serial { index: usize, serial: String },
     #[error("--api-socket {0}: is also the --console socket; give the two different paths")]
     SocketClash(PathBuf),
-    #[error("disks and nics: {count} virtio devices is more than podvm's {max}; give fewer --disk or --net")]
+    #[error("disks, nics and rng: {count} virtio devices is more than podvm's {max}; give fewer --disk or --net")]
     TooManyDevices { count: usize, max: usize },
     #[error("--net {index}: mtu {mtu} is out of range; use a value from 68 to {max}")]
     Mtu { index: usize, mtu: u16, max: u16 },
@@ -195,6 +199,7 @@ impl VmConfig {
             console: ConsoleConfig::Stdio,
             disks: Vec::new(),
             nics: Vec::new(),
+            rng: false,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             api_socket: None,
             migration: Default::default(),
@@ -214,7 +219,7 @@ impl VmConfig {
         if !self.cmdline.bytes().all(|b| (0x20..0x7f).contains(&b)) {
             return Err(ConfigError::Cmdline);
         }
-        let count = self.disks.len() + self.nics.len();
+        let count = self.virtio_devices();
         if count > MAX_DISKS {
             return Err(ConfigError::TooManyDevices {
                 count,
@@ -301,6 +306,11 @@ impl VmConfig {
         })
     }
 
+    /// How many virtio devices the guest gets.
+    pub fn virtio_devices(&self) -> usize {
+        self.disks.len() + self.nics.len() + usize::from(self.rng)
+    }
+
     /// Guest RAM in bytes.
     pub fn memory_bytes(&self) -> u64 {
         self.memory_mib << 20
@@ -376,6 +386,29 @@ mod tests {
             cfg.validate(),
             Err(ConfigError::SocketClash("/run/vm.sock".into()))
         );
+    }
+
+    #[test]
+    fn config_counts_the_rng_among_the_virtio_devices() {
+        let mut cfg = VmConfig::new("/k");
+        assert!(!cfg.rng, "no RNG unless asked for");
+        cfg.nics = (0..MAX_DISKS)
+            .map(|i| NicConfig {
+                mac: Some([0x52, 0x54, 0, 0, 0, i as u8]),
+                ..NicConfig::user()
+            })
+            .collect();
+        assert_eq!(cfg.validate(), Ok(()));
+        cfg.rng = true;
+        assert_eq!(
+            cfg.validate(),
+            Err(ConfigError::TooManyDevices {
+                count: MAX_DISKS + 1,
+                max: MAX_DISKS
+            })
+        );
+        cfg.nics.pop();
+        assert_eq!(cfg.validate(), Ok(()));
     }
 
     #[test]

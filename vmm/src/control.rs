@@ -25,6 +25,8 @@ pub struct VmControl {
     pub disks: Vec<Arc<BlockMetrics>>,
     /// One per NIC, in config order.
     pub nics: Vec<Arc<devices::virtio::net::NetMetrics>>,
+    /// The virtio-rng device, if the VM has one.
+    pub rng: Option<Arc<devices::virtio::rng::RngMetrics>>,
     pub console: Option<Arc<ConsoleHub>>,
     pub api: Arc<ApiMetrics>,
     pub pauses: AtomicU64,
@@ -164,6 +166,7 @@ impl Control for VmControl {
             "console": console,
             "disks": disks,
             "nics": nics,
+            "rng": c.rng,
             "uptime_s": self.started.elapsed().as_secs_f64(),
             "paused_s": self.vcpus.paused_total().as_secs_f64(),
             "pid": std::process::id(),
@@ -216,9 +219,19 @@ impl Control for VmControl {
                 "backlog_bytes": get(&m.backlog_bytes),
             })
         });
+        let rng = self.rng.as_ref().map(|m| {
+            json!({
+                "requests": get(&m.requests),
+                "bytes": get(&m.bytes),
+                "bad_chains": get(&m.bad_chains),
+                "entropy_errors": get(&m.entropy_errors),
+                "interrupts": get(&m.interrupts),
+            })
+        });
         json!({
             "disks": disks,
             "nics": self.nics.iter().map(|m| nic_counters(m)).collect::<Vec<_>>(),
+            "rng": rng,
             "console": console,
             "vm": {
                 "pauses": get(&self.pauses),

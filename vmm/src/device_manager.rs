@@ -117,6 +117,8 @@ pub struct DeviceManager {
     pub blocks: Vec<Arc<Mutex<Block>>>,
     /// virtio-net devices' counters, in guest order.
     pub nics: Vec<Arc<devices::virtio::net::NetMetrics>>,
+    /// The virtio-rng device's counters, if it has one.
+    pub rng: Option<Arc<devices::virtio::rng::RngMetrics>>,
     /// Every virtio device's transport, in guest order (what a migration saves).
     pub transports: Vec<Arc<Mutex<MmioTransport>>>,
     /// Every virtio device as a migration's shape names it, in guest order.
@@ -186,6 +188,7 @@ impl DeviceManager {
             serial,
             blocks: Vec::new(),
             nics: Vec::new(),
+            rng: None,
             transports: Vec::new(),
             shape: Vec::new(),
             subscribers: Vec::new(),
@@ -241,6 +244,21 @@ impl DeviceManager {
         self.add_virtio(vm, mem, &name, net.clone())?;
         self.shape.push("net".into());
         self.subscribers.push(net);
+        Ok(())
+    }
+
+    /// Attaches the virtio-rng device (after the disks and NICs).
+    pub fn add_rng(&mut self, vm: &VmFd, mem: &GuestMemory) -> Result<(), DeviceError> {
+        let name = "rng";
+        let rng = devices::virtio::rng::Rng::new().map_err(|source| DeviceError::Create {
+            device: name.into(),
+            source,
+        })?;
+        self.rng = Some(rng.metrics());
+        let rng = Arc::new(Mutex::new(rng));
+        self.add_virtio(vm, mem, name, rng.clone())?;
+        self.shape.push("rng".into());
+        self.subscribers.push(rng);
         Ok(())
     }
 

@@ -399,7 +399,7 @@ pub fn prometheus(source: &dyn StatusSource, silence: Duration) -> String {
             }
         }
     }
-    for group in ["console", "vm", "api"] {
+    for group in ["console", "rng", "vm", "api"] {
         if counters[group].is_object() {
             out.flatten(&format!("podvm_{group}"), &counters[group], &[]);
         }

@@ -8,6 +8,7 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod rng;
 
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};

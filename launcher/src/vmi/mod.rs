@@ -575,6 +575,7 @@ fn plan_inner(w: &mut Walk, doc: &Value, paths: &Paths) -> Option<Plan> {
     };
     config.disks = disk_configs;
     config.nics = nics;
+    config.rng = rng;
     config.shutdown_timeout = std::time::Duration::from_secs(grace);
     config.api_socket = Some(paths.run_dir.join("api.sock"));
     if let Err(e) = config.validate() {

@@ -19,7 +19,7 @@ use devices::virtio::mmio::TransportState;
 pub struct Shape {
     pub memory_bytes: u64,
     pub vcpus: u8,
-    /// Each virtio device in guest order: "block <bytes>" or "net".
+    /// Each virtio device in guest order: "block <bytes>", "net" or "rng".
     pub devices: Vec<String>,
 }
 
@@ -41,7 +41,7 @@ impl Shape {
         }
         if self.devices != source.devices {
             return Some(format!(
-                "the source's devices are {:?}, this VM's {:?} (give the same --disk and --net, in the same order)",
+                "the source's devices are {:?}, this VM's {:?} (give the same --disk, --net and --rng, in the same order)",
                 source.devices, self.devices
             ));
         }
