@@ -83,6 +83,7 @@ fn init_logging() {
 fn run(args: RunArgs) -> Result<(), Error> {
     let config = VmConfig {
         vcpus: args.cpus,
+        topology: args.topology,
         memory_mib: args.memory,
         kernel: args.kernel,
         initrd: args.initrd,

@@ -240,6 +240,8 @@ fn populate(
         devices.add_rng(vm, mem)?;
     }
 
+    let topology = crate::vcpu::topology::Topology::of(config);
+
     step("acpi+boot");
     // 6. ACPI tables, then the kernel, initrd and command line (not for a VM that waits for
     //    a migration: its memory comes from the source).
@@ -251,7 +253,7 @@ fn populate(
             .iter()
             .map(|d| d as &dyn acpi::AcpiDevice)
             .collect();
-        let rsdp = acpi::write_tables(mem, config.vcpus, &described)?;
+        let rsdp = acpi::write_tables(mem, &topology.apic_ids(), &described)?;
         Some(boot::load(
             mem,
             &config.kernel,
@@ -272,7 +274,7 @@ fn populate(
         vcpus.push(Vcpu::new(
             vm,
             id,
-            config.vcpus,
+            &topology,
             &supported,
             buses.clone(),
             exit.clone(),
@@ -309,6 +311,7 @@ fn populate(
             memory_bytes: config.memory_bytes(),
             vcpus: config.vcpus,
             devices: devices.shape.clone(),
+            topology: config.topology,
         },
         msr_index,
         config.migration.clone(),
