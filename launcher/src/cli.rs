@@ -168,6 +168,11 @@ pub struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1, conflicts_with_all = VMI)]
     pub cpus: u8,
+    /// How the vCPUs are grouped, as KubeVirt's spec.domain.cpu: SOCKETS:CORES:THREADS
+    /// (threads per core), whose product must be --cpus. The guest sees it in CPUID and its
+    /// CPUs' APIC IDs. Default: one socket of --cpus single-threaded cores.
+    #[arg(long, value_name = "SOCKETS:CORES:THREADS", value_parser = parse_topology)]
+    pub topology: Option<vmm::config::CpuTopology>,
     /// Guest memory in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 256, conflicts_with_all = VMI)]
     pub memory: u64,
@@ -371,6 +376,25 @@ pub fn parse_net(value: &str) -> Result<vmm::config::NicConfig, String> {
     Ok(nic)
 }
 
+/// Parses one `--topology` value.
+pub fn parse_topology(value: &str) -> Result<vmm::config::CpuTopology, String> {
+    let usage = || {
+        format!("{value:?} is not SOCKETS:CORES:THREADS; give three numbers from 1 to 255, such as 2:4:2")
+    };
+    let counts: Vec<u8> = value
+        .split(':')
+        .map(|n| n.trim().parse().map_err(|_| usage()))
+        .collect::<Result<_, _>>()?;
+    let [sockets, cores, threads] = counts[..] else {
+        return Err(usage());
+    };
+    Ok(vmm::config::CpuTopology {
+        sockets,
+        cores,
+        threads,
+    })
+}
+
 fn parse_mac(text: &str) -> Result<[u8; 6], String> {
     let bytes: Vec<u8> = text
         .split(':')
@@ -391,6 +415,16 @@ fn parse_mac(text: &str) -> Result<[u8; 6], String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cli_topology_parses_sockets_cores_threads() {
+        let t = parse_topology("2:3:2").unwrap();
+        assert_eq!((t.sockets, t.cores, t.threads), (2, 3, 2));
+        for bad in ["2:2", "2:2:2:2", "a:1:1", "1:1:256", "", "2::2"] {
+            let err = parse_topology(bad).unwrap_err();
+            assert!(err.contains("SOCKETS:CORES:THREADS"), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn disk_flag_parses_path_and_options() {

@@ -172,6 +172,7 @@ fn config_from_flags(args: &RunArgs) -> Result<VmConfig, Error> {
     let args = args.clone();
     Ok(VmConfig {
         vcpus: args.cpus,
+        topology: args.topology,
         memory_mib: args.memory,
         kernel: args.kernel.ok_or(Error::NoKernel)?,
         initrd: args.initrd,

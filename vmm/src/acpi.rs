@@ -46,11 +46,11 @@ pub enum AcpiError {
     GuestMemory(#[from] vm_memory::GuestMemoryError),
 }
 
-/// Builds the tables for `vcpus` vCPUs plus `devices`, writes them at [`memory::ACPI_START`]
-/// and returns the RSDP's address.
+/// Builds the tables for vCPUs with `apic_ids` (in vCPU order) plus `devices`, writes them
+/// at [`memory::ACPI_START`] and returns the RSDP's address.
 pub fn write_tables(
     mem: &GuestMemory,
-    vcpus: u8,
+    apic_ids: &[u32],
     devices: &[&dyn AcpiDevice],
 ) -> Result<GuestAddress, AcpiError> {
     let mut writer = TableWriter {
@@ -63,7 +63,7 @@ pub fn write_tables(
 
     let dsdt = writer.write(&dsdt(devices))?;
     let fadt = writer.write(&fadt(dsdt))?;
-    let madt = writer.write(&madt(vcpus))?;
+    let madt = writer.write(&madt(apic_ids))?;
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt.0);
     xsdt.add_entry(madt.0);
@@ -131,15 +131,22 @@ fn fadt(dsdt: GuestAddress) -> Vec<u8> {
     to_bytes(&fadt.finalize())
 }
 
-fn madt(vcpus: u8) -> Vec<u8> {
+/// One local APIC per vCPU: processor UID the vCPU's index, APIC ID its own (the IDs have
+/// gaps when a topology's counts are not powers of two; config validation keeps them below
+/// 0xff).
+fn madt(apic_ids: &[u32]) -> Vec<u8> {
     let mut madt = MADT::new(
         OEM_ID,
         OEM_TABLE_ID,
         OEM_REVISION,
         LocalInterruptController::Address(memory::LAPIC_ADDR as u32),
     );
-    for id in 0..vcpus {
-        madt.add_structure(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled));
+    for (uid, &apic_id) in apic_ids.iter().enumerate() {
+        madt.add_structure(ProcessorLocalApic::new(
+            uid as u8,
+            apic_id as u8,
+            EnabledStatus::Enabled,
+        ));
     }
     madt.add_structure(IoApic::new(0, memory::IOAPIC_ADDR as u32, 0));
     to_bytes(&madt)
@@ -242,7 +249,7 @@ mod tests {
     #[test]
     fn acpi_tables_have_valid_checksums_and_lengths() {
         let mem = crate::memory::create(64 << 20).unwrap();
-        let rsdp = write_tables(&mem, 2, &[]).unwrap();
+        let rsdp = write_tables(&mem, &[0, 1], &[]).unwrap();
         assert_eq!(rsdp.0, memory::ACPI_START);
         let mut rsdp_bytes = [0u8; 36];
         mem.read_slice(&mut rsdp_bytes, rsdp).unwrap();
@@ -271,6 +278,44 @@ mod tests {
         assert!(checksum_ok(&madt));
         // Header (44) + 2 local APICs (8 each) + 1 IOAPIC (12).
         assert_eq!(madt.len(), 44 + 2 * 8 + 12);
+    }
+
+    #[test]
+    fn acpi_madt_lists_each_vcpus_own_apic_id_in_vcpu_order() {
+        // 2 sockets of 3 single-threaded cores: cores take 2 bits, so APIC IDs 0-2, 4-6.
+        let topology = crate::vcpu::topology::Topology::new(
+            6,
+            Some(&crate::config::CpuTopology {
+                sockets: 2,
+                cores: 3,
+                threads: 1,
+            }),
+        );
+        let madt = madt(&topology.apic_ids());
+        assert!(checksum_ok(&madt));
+        // After the header (36) and the LAPIC address and flags (8): structures of
+        // (type, length, ...); a local APIC is (0, 8, UID, APIC ID, flags u32).
+        let mut lapics = Vec::new();
+        let mut at = 44;
+        while at < madt.len() {
+            let (kind, len) = (madt[at], usize::from(madt[at + 1]));
+            if kind == 0 {
+                let flags = u32::from_le_bytes(madt[at + 4..at + 8].try_into().unwrap());
+                lapics.push((madt[at + 2], madt[at + 3], flags & 1));
+            }
+            at += len;
+        }
+        assert_eq!(
+            lapics,
+            vec![
+                (0, 0, 1),
+                (1, 1, 1),
+                (2, 2, 1),
+                (3, 4, 1),
+                (4, 5, 1),
+                (5, 6, 1)
+            ]
+        );
     }
 
     fn read_table(mem: &GuestMemory, addr: u64) -> Vec<u8> {

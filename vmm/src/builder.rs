@@ -249,6 +249,8 @@ fn populate(
         devices.add_rng(vm, mem)?;
     }
 
+    let topology = crate::vcpu::topology::Topology::of(config);
+
     step("acpi+boot");
     // 6. ACPI tables, then the kernel, initrd and command line (not for a VM that waits for
     //    a migration: its memory comes from the source).
@@ -260,7 +262,7 @@ fn populate(
             .iter()
             .map(|d| d as &dyn acpi::AcpiDevice)
             .collect();
-        let rsdp = acpi::write_tables(mem, config.vcpus, &described)?;
+        let rsdp = acpi::write_tables(mem, &topology.apic_ids(), &described)?;
         Some(boot::load(
             mem,
             &config.kernel,
@@ -281,7 +283,7 @@ fn populate(
         vcpus.push(Vcpu::new(
             vm,
             id,
-            config.vcpus,
+            &topology,
             &supported,
             buses.clone(),
             exit.clone(),
@@ -318,6 +320,7 @@ fn populate(
             memory_bytes: config.memory_bytes(),
             vcpus: config.vcpus,
             devices: devices.shape.clone(),
+            topology: config.topology,
         },
         msr_index,
         config.migration.clone(),

@@ -112,11 +112,36 @@ impl NicConfig {
     }
 }
 
+/// How the vCPUs are grouped: `sockets` of `cores` of `threads` (KubeVirt's
+/// `spec.domain.cpu`). The guest sees this layout in CPUID and in its CPUs' APIC IDs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CpuTopology {
+    pub sockets: u8,
+    pub cores: u8,
+    pub threads: u8,
+}
+
+impl CpuTopology {
+    /// How many vCPUs the layout holds.
+    pub fn vcpus(&self) -> u32 {
+        u32::from(self.sockets) * u32::from(self.cores) * u32::from(self.threads)
+    }
+}
+
+impl std::fmt::Display for CpuTopology {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}:{}", self.sockets, self.cores, self.threads)
+    }
+}
+
 /// Everything needed to build and boot a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
     /// Number of vCPUs.
     pub vcpus: u8,
+    /// How the vCPUs are grouped into sockets, cores and threads; `None` is one socket of
+    /// `vcpus` single-threaded cores.
+    pub topology: Option<CpuTopology>,
     /// Guest RAM in MiB.
     pub memory_mib: u64,
     /// Kernel image: a bzImage, or an ELF vmlinux (PVH entry used when present).
@@ -156,6 +181,24 @@ pub enum ConfigError {
     #[error("cpus: {0} is out of range; use a value from 1 to {MAX_VCPUS}")]
     Vcpus(u8),
     #[error(
+        "topology {topology}: {field} is 0; give each of sockets, cores and threads at least 1"
+    )]
+    TopologyZero {
+        topology: CpuTopology,
+        field: &'static str,
+    },
+    #[error("topology {topology}: sockets x cores x threads is {product} vCPUs but cpus is {vcpus}; give --cpus {product}, or a topology whose product is {vcpus}")]
+    TopologyCount {
+        topology: CpuTopology,
+        product: u32,
+        vcpus: u8,
+    },
+    #[error("topology {topology}: the last vCPU's APIC ID would be {max_apic_id}, above {MAX_VCPUS} (each count is rounded up to a power of two in the APIC ID); use counts that are powers of two, or fewer sockets")]
+    TopologyApicIds {
+        topology: CpuTopology,
+        max_apic_id: u32,
+    },
+    #[error(
         "memory: {0} MiB is out of range; use a value from {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB} MiB"
     )]
     Memory(u64),
@@ -192,6 +235,7 @@ impl VmConfig {
     pub fn new(kernel: impl Into<PathBuf>) -> Self {
         Self {
             vcpus: 1,
+            topology: None,
             memory_mib: 256,
             kernel: kernel.into(),
             initrd: None,
@@ -212,6 +256,9 @@ impl VmConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(ConfigError::Vcpus(self.vcpus));
+        }
+        if let Some(topology) = self.topology {
+            self.validate_topology(topology)?;
         }
         if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
             return Err(ConfigError::Memory(self.memory_mib));
@@ -293,6 +340,35 @@ impl VmConfig {
                     });
                 }
             }
+        }
+        Ok(())
+    }
+
+    fn validate_topology(&self, topology: CpuTopology) -> Result<(), ConfigError> {
+        for (field, count) in [
+            ("sockets", topology.sockets),
+            ("cores", topology.cores),
+            ("threads", topology.threads),
+        ] {
+            if count == 0 {
+                return Err(ConfigError::TopologyZero { topology, field });
+            }
+        }
+        let product = topology.vcpus();
+        if product != u32::from(self.vcpus) {
+            return Err(ConfigError::TopologyCount {
+                topology,
+                product,
+                vcpus: self.vcpus,
+            });
+        }
+        // APIC IDs are bytes in the MADT, and 0xff is the broadcast ID.
+        let max_apic_id = crate::vcpu::topology::Topology::of(self).max_apic_id();
+        if max_apic_id > u32::from(MAX_VCPUS) {
+            return Err(ConfigError::TopologyApicIds {
+                topology,
+                max_apic_id,
+            });
         }
         Ok(())
     }
@@ -386,6 +462,70 @@ mod tests {
             cfg.validate(),
             Err(ConfigError::SocketClash("/run/vm.sock".into()))
         );
+    }
+
+    fn with_topology(vcpus: u8, sockets: u8, cores: u8, threads: u8) -> VmConfig {
+        let mut cfg = VmConfig::new("/k");
+        cfg.vcpus = vcpus;
+        cfg.topology = Some(CpuTopology {
+            sockets,
+            cores,
+            threads,
+        });
+        cfg
+    }
+
+    #[test]
+    fn config_accepts_a_topology_whose_product_is_the_vcpu_count() {
+        assert_eq!(with_topology(12, 2, 3, 2).validate(), Ok(()));
+        assert_eq!(with_topology(1, 1, 1, 1).validate(), Ok(()));
+        assert_eq!(VmConfig::new("/k").topology, None);
+    }
+
+    #[test]
+    fn config_rejects_a_topology_that_does_not_multiply_to_the_vcpus() {
+        let err = with_topology(8, 2, 2, 1).validate().unwrap_err();
+        assert!(matches!(
+            err,
+            ConfigError::TopologyCount {
+                product: 4,
+                vcpus: 8,
+                ..
+            }
+        ));
+        let text = err.to_string();
+        assert!(text.contains("topology 2:2:1"), "{text}");
+        assert!(text.contains("--cpus 4"), "{text}");
+    }
+
+    #[test]
+    fn config_rejects_a_zero_in_the_topology_naming_the_field() {
+        let err = with_topology(4, 2, 0, 2).validate().unwrap_err();
+        assert!(matches!(
+            err,
+            ConfigError::TopologyZero { field: "cores", .. }
+        ));
+        assert!(err.to_string().contains("cores is 0"));
+    }
+
+    #[test]
+    fn config_rejects_a_topology_whose_apic_ids_do_not_fit_a_byte() {
+        // 3 sockets of 80 single-threaded cores: 240 vCPUs, but cores take 7 bits, so the
+        // last vCPU is APIC ID 2 << 7 | 79 = 335.
+        let err = with_topology(240, 3, 80, 1).validate().unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::TopologyApicIds {
+                topology: CpuTopology {
+                    sockets: 3,
+                    cores: 80,
+                    threads: 1
+                },
+                max_apic_id: 335
+            }
+        );
+        // The same count as 1 socket of 240 fits.
+        assert_eq!(with_topology(240, 1, 240, 1).validate(), Ok(()));
     }
 
     #[test]

@@ -159,6 +159,11 @@ impl Control for VmControl {
             "shutdown_remaining_s": self.shutdown.remaining().map(|d| d.as_secs_f64()),
             "shutdown_timeout_s": self.shutdown.default_timeout().as_secs_f64(),
             "vcpus": c.vcpus,
+            "topology": c.topology.map(|t| json!({
+                "sockets": t.sockets,
+                "cores": t.cores,
+                "threads": t.threads,
+            })),
             "memory_mib": c.memory_mib,
             "kernel": c.kernel,
             "initrd": c.initrd,

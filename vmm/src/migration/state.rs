@@ -21,6 +21,10 @@ pub struct Shape {
     pub vcpus: u8,
     /// Each virtio device in guest order: "block <bytes>", "net" or "rng".
     pub devices: Vec<String>,
+    /// The vCPU topology when one was given (it sets the vCPUs' APIC IDs, which KVM takes
+    /// as their vCPU IDs). Absent from the JSON when `None`, as before topologies existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<crate::config::CpuTopology>,
 }
 
 impl Shape {
@@ -37,6 +41,16 @@ impl Shape {
             return Some(format!(
                 "the source has {} vCPUs, this VM {} (--cpus)",
                 source.vcpus, self.vcpus
+            ));
+        }
+        if self.topology != source.topology {
+            let show = |t: &Option<crate::config::CpuTopology>| {
+                t.map_or_else(|| "none".to_string(), |t| t.to_string())
+            };
+            return Some(format!(
+                "the source's vCPU topology is {}, this VM's {} (--topology)",
+                show(&source.topology),
+                show(&self.topology)
             ));
         }
         if self.devices != source.devices {
@@ -348,6 +362,7 @@ mod tests {
             memory_bytes: 512 << 20,
             vcpus: 2,
             devices: vec!["block 1048576".into(), "net".into()],
+            topology: None,
         };
         assert_eq!(a.mismatch(&a.clone()), None);
         let mut b = a.clone();
@@ -359,5 +374,21 @@ mod tests {
         let mut b = a.clone();
         b.devices.pop();
         assert!(a.mismatch(&b).unwrap().contains("--net"));
+        let mut b = a.clone();
+        b.topology = Some(crate::config::CpuTopology {
+            sockets: 1,
+            cores: 1,
+            threads: 2,
+        });
+        let why = a.mismatch(&b).unwrap();
+        assert!(why.contains("--topology") && why.contains("1:1:2"), "{why}");
+    }
+
+    #[test]
+    fn migration_shape_without_topology_reads_and_writes_the_old_json() {
+        let old = r#"{"memory_bytes":1048576,"vcpus":2,"devices":["net"]}"#;
+        let shape: Shape = serde_json::from_str(old).unwrap();
+        assert_eq!(shape.topology, None);
+        assert_eq!(serde_json::to_string(&shape).unwrap(), old);
     }
 }

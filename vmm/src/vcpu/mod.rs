@@ -8,6 +8,7 @@
 pub mod control;
 pub mod cpuid;
 pub mod regs;
+pub mod topology;
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -32,12 +33,15 @@ pub struct Buses {
 /// A vCPU failed to set up or to run.
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
-    #[error("cannot create vCPU {id}: {source}")]
+    #[error("cannot create vCPU {id} (APIC ID {apic_id}): {source}")]
     Create {
         id: u8,
+        apic_id: u32,
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error("vCPU {id}: {count} CPUID entries are more than KVM takes")]
+    CpuidTooLong { id: u8, count: usize },
     #[error("cannot set CPUID on vCPU {id}: {source}")]
     Cpuid {
         id: u8,
@@ -84,20 +88,30 @@ pub struct Vcpu {
 }
 
 impl Vcpu {
-    /// Creates vCPU `id` of `count` with CPUID, MSRs, FPU and LAPIC set up.
+    /// Creates vCPU `id` of `topology` with CPUID, MSRs, FPU and LAPIC set up. KVM takes
+    /// the vCPU's APIC ID as its vCPU ID: that is the APIC ID the guest reads.
     pub fn new(
         vm: &VmFd,
         id: u8,
-        count: u8,
+        topology: &topology::Topology,
         supported_cpuid: &CpuId,
         buses: Arc<Buses>,
         exit: ExitRequest,
     ) -> Result<Self, VcpuError> {
+        let apic_id = topology.apic_id(u32::from(id));
         let fd = vm
-            .create_vcpu(u64::from(id))
-            .map_err(|source| VcpuError::Create { id, source })?;
-        let mut cpuid = supported_cpuid.clone();
-        cpuid::patch(&mut cpuid, id, count);
+            .create_vcpu(u64::from(apic_id))
+            .map_err(|source| VcpuError::Create {
+                id,
+                apic_id,
+                source,
+            })?;
+        let mut entries = supported_cpuid.as_slice().to_vec();
+        cpuid::patch(&mut entries, topology, u32::from(id));
+        let cpuid = CpuId::from_entries(&entries).map_err(|_| VcpuError::CpuidTooLong {
+            id,
+            count: entries.len(),
+        })?;
         fd.set_cpuid2(&cpuid)
             .map_err(|source| VcpuError::Cpuid { id, source })?;
         let regs_err = |source| VcpuError::Regs { id, source };
