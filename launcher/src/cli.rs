@@ -171,7 +171,7 @@ pub struct RunArgs {
     /// How the vCPUs are grouped, as KubeVirt's spec.domain.cpu: SOCKETS:CORES:THREADS
     /// (threads per core), whose product must be --cpus. The guest sees it in CPUID and its
     /// CPUs' APIC IDs. Default: one socket of --cpus single-threaded cores.
-    #[arg(long, value_name = "SOCKETS:CORES:THREADS", value_parser = parse_topology)]
+    #[arg(long, value_name = "SOCKETS:CORES:THREADS", value_parser = parse_topology, conflicts_with_all = VMI)]
     pub topology: Option<vmm::config::CpuTopology>,
     /// Guest memory in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 256, conflicts_with_all = VMI)]

@@ -162,7 +162,8 @@ fn vmi_example_boots_with_pvc_cloud_init_empty_disk_network_and_console() {
 
     assert_eq!(out.value("SERIAL").as_deref(), Some("data-pvc"), "{out}");
     assert!(
-        out.value("RNG").is_some_and(|r| r.starts_with("virtio_rng")),
+        out.value("RNG")
+            .is_some_and(|r| r.starts_with("virtio_rng")),
         "rng: {{}} gives the guest a virtio-rng device\n{out}"
     );
     let want_sha = {

@@ -552,6 +552,21 @@ fn plan_inner(w: &mut Walk, doc: &Value, paths: &Paths) -> Option<Plan> {
     let (kernel, initrd, cmdline) = kernel?;
     let mut config = VmConfig::new(kernel);
     config.vcpus = vcpus?;
+    let (sockets, cores, threads) = topology;
+    // The guest sees the VMI's sockets, cores and threads (CPUID, APIC IDs, MADT) when it
+    // names any; otherwise podvm's default, one socket of single-threaded cores.
+    config.topology = domain
+        .get("cpu")
+        .filter(|c| {
+            ["sockets", "cores", "threads"]
+                .iter()
+                .any(|k| c.get(k).is_some_and(|v| !v.is_null()))
+        })
+        .map(|_| vmm::config::CpuTopology {
+            sockets,
+            cores,
+            threads,
+        });
     config.memory_mib = memory_mib?;
     config.initrd = initrd;
     if let Some(cmdline) = cmdline {

@@ -132,6 +132,15 @@ fn vmi_full_example_maps_every_field() {
     let c = &plan.config;
     assert_eq!(c.vcpus, 4);
     assert_eq!(plan.topology, (1, 2, 2));
+    assert_eq!(
+        c.topology,
+        Some(vmm::config::CpuTopology {
+            sockets: 1,
+            cores: 2,
+            threads: 2
+        }),
+        "the guest sees the VMI's topology"
+    );
     assert_eq!(c.memory_mib, 1024, "memory.guest wins over requests.memory");
     assert_eq!(c.kernel, PathBuf::from("/boot/vmlinuz"));
     assert_eq!(c.initrd, Some(PathBuf::from("/boot/initrd.img")));
@@ -245,6 +254,7 @@ fn vmi_defaults_follow_kubevirt() {
     assert_eq!(plan.namespace, "default");
     let c = &plan.config;
     assert_eq!(c.vcpus, 1);
+    assert_eq!(c.topology, None);
     assert_eq!(c.memory_mib, 123, "128M = 122.07 MiB, rounded up");
     assert_eq!(c.cmdline, vmm::config::DEFAULT_CMDLINE);
     assert_eq!(c.initrd, None);
