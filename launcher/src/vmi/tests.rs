@@ -147,7 +147,7 @@ fn vmi_full_example_maps_every_field() {
     assert_eq!(c.cmdline, "console=ttyS0 root=/dev/vda");
     assert_eq!(c.shutdown_timeout, std::time::Duration::from_secs(40));
     assert!(plan.rng);
-    assert!(c.rng, "rng: {} gives the VM a virtio-rng device");
+    assert!(c.rng, "rng: {{}} gives the VM a virtio-rng device");
     // bootOrder 1 makes rootdisk vda; the rest keep the spec's order.
     let names: Vec<&str> = plan.disks.iter().map(|d| d.name.as_str()).collect();
     assert_eq!(names, ["rootdisk", "data", "cloudinit", "scratch", "cd"]);
