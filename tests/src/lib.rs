@@ -497,16 +497,39 @@ impl SocketVm {
     /// the script has started. In the KVM sandbox a guest that never reaches its script is
     /// booted once more (see [`run_guest_script`]).
     pub fn start(name: &str, script: &str, extra: &[&str]) -> Self {
-        match Self::try_start(name, script, extra) {
+        Self::start_with_retry(|| {
+            Self::spawn(TempDir::new(name), script, extra, &[]).until_script_started()
+        })
+    }
+
+    /// Runs `attempt` (which spawns a podvm and waits for its script); in the KVM sandbox
+    /// a guest that never reaches its script is booted once more, loudly.
+    fn start_with_retry(attempt: impl Fn() -> Result<Self, String>) -> Self {
+        match attempt() {
             Ok(vm) => vm,
             Err(first) if std::env::var_os("PODVM_IN_SANDBOX").is_some() => {
                 eprintln!(
                     "*** guest never reached its script inside the KVM sandbox; booting it \
                      once more. First attempt:\n{first}"
                 );
-                Self::try_start(name, script, extra).unwrap_or_else(|e| panic!("{e}"))
+                attempt().unwrap_or_else(|e| panic!("{e}"))
             }
             Err(first) => panic!("{first}"),
+        }
+    }
+
+    /// Waits for the script to start; if it does not, kills podvm and says why.
+    fn until_script_started(mut self) -> Result<Self, String> {
+        match self.try_wait_log(SCRIPT_START, boot_timeout()) {
+            Ok(_) => Ok(self),
+            Err(why) => {
+                self.kill();
+                Err(format!(
+                    "guest did not reach its script: {why}\nstderr:\n{}\nconsole log:\n{}",
+                    self.take_stderr(),
+                    self.log_text()
+                ))
+            }
         }
     }
 
@@ -576,30 +599,9 @@ impl SocketVm {
                 .args(extra.iter().map(|a| a.replace("{dir}", &dir_text)))
                 .envs(env.iter().copied());
             pod::confine(&mut cmd);
-            let mut vm = Self::spawn_command(dir, cmd);
-            match vm.try_wait_log(SCRIPT_START, boot_timeout()) {
-                Ok(_) => Ok(vm),
-                Err(why) => {
-                    vm.kill();
-                    Err(format!(
-                        "guest did not reach its script: {why}\nstderr:\n{}\nconsole log:\n{}",
-                        vm.take_stderr(),
-                        vm.log_text()
-                    ))
-                }
-            }
+            Self::spawn_command(dir, cmd).until_script_started()
         };
-        match attempt() {
-            Ok(vm) => vm,
-            Err(first) if std::env::var_os("PODVM_IN_SANDBOX").is_some() => {
-                eprintln!(
-                    "*** guest never reached its script inside the KVM sandbox; booting it \
-                     once more. First attempt:\n{first}"
-                );
-                attempt().unwrap_or_else(|e| panic!("{e}"))
-            }
-            Err(first) => panic!("{first}"),
-        }
+        Self::start_with_retry(attempt)
     }
 
     fn spawn(dir: TempDir, script: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
@@ -643,22 +645,6 @@ impl SocketVm {
         self.child
             .as_mut()
             .is_some_and(|c| c.try_wait().ok().flatten().is_none())
-    }
-
-    fn try_start(name: &str, script: &str, extra: &[&str]) -> Result<Self, String> {
-        let dir = TempDir::new(name);
-        let mut vm = Self::spawn(dir, script, extra, &[]);
-        match vm.try_wait_log(SCRIPT_START, boot_timeout()) {
-            Ok(_) => Ok(vm),
-            Err(why) => {
-                vm.kill();
-                Err(format!(
-                    "guest did not reach its script: {why}\nstderr:\n{}\nconsole log:\n{}",
-                    vm.take_stderr(),
-                    vm.log_text()
-                ))
-            }
-        }
     }
 
     /// Everything the guest printed so far (carriage returns removed).
@@ -732,6 +718,24 @@ impl SocketVm {
         }
         serde_json::from_str(&out.stdout)
             .unwrap_or_else(|e| panic!("podvm api {args:?}: not JSON ({e}):\n{out}"))
+    }
+
+    /// Migrates this VM to `dst` (waiting on `addr`) through the API and waits, up to 300 s,
+    /// for the handover: returns this podvm's outcome once it has exited.
+    pub fn migrate_into(mut self, dst: &mut SocketVm, addr: &str) -> Outcome {
+        let answer = self.api_json(&["migrate", addr]);
+        assert_eq!(answer["state"], "active", "{answer}");
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while self.running() {
+            assert!(
+                Instant::now() < deadline && dst.running(),
+                "the migration did not finish: SOURCE {} DESTINATION {}",
+                self.kill_and_report(),
+                dst.kill_and_report()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.wait()
     }
 
     /// Sends `request` as is on a new API connection and returns everything answered.

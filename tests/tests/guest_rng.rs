@@ -152,19 +152,7 @@ fn rng_migrates_with_the_guest_and_serves_entropy_at_the_destination() {
 
     // The real one.
     let (mut dst, addr) = SocketVm::incoming("rng-migrate-dst", READ_LOOP, &args);
-    let answer = src.api_json(&["migrate", &addr]);
-    assert_eq!(answer["state"], "active", "{answer}");
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while src.running() {
-        assert!(
-            Instant::now() < deadline && dst.running(),
-            "the migration did not finish: SOURCE {} DESTINATION {}",
-            src.kill_and_report(),
-            dst.kill_and_report()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let src_out = src.wait();
+    let src_out = src.migrate_into(&mut dst, &addr);
     assert!(src_out.status.success(), "{src_out}");
     let before = reads(&src_out.stdout).last().map_or(0, |r| r.0);
 

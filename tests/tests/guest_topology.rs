@@ -244,19 +244,7 @@ fn topology_with_gaps_in_the_apic_ids_survives_a_live_migration() {
     assert!(!refusing.wait().status.success());
 
     let (mut dst, addr) = SocketVm::incoming("topo-dst", &script, &args);
-    let answer = src.api_json(&["migrate", &addr]);
-    assert_eq!(answer["state"], "active", "{answer}");
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while src.running() {
-        assert!(
-            Instant::now() < deadline && dst.running(),
-            "the migration did not finish: SOURCE {} DESTINATION {}",
-            src.kill_and_report(),
-            dst.kill_and_report()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let src_out = src.wait();
+    let src_out = src.migrate_into(&mut dst, &addr);
     assert!(src_out.status.success(), "{src_out}");
 
     let typist = std::os::unix::net::UnixStream::connect(&dst.console).unwrap();

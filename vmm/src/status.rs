@@ -442,7 +442,6 @@ const GAUGES: &[&str] = &[
     "pages_sent",
     "zero_pages",
     "bytes_sent",
-    "index",
 ];
 
 #[derive(Default)]

@@ -312,7 +312,6 @@ fn patch_entry(entry: &mut kvm_cpuid_entry2, topo: &Topology, index: u32, apic_i
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::CpuTopology;
 
     fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
         kvm_cpuid_entry2 {
@@ -322,16 +321,7 @@ mod tests {
         }
     }
 
-    fn topo(sockets: u8, cores: u8, threads: u8) -> Topology {
-        Topology::new(
-            sockets * cores * threads,
-            Some(&CpuTopology {
-                sockets,
-                cores,
-                threads,
-            }),
-        )
-    }
+    use super::super::topology::topo;
 
     fn get(entries: &[kvm_cpuid_entry2], function: u32, index: u32) -> kvm_cpuid_entry2 {
         *find(entries, function, index).unwrap_or_else(|| panic!("no leaf {function:#x}/{index}"))

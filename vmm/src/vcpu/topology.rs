@@ -113,20 +113,22 @@ impl Topology {
     }
 }
 
+/// The layout of `sockets` x `cores` x `threads` vCPUs (for tests).
+#[cfg(test)]
+pub(super) fn topo(sockets: u8, cores: u8, threads: u8) -> Topology {
+    Topology::new(
+        sockets * cores * threads,
+        Some(&CpuTopology {
+            sockets,
+            cores,
+            threads,
+        }),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn topo(sockets: u8, cores: u8, threads: u8) -> Topology {
-        Topology::new(
-            sockets * cores * threads,
-            Some(&CpuTopology {
-                sockets,
-                cores,
-                threads,
-            }),
-        )
-    }
 
     #[test]
     fn topology_default_is_one_socket_of_single_threaded_cores_numbered_in_order() {

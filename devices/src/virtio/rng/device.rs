@@ -44,10 +44,10 @@ pub fn host_entropy(buf: &mut [u8]) -> io::Result<()> {
     let mut filled = 0;
     while filled < buf.len() {
         let rest = &mut buf[filled..];
-        // SAFETY: getrandom writes at most `rest.len()` bytes at `rest.as_mut_ptr()`, and
-        // `rest` is a live, exclusively borrowed slice of exactly that length.
-        let n =
-            unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), libc::GRND_NONBLOCK) };
+        let (ptr, len) = (rest.as_mut_ptr(), rest.len());
+        // SAFETY: getrandom writes at most `len` bytes at `ptr`, the start of `rest`, a live,
+        // exclusively borrowed slice of exactly that length.
+        let n = unsafe { libc::getrandom(ptr.cast(), len, libc::GRND_NONBLOCK) };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
