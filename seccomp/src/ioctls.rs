@@ -110,6 +110,9 @@ pub fn startup() -> Vec<u64> {
     .to_vec();
     // A tap's index (does it exist?), MTU and address, asked on a UDP socket.
     list.extend([libc::SIOCGIFINDEX, libc::SIOCGIFMTU, libc::SIOCGIFHWADDR]);
+    // --seccomp log's supervisor (an unfiltered thread): receiving and answering the
+    // notifications of calls outside a thread's list.
+    list.extend([libc::SECCOMP_IOCTL_NOTIF_RECV, libc::SECCOMP_IOCTL_NOTIF_SEND]);
     list
 }
 
@@ -238,5 +241,7 @@ mod tests {
         use vhost::vhost_kern::vhost_binding as v;
         assert_eq!(v::VHOST_GET_VRING_BASE(), 0xc008_af12);
         assert_eq!(v::VHOST_NET_SET_BACKEND(), 0x4008_af30);
+        assert_eq!(libc::SECCOMP_IOCTL_NOTIF_RECV, 0xc050_2100);
+        assert_eq!(libc::SECCOMP_IOCTL_NOTIF_SEND, 0xc018_2101);
     }
 }

@@ -5,13 +5,14 @@
 //! may do. The pod's OCI seccomp profile ([`oci_profile`]) is made from the same lists.
 //!
 //! Modes ([`Mode`]): `kill` (what podvm runs with): a refused call ends the process with a
-//! line naming the thread kind, the call and its arguments; `log`: refused calls go through
-//! and the kernel logs them (audit, `type=1326`, with the thread's name and the call's
-//! number), for finding what a list lacks; `off`: no filters, for development only.
+//! line naming the thread kind, the call and its arguments; `log`: refused calls go through,
+//! each logged with the same line and counted ([`violations`], on `/metrics`), for finding
+//! what a list lacks; `off`: no filters, for development only.
 
 pub mod ioctls;
 mod lists;
 pub mod names;
+mod notify;
 mod profile;
 mod sigsys;
 
@@ -24,6 +25,7 @@ use seccompiler::{
 };
 
 pub use lists::{allowlist, Allowed, Arg};
+pub use notify::violations;
 pub use profile::oci_profile;
 pub use sigsys::{EXIT_STATUS, TERMINATION_LOG_ENV};
 
@@ -71,7 +73,7 @@ impl ThreadKind {
 pub enum Mode {
     /// The process ends, with a line naming the thread and the call.
     Kill,
-    /// The call goes through; the kernel logs it.
+    /// The call goes through; podvm logs and counts it.
     Log,
     /// No filters at all (development only).
     Off,
@@ -86,7 +88,7 @@ impl std::str::FromStr for Mode {
             "log" => Ok(Mode::Log),
             "off" => Ok(Mode::Off),
             other => Err(format!(
-                "seccomp mode {other:?}: use kill (the default), log (debugging: refused calls are logged by the kernel and allowed) or off (development only)"
+                "seccomp mode {other:?}: use kill (the default), log (debugging: refused calls are logged, counted and allowed) or off (development only)"
             )),
         }
     }
@@ -101,6 +103,8 @@ pub enum Error {
     Install { kind: &'static str, detail: String },
     #[error("cannot install the SIGSYS handler: {0}")]
     Handler(#[source] std::io::Error),
+    #[error("cannot start the seccomp log mode's supervisor thread: {0}")]
+    Supervisor(#[source] std::io::Error),
 }
 
 const UNSET: u8 = u8::MAX;
@@ -135,8 +139,10 @@ pub fn termination_message(line: &str) {
 /// users and unit tests run unfiltered).
 pub fn set_mode(mode: Mode) -> Result<(), Error> {
     sigsys::open_termination_log();
-    if mode == Mode::Kill {
-        sigsys::install_handler().map_err(Error::Handler)?;
+    match mode {
+        Mode::Kill => sigsys::install_handler().map_err(Error::Handler)?,
+        Mode::Log => notify::start().map_err(Error::Supervisor)?,
+        Mode::Off => {}
     }
     if mode != Mode::Off {
         fix_malloc_arenas();
@@ -251,13 +257,21 @@ pub fn filter(kind: ThreadKind, mode: Mode) -> Result<Option<BpfProgram>, Error>
 
 /// Installs the filter of `kind` on the calling thread, in the mode [`set_mode`] chose.
 pub fn install(kind: ThreadKind) -> Result<(), Error> {
-    let Some(program) = filter(kind, mode())? else {
+    let mode = mode();
+    // Log mode installs kill mode's program with its refusal turned into a notification
+    // for the supervisor (see notify.rs).
+    let Some(program) = filter(kind, if mode == Mode::Log { Mode::Kill } else { mode })? else {
         return Ok(());
     };
     sigsys::remember(kind);
-    seccompiler::apply_filter(&program).map_err(|e| Error::Install {
+    let installed = if mode == Mode::Log {
+        notify::install(kind, &program)
+    } else {
+        seccompiler::apply_filter(&program).map_err(|e| e.to_string())
+    };
+    installed.map_err(|detail| Error::Install {
         kind: kind.name(),
-        detail: e.to_string(),
+        detail,
     })?;
     test_violation(kind);
     Ok(())

@@ -72,12 +72,30 @@ pub(crate) fn install_handler() -> io::Result<()> {
 }
 
 /// A fixed buffer for the log line.
-struct Line {
+pub(crate) struct Line {
     buf: [u8; 512],
     len: usize,
 }
 
 impl Line {
+    pub(crate) fn new() -> Line {
+        Line {
+            buf: [0; 512],
+            len: 0,
+        }
+    }
+
+    /// Writes the line to `fd` with write(2) (no lock, no allocation).
+    pub(crate) fn write_to(&self, fd: i32) {
+        // SAFETY: writes the initialised part of the buffer.
+        unsafe { libc::write(fd, self.buf.as_ptr().cast(), self.len) };
+    }
+
+    #[cfg(test)]
+    fn text(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).unwrap()
+    }
+
     fn push(&mut self, s: &[u8]) {
         let n = s.len().min(self.buf.len() - self.len);
         self.buf[self.len..self.len + n].copy_from_slice(&s[..n]);
@@ -116,12 +134,22 @@ impl Line {
     }
 }
 
+/// What became of a refused call.
+#[derive(Clone, Copy)]
+pub(crate) enum Verdict {
+    /// Kill mode: podvm ends.
+    Stopped,
+    /// Log mode: the call went through, counted.
+    Allowed,
+}
+
 /// Formats the log line for a refused call (kept apart from the handler to be testable).
-fn describe(
+pub(crate) fn describe(
     kind: Option<ThreadKind>,
     nr: i64,
     args: [u64; 3],
     path: Option<&[u8]>,
+    verdict: Verdict,
     line: &mut Line,
 ) {
     line.push(b"podvm: seccomp: the ");
@@ -145,9 +173,17 @@ fn describe(
         line.push(path);
         line.push(b"\"");
     }
-    line.push(b", which its filter does not allow; podvm stops (exit status ");
-    line.push_dec(EXIT_STATUS as u64);
-    line.push(b"; --seccomp log lets it run and logs instead)\n");
+    line.push(b", which its filter does not allow; ");
+    match verdict {
+        Verdict::Stopped => {
+            line.push(b"podvm stops (exit status ");
+            line.push_dec(EXIT_STATUS as u64);
+            line.push(b"; --seccomp log lets it run and logs instead)\n");
+        }
+        Verdict::Allowed => {
+            line.push(b"allowed by --seccomp log (counted in podvm_seccomp_violations_total)\n");
+        }
+    }
 }
 
 extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
@@ -195,11 +231,8 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, context: 
         }
     }
     let path = (path_ptr != 0).then_some(&path_buf[..path_len]);
-    let mut line = Line {
-        buf: [0; 512],
-        len: 0,
-    };
-    describe(kind, i64::from(nr), args, path, &mut line);
+    let mut line = Line::new();
+    describe(kind, i64::from(nr), args, path, Verdict::Stopped, &mut line);
     // Writes the line to stderr and to the termination message file (a descriptor opened
     // at start, or none), then ends the process.
     // SAFETY: write and _exit are async-signal-safe, allowed by every filter, and given an initialised buffer.
@@ -219,18 +252,16 @@ mod tests {
 
     #[test]
     fn seccomp_violation_line_names_thread_call_and_arguments() {
-        let mut line = Line {
-            buf: [0; 512],
-            len: 0,
-        };
+        let mut line = Line::new();
         describe(
             Some(ThreadKind::Vcpu),
             libc::SYS_socket,
             [2, 1, 0],
             None,
+            Verdict::Stopped,
             &mut line,
         );
-        let text = std::str::from_utf8(&line.buf[..line.len]).unwrap();
+        let text = line.text();
         assert!(
             text.starts_with(
                 "podvm: seccomp: the vcpu thread made system call socket (41) with arguments 0x2, 0x1, 0x0,"
@@ -238,22 +269,36 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("logs instead)\n"), "{text}");
+        let mut line = Line::new();
+        describe(
+            Some(ThreadKind::Vcpu),
+            libc::SYS_socket,
+            [2, 1, 0],
+            None,
+            Verdict::Allowed,
+            &mut line,
+        );
+        assert!(
+            line.text().ends_with(
+                "which its filter does not allow; allowed by --seccomp log (counted in podvm_seccomp_violations_total)\n"
+            ),
+            "{}",
+            line.text()
+        );
     }
 
     #[test]
     fn seccomp_violation_line_names_the_file_a_refused_open_was_for() {
-        let mut line = Line {
-            buf: [0; 512],
-            len: 0,
-        };
+        let mut line = Line::new();
         describe(
             Some(ThreadKind::EventLoop),
             libc::SYS_openat,
             [0xffff_ff9c, 0x1000, 0x80000],
             Some(b"/dev/vhost-net"),
+            Verdict::Stopped,
             &mut line,
         );
-        let text = std::str::from_utf8(&line.buf[..line.len]).unwrap();
+        let text = line.text();
         assert!(
             text.contains("openat (257) with arguments 0xffffff9c, 0x1000, 0x80000 on \"/dev/vhost-net\", which"),
             "{text}"

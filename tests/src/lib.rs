@@ -497,8 +497,13 @@ impl SocketVm {
     /// the script has started. In the KVM sandbox a guest that never reaches its script is
     /// booted once more (see [`run_guest_script`]).
     pub fn start(name: &str, script: &str, extra: &[&str]) -> Self {
+        Self::start_env(name, script, extra, &[])
+    }
+
+    /// [`SocketVm::start`] with more environment variables for podvm.
+    pub fn start_env(name: &str, script: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
         Self::start_with_retry(|| {
-            Self::spawn(TempDir::new(name), script, extra, &[]).until_script_started()
+            Self::spawn(TempDir::new(name), script, extra, env).until_script_started()
         })
     }
 
@@ -853,4 +858,36 @@ impl Drop for SocketVm {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// One HTTP GET on podvm's status port (`--status-listen 127.0.0.1:PORT`): (status code,
+/// body).
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("status port");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    std::io::Write::write_all(
+        &mut stream,
+        format!("GET {path} HTTP/1.1\r\nHost: podvm\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("status answer");
+    let code = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not HTTP: {answer:?}"));
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (code, body.to_string())
+}
+
+/// The value of the sample `line_start` (a metric name with its labels) in `metrics`.
+pub fn metric_sample(metrics: &str, line_start: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(line_start)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {line_start:?} in\n{metrics}"))
 }

@@ -132,3 +132,48 @@ fn seccomp_podvm_runs_as_the_pod_user_without_capabilities_and_every_thread_filt
         );
     }
 }
+
+#[test]
+fn seccomp_log_mode_lets_a_refused_call_through_logs_it_and_counts_it_on_metrics() {
+    if !kvm_available() {
+        return;
+    }
+    let port = 20_000 + (std::process::id() % 1000) as u16;
+    let listen = format!("127.0.0.1:{port}");
+    // Each vCPU thread makes one call outside its list right after filtering itself.
+    let mut vm = podvm_tests::SocketVm::start_env(
+        "seccomp-log",
+        "while true; do sleep 1; done",
+        &[
+            "--cpus",
+            "2",
+            "--seccomp",
+            "log",
+            "--status-listen",
+            &listen,
+        ],
+        &[("PODVM_SECCOMP_TEST_VIOLATION", "vcpu")],
+    );
+    let (code, metrics) = podvm_tests::http_get(port, "/metrics");
+    let running = vm.running();
+    let stderr = vm.stderr_text();
+    let report = vm.kill_and_report();
+    assert_eq!(code, 200, "{metrics}\n{report}");
+    assert!(running, "podvm ended:\n{report}");
+    assert_eq!(
+        podvm_tests::metric_sample(
+            &metrics,
+            "podvm_seccomp_violations_total{thread=\"vcpu\",syscall=\"socket\"}"
+        ),
+        2.0,
+        "{metrics}"
+    );
+    let line = "podvm: seccomp: the vcpu thread made system call socket (41) with arguments 0x10, 0x3, 0x0, which its filter does not allow; allowed by --seccomp log (counted in podvm_seccomp_violations_total)";
+    assert_eq!(stderr.matches(line).count(), 2, "{stderr}");
+    // Nothing else was refused.
+    let refused: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("podvm_seccomp_violations_total{"))
+        .collect();
+    assert_eq!(refused.len(), 1, "{metrics}");
+}

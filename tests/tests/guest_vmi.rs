@@ -4,7 +4,9 @@
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use podvm_tests::{kvm_available, pattern, pod, SocketVm, TempDir, VmiGuest};
+use podvm_tests::{
+    http_get, kvm_available, metric_sample as sample, pattern, pod, SocketVm, TempDir, VmiGuest,
+};
 
 const USER_DATA: &str =
     "#cloud-config\nhostname: vmi-test\nruncmd:\n  - echo hello from cloud-init\n";
@@ -226,33 +228,6 @@ fn vmi_example_boots_with_pvc_cloud_init_empty_disk_network_and_console() {
             "{field} not logged as ignored\n{out}"
         );
     }
-}
-
-/// One HTTP GET on the status port: (status code, body).
-fn http_get(port: u16, path: &str) -> (u16, String) {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("status port");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: podvm\r\n\r\n").unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).expect("status answer");
-    let code = answer
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("not HTTP: {answer:?}"));
-    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    (code, body.to_string())
-}
-
-/// The value of the sample `line_start` (a metric name with its labels) in `metrics`.
-fn sample(metrics: &str, line_start: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(line_start)?.strip_prefix(' '))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {line_start:?} in\n{metrics}"))
 }
 
 /// Polls until `check` holds (up to a minute; the status thread follows the state every

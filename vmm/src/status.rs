@@ -367,6 +367,18 @@ pub fn prometheus(source: &dyn StatusSource, silence: Duration) -> String {
         &[],
         silence.as_secs_f64(),
     );
+    out.help(
+        "podvm_seccomp_violations_total",
+        "counter",
+        "System calls outside a thread's seccomp list, by thread kind and call (counted with --seccomp log, which lets them through; in kill mode the first ends podvm)",
+    );
+    for (thread, call, n) in podvm_seccomp::violations() {
+        out.sample(
+            "podvm_seccomp_violations_total",
+            &[("thread", thread), ("syscall", call)],
+            n as f64,
+        );
+    }
     let seconds = source.vcpu_seconds();
     out.help(
         "podvm_vcpu_seconds_total",
