@@ -112,7 +112,10 @@ pub fn startup() -> Vec<u64> {
     list.extend([libc::SIOCGIFINDEX, libc::SIOCGIFMTU, libc::SIOCGIFHWADDR]);
     // --seccomp log's supervisor (an unfiltered thread): receiving and answering the
     // notifications of calls outside a thread's list.
-    list.extend([libc::SECCOMP_IOCTL_NOTIF_RECV, libc::SECCOMP_IOCTL_NOTIF_SEND]);
+    list.extend([
+        libc::SECCOMP_IOCTL_NOTIF_RECV,
+        libc::SECCOMP_IOCTL_NOTIF_SEND,
+    ]);
     list
 }
 

@@ -41,6 +41,8 @@ const STARTUP: &[(&str, i64)] = &[
     ("getdents64", libc::SYS_getdents64),
     ("memfd_create", libc::SYS_memfd_create),
     ("ftruncate", libc::SYS_ftruncate),
+    // A VMI's emptyDisk, containerDisk copy and cloud-init seed are made durable.
+    ("fsync", libc::SYS_fsync),
     ("fchmod", libc::SYS_fchmod),
     ("unlink", libc::SYS_unlink),
     ("unlinkat", libc::SYS_unlinkat),
@@ -51,6 +53,8 @@ const STARTUP: &[(&str, i64)] = &[
     ("mkdirat", libc::SYS_mkdirat),
     ("bind", libc::SYS_bind),
     ("listen", libc::SYS_listen),
+    // The address a destination listens on, logged (port 0 picks one).
+    ("getsockname", libc::SYS_getsockname),
     ("epoll_create1", libc::SYS_epoll_create1),
     ("eventfd2", libc::SYS_eventfd2),
     ("signalfd4", libc::SYS_signalfd4),
