@@ -231,6 +231,7 @@ impl Control for VmControl {
                 "bad_chains": get(&m.bad_chains),
                 "entropy_errors": get(&m.entropy_errors),
                 "interrupts": get(&m.interrupts),
+                "broken_queues": get(&m.broken_queues),
             })
         });
         json!({

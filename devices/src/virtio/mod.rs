@@ -6,6 +6,8 @@
 //! loop, which it joins as an event-manager subscriber once the driver sets DRIVER_OK.
 
 pub mod block;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz_util;
 pub mod mmio;
 pub mod net;
 pub mod rng;

@@ -7,30 +7,16 @@
 //! arbitrary descriptor list straight to [`Request::parse`]. Neither may panic or hang, and
 //! both check invariants that hold for every input.
 //!
-//! # Queue input format ([`FuzzInput`])
+//! # Queue input format
 //!
-//! | bytes      | meaning                                                                  |
-//! |------------|--------------------------------------------------------------------------|
-//! | 0          | queue size: `1 << (b % 9)` (1 to 256)                                    |
-//! | 1          | flags: [`FLAG_EVENT_IDX`], [`FLAG_FLUSH`], [`FLAG_READ_ONLY`], [`FLAG_SERIAL`], [`FLAG_BATCH`] |
-//! | 2..4       | avail index (LE), used in batch mode only                                |
-//! | 4          | number of descriptors (clamped to the queue size)                        |
-//! | 5          | number of avail ring entries (clamped to the queue size)                 |
-//! | 16 each    | raw descriptors: addr u64, len u32, flags u16, next u16 (LE), unchecked   |
-//! | 2 each     | avail ring entries (LE head indices, unchecked)                          |
-//! | the rest   | guest memory contents from [`DATA_START`] on                             |
+//! The shared format of [`crate::virtio::fuzz_util`] (queue size, flags, avail index,
+//! descriptors, avail entries, memory contents), with these flag bits: [`FLAG_EVENT_IDX`],
+//! [`FLAG_FLUSH`], [`FLAG_READ_ONLY`], [`FLAG_SERIAL`], [`FLAG_BATCH`].
 //!
-//! Missing bytes read as zero. In step mode (the default) the harness publishes one avail
-//! entry per `process_queue` call, so it knows exactly which chain the device saw and can check
-//! its used entry; batch mode writes the avail index as given (it may be anything, including
-//! more than a queue size ahead) and calls `process_queue` once.
-//!
-//! Checked for every input, against the device's own queue positions (which the guest cannot
-//! write): every used entry answers a popped chain; used.idx in guest memory matches; in step
-//! mode the published chain is always popped, and when it is the only one, its used entry
-//! names its head and reports no more bytes than the chain's writable descriptors hold (a head
-//! outside the table gets no used entry); in batch mode an avail index more than a queue size
-//! ahead pops nothing and reports the queue broken. The device runs with synchronous I/O
+//! Checked for every input: what the shared `Harness` checks for any device (every used entry
+//! answers a popped chain, used.idx matches, the published chain is popped and its used
+//! entry names its head and reports no more than its writable bytes, a runaway avail index
+//! pops nothing and breaks the queue). The device runs with synchronous I/O
 //! ([`IoEngine::Sync`]), so every request completes within `process_queue`.
 
 use std::fs::File;
@@ -38,7 +24,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
-use virtio_queue::desc::split::{Descriptor, VirtqUsedElem};
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 
@@ -46,125 +32,22 @@ use super::backend::{Disk, DiskOptions};
 use super::device::{Block, BlockConfig, IoEngine};
 use super::request::{Limits, ParseError, Request, RequestType, MAX_CHAIN_LEN, SECTOR_SIZE};
 use crate::irq::IrqTrigger;
+use crate::virtio::fuzz_util::{Cursor, Harness, QueueDevice};
+pub use crate::virtio::fuzz_util::{
+    FuzzInput, AVAIL_RING, DATA_START, DESC_TABLE, FLAG_BATCH, FLAG_EVENT_IDX, MEM_SIZE, USED_RING,
+};
 use crate::virtio::{Interrupt, VirtioDevice, F_EVENT_IDX};
 use crate::GuestMemoryMmap;
 
-/// Guest memory size of a fuzz run.
-pub const MEM_SIZE: u64 = 0x1_0000;
-/// The descriptor table (at most 4 KiB).
-pub const DESC_TABLE: u64 = 0;
-/// The avail ring (at most 4 + 2 * 256 + 2 bytes).
-pub const AVAIL_RING: u64 = 0x1000;
-/// The used ring (at most 4 + 8 * 256 + 2 bytes).
-pub const USED_RING: u64 = 0x1400;
-/// Where the input's memory contents go, above the rings.
-pub const DATA_START: u64 = 0x2000;
 /// Size of the scratch disk.
 pub const DISK_SIZE: u64 = 1 << 20;
 
-/// Flag: negotiate VIRTIO_RING_F_EVENT_IDX.
-pub const FLAG_EVENT_IDX: u8 = 1;
 /// Flag: negotiate VIRTIO_BLK_F_FLUSH (writes are then not synced on completion).
 pub const FLAG_FLUSH: u8 = 2;
 /// Flag: open the disk read-only.
 pub const FLAG_READ_ONLY: u8 = 4;
 /// Flag: give the disk a serial number (GET_ID).
 pub const FLAG_SERIAL: u8 = 8;
-/// Flag: write the avail index from the input and serve the queue once.
-pub const FLAG_BATCH: u8 = 16;
-
-/// A decoded queue fuzz input.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct FuzzInput {
-    /// The queue size is `1 << (queue_size_log2 % 9)`.
-    pub queue_size_log2: u8,
-    pub flags: u8,
-    /// Batch mode's avail index.
-    pub avail_idx: u16,
-    /// (addr, len, flags, next), stored at table indices 0, 1, ...
-    pub descriptors: Vec<(u64, u32, u16, u16)>,
-    /// Avail ring entries.
-    pub avail: Vec<u16>,
-    /// Guest memory from [`DATA_START`] on.
-    pub memory: Vec<u8>,
-}
-
-/// Reads little-endian fields, with zeroes past the end.
-struct Cursor<'a>(&'a [u8]);
-
-impl Cursor<'_> {
-    fn take<const N: usize>(&mut self) -> [u8; N] {
-        let mut out = [0u8; N];
-        let n = N.min(self.0.len());
-        out[..n].copy_from_slice(&self.0[..n]);
-        self.0 = &self.0[n..];
-        out
-    }
-    fn u8(&mut self) -> u8 {
-        self.take::<1>()[0]
-    }
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes(self.take())
-    }
-    fn u32(&mut self) -> u32 {
-        u32::from_le_bytes(self.take())
-    }
-    fn u64(&mut self) -> u64 {
-        u64::from_le_bytes(self.take())
-    }
-}
-
-impl FuzzInput {
-    /// The queue size.
-    pub fn queue_size(&self) -> u16 {
-        1 << (self.queue_size_log2 % 9)
-    }
-
-    /// Decodes any byte string.
-    pub fn decode(data: &[u8]) -> Self {
-        let mut c = Cursor(data);
-        let queue_size_log2 = c.u8();
-        let size = 1usize << (queue_size_log2 % 9);
-        let flags = c.u8();
-        let avail_idx = c.u16();
-        let n_desc = usize::from(c.u8()).min(size);
-        let n_avail = usize::from(c.u8()).min(size);
-        let descriptors = (0..n_desc)
-            .map(|_| (c.u64(), c.u32(), c.u16(), c.u16()))
-            .collect();
-        let avail = (0..n_avail).map(|_| c.u16()).collect();
-        let room = (MEM_SIZE - DATA_START) as usize;
-        let memory = c.0[..c.0.len().min(room)].to_vec();
-        FuzzInput {
-            queue_size_log2,
-            flags,
-            avail_idx,
-            descriptors,
-            avail,
-            memory,
-        }
-    }
-
-    /// Encodes the input so that `decode` gives it back (for counts within the queue size).
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![self.queue_size_log2, self.flags];
-        out.extend_from_slice(&self.avail_idx.to_le_bytes());
-        out.push(self.descriptors.len() as u8);
-        out.push(self.avail.len() as u8);
-        for &(addr, len, flags, next) in &self.descriptors {
-            out.extend_from_slice(&addr.to_le_bytes());
-            out.extend_from_slice(&len.to_le_bytes());
-            out.extend_from_slice(&flags.to_le_bytes());
-            out.extend_from_slice(&next.to_le_bytes());
-        }
-        for head in &self.avail {
-            out.extend_from_slice(&head.to_le_bytes());
-        }
-        out.extend_from_slice(&self.memory);
-        out
-    }
-}
-
 /// A fresh, zeroed, sparse in-memory disk of [`DISK_SIZE`] bytes: a memfd reopened through
 /// /proc so that [`Disk::open`] takes its usual path (and lock) without touching the file
 /// system, and so that no state leaks from one fuzz input to the next.
@@ -208,165 +91,51 @@ pub fn activate(block: &mut Block, mem: &GuestMemoryMmap, queue: Queue) {
         .expect("activating the device");
 }
 
-/// A ready split queue of `size` entries at DESC_TABLE, AVAIL_RING and USED_RING. (The mock
-/// driver's layout is not used here: its used ring overlaps the end of its avail ring.)
-fn fuzz_queue(size: u16, event_idx: bool) -> Queue {
-    let mut q = Queue::new(size).expect("a power-of-two queue size");
-    q.set_size(size);
-    q.set_ready(true);
-    q.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
-    q.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
-    q.set_used_ring_address(Some(USED_RING as u32), Some(0));
-    q.set_event_idx(event_idx);
-    q
-}
-
 /// The device's (next_avail, next_used): its own state, not guest-writable memory.
 fn positions(block: &Block) -> (u16, u16) {
     let active = block.active.as_ref().expect("the device is active");
     (active.queue.next_avail(), active.queue.next_used())
 }
 
-fn used_elem(mem: &GuestMemoryMmap, used_ring: GuestAddress, size: u16, at: u16) -> VirtqUsedElem {
-    let offset = 4 + 8 * u64::from(at % size);
-    mem.read_obj(used_ring.unchecked_add(offset))
-        .expect("the used ring lies in guest memory")
+impl QueueDevice for Block {
+    fn serve_queue(&mut self) -> bool {
+        self.process_queue()
+    }
+
+    fn positions(&self) -> (u16, u16) {
+        positions(self)
+    }
 }
 
-/// Sum of the writable lengths of the chain the device will pop next, walked the way the
-/// device walks it (same queue geometry, same memory, the first MAX_CHAIN_LEN + 1
-/// descriptors), and its head index.
-fn next_chain_writable(mem: &GuestMemoryMmap, shadow: &mut Queue, next_avail: u16) -> (u16, u64) {
-    shadow.set_next_avail(next_avail);
-    let chain = shadow
-        .pop_descriptor_chain(mem)
-        .expect("the harness published an avail entry");
-    let head = chain.head_index();
-    let writable = chain
-        .take(MAX_CHAIN_LEN + 1)
-        .filter(Descriptor::is_write_only)
-        .map(|d| u64::from(d.len()))
-        .sum();
-    (head, writable)
+/// The features a fuzz input asks for: everything the device offers, with FLUSH and
+/// EVENT_IDX as its flags say.
+fn input_features(input: &FuzzInput) -> u64 {
+    let mut features = !(1 << VIRTIO_BLK_F_FLUSH | F_EVENT_IDX);
+    if input.has(FLAG_EVENT_IDX) {
+        features |= F_EVENT_IDX;
+    }
+    if input.has(FLAG_FLUSH) {
+        features |= 1 << VIRTIO_BLK_F_FLUSH;
+    }
+    features
 }
 
 /// Runs one queue input; returns the guest memory afterwards (for tests).
 pub fn run_block_queue(input: &FuzzInput) -> GuestMemoryMmap {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
-        .expect("allocating guest memory");
-    let size = input.queue_size();
-    let (desc_table, avail_ring, used_ring) = (
-        GuestAddress(DESC_TABLE),
-        GuestAddress(AVAIL_RING),
-        GuestAddress(USED_RING),
-    );
+    let serial = input.has(FLAG_SERIAL).then_some("podvm-fuzz-serial-0123");
+    let mut block = scratch_block(input.has(FLAG_READ_ONLY), serial, input_features(input));
+    let mut harness = Harness::new(input, input.has(FLAG_EVENT_IDX));
+    activate(&mut block, harness.mem(), harness.queue());
 
-    for (i, &(addr, len, flags, next)) in input.descriptors.iter().enumerate() {
-        mem.write_obj(
-            Descriptor::new(addr, len, flags, next),
-            desc_table.unchecked_add(16 * i as u64),
-        )
-        .expect("the descriptor table lies in guest memory");
-    }
-    for (i, &head) in input.avail.iter().enumerate() {
-        mem.write_obj(head.to_le(), avail_ring.unchecked_add(4 + 2 * i as u64))
-            .expect("the avail ring lies in guest memory");
-    }
-    mem.write_slice(&input.memory, GuestAddress(DATA_START))
-        .expect("the data area lies in guest memory");
-
-    let event_idx = input.flags & FLAG_EVENT_IDX != 0;
-    // Everything the device offers, with FLUSH and EVENT_IDX as the input says.
-    let mut features = !(1 << VIRTIO_BLK_F_FLUSH | F_EVENT_IDX);
-    if event_idx {
-        features |= F_EVENT_IDX;
-    }
-    if input.flags & FLAG_FLUSH != 0 {
-        features |= 1 << VIRTIO_BLK_F_FLUSH;
-    }
-    let serial = (input.flags & FLAG_SERIAL != 0).then_some("podvm-fuzz-serial-0123");
-    let mut block = scratch_block(input.flags & FLAG_READ_ONLY != 0, serial, features);
-
-    let mut shadow = fuzz_queue(size, event_idx);
-    activate(&mut block, &mem, fuzz_queue(size, event_idx));
-
-    let avail_idx_addr = avail_ring.unchecked_add(2);
-    let used_idx_addr = used_ring.unchecked_add(2);
-    if input.flags & FLAG_BATCH != 0 {
-        mem.write_obj(input.avail_idx.to_le(), avail_idx_addr)
-            .expect("the avail ring lies in guest memory");
-        let healthy = block.process_queue();
-        let (next_avail, next_used) = positions(&block);
-        // Every used entry answers a popped chain.
-        assert!(
-            next_used <= next_avail,
-            "{next_used} used for {next_avail} popped"
-        );
-        if input.avail_idx > size {
-            // The device cannot trust such a ring: it pops nothing and reports it broken.
-            assert_eq!((next_avail, next_used), (0, 0));
-            assert!(
-                !healthy,
-                "an avail index {} ahead of a queue of {size}",
-                input.avail_idx
-            );
-        }
-        let used_idx: u16 = mem.read_obj(used_idx_addr).expect("used ring in memory");
-        assert_eq!(
-            u16::from_le(used_idx),
-            next_used,
-            "used.idx in guest memory"
-        );
-        return mem;
-    }
-
-    for _ in 0..input.avail.len() {
-        let (avail_before, used_before) = positions(&block);
-        // Publish one more entry, and apply what disable_notification is about to write
-        // itself, so that the walk below sees the memory exactly as the device's will (an
-        // indirect table may overlap the rings).
-        mem.write_obj(avail_before.wrapping_add(1).to_le(), avail_idx_addr)
-            .expect("the avail ring lies in guest memory");
-        if !event_idx {
-            mem.write_obj(1u16.to_le(), used_ring)
-                .expect("the used ring lies in guest memory");
-        }
-        let (head, writable) = next_chain_writable(&mem, &mut shadow, avail_before);
-
-        block.process_queue();
-
-        let (avail_after, used_after) = positions(&block);
-        let popped = avail_after.wrapping_sub(avail_before);
-        let used = used_after.wrapping_sub(used_before);
-        // The published entry is always popped; more only if the chain's own writes moved
-        // avail.idx (guest memory is the guest's to scribble on, even through the device).
-        assert!(popped >= 1, "the published chain was not popped");
-        assert!(
-            used <= popped,
-            "{used} used entries for {popped} popped chains"
-        );
-        let used_idx: u16 = mem.read_obj(used_idx_addr).expect("used ring in memory");
-        assert_eq!(
-            u16::from_le(used_idx),
-            used_after,
-            "used.idx in guest memory"
-        );
-        if popped == 1 {
-            if head < size {
-                assert_eq!(used, 1, "a chain with a valid head got no used entry");
-                let elem = used_elem(&mem, used_ring, size, used_before);
-                assert_eq!(elem.id(), u32::from(head), "used entry for the wrong chain");
-                assert!(
-                    u64::from(elem.len()) <= writable,
-                    "used len {} > {writable} writable bytes",
-                    elem.len()
-                );
-            } else {
-                assert_eq!(used, 0, "a used entry for out-of-range head {head}");
-            }
+    if input.has(FLAG_BATCH) {
+        harness.run_batch(&mut block, input.avail_idx);
+    } else {
+        for _ in 0..input.avail.len() {
+            let published = harness.publish(&block, MAX_CHAIN_LEN + 1);
+            harness.serve(&mut block, published);
         }
     }
-    mem
+    harness.mem().clone()
 }
 
 /// The `virtio_blk_queue` fuzz target: any input, no panic, no hang.
@@ -380,7 +149,7 @@ pub fn fuzz_block_queue(data: &[u8]) {
 /// a descriptor count (u8), that many 16-byte descriptors (only addr, len and flags matter),
 /// then guest memory contents from address 0 (memory is [`MEM_SIZE`] bytes).
 pub fn fuzz_request_parse(data: &[u8]) {
-    let mut c = Cursor(data);
+    let mut c = Cursor::new(data);
     let limits = Limits {
         capacity_sectors: c.u64() & 0xffff_ffff,
         seg_max: u32::from(c.u8()),
@@ -392,7 +161,8 @@ pub fn fuzz_request_parse(data: &[u8]) {
         .collect();
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
         .expect("allocating guest memory");
-    let contents = &c.0[..c.0.len().min(MEM_SIZE as usize)];
+    let rest = c.rest();
+    let contents = &rest[..rest.len().min(MEM_SIZE as usize)];
     mem.write_slice(contents, GuestAddress(0))
         .expect("the contents fit in guest memory");
 
@@ -434,34 +204,24 @@ pub fn fuzz_request_parse(data: &[u8]) {
 
 #[cfg(test)]
 mod tests {
-    use std::path::{Path, PathBuf};
-    use std::sync::mpsc;
-    use std::time::Duration;
-
     use virtio_bindings::virtio_blk::{
         VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
         VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
         VIRTIO_BLK_T_WRITE_ZEROES,
     };
+    use virtio_queue::desc::split::VirtqUsedElem;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::ByteValued;
 
     use super::*;
+    use crate::virtio::fuzz_util::testing::{
+        assert_round_trips, corpus_dir, replay, replay_with_seeds, within_time_limit, write_seeds,
+    };
 
     const NEXT: u16 = 1;
     const WRITE: u16 = 2;
     const INDIRECT: u16 = 4;
-    /// Per-input time limit when replaying the corpus (a debug build serves any of them in
-    /// milliseconds).
-    const REPLAY_TIMEOUT: Duration = Duration::from_secs(30);
-
-    fn corpus_dir(target: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("fuzz/corpus")
-            .join(target)
-    }
-
     /// Memory contents at DATA_START: a request header at `at` (relative to DATA_START).
     fn header(memory: &mut Vec<u8>, at: usize, request_type: u32, sector: u64) {
         if memory.len() < at + 16 {
@@ -603,9 +363,7 @@ mod tests {
 
     #[test]
     fn blk_fuzz_input_round_trips() {
-        for (name, seed) in seeds() {
-            assert_eq!(FuzzInput::decode(&seed.encode()), seed, "{name}");
-        }
+        assert_round_trips(&seeds());
     }
 
     #[test]
@@ -638,47 +396,10 @@ mod tests {
         }
     }
 
-    /// Runs `f` on a thread; fails the test (naming `what`) if it panics or overruns.
-    fn within_time_limit(what: &str, f: impl FnOnce() + Send + 'static) {
-        let (tx, rx) = mpsc::channel();
-        let worker = std::thread::spawn(move || {
-            f();
-            let _ = tx.send(());
-        });
-        match rx.recv_timeout(REPLAY_TIMEOUT) {
-            Ok(()) => worker.join().unwrap(),
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                let _ = worker.join();
-                panic!("{what}: panicked");
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                panic!("{what}: still running after {REPLAY_TIMEOUT:?} (hang)")
-            }
-        }
-    }
-
-    fn replay(target: &str, f: fn(&[u8])) {
-        let dir = corpus_dir(target);
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-            .map(|entry| entry.unwrap().path())
-            .filter(|p| p.is_file())
-            .collect();
-        files.sort();
-        assert!(!files.is_empty(), "{} is empty", dir.display());
-        for path in files {
-            let data = std::fs::read(&path).unwrap();
-            within_time_limit(&path.display().to_string(), move || f(&data));
-        }
-    }
-
     /// Bad descriptor chains, via the fuzz corpus, as a unit test.
     #[test]
     fn blk_fuzz_corpus_never_panics_or_hangs() {
-        replay("virtio_blk_queue", fuzz_block_queue);
-        for (name, seed) in seeds() {
-            within_time_limit(name, move || fuzz_block_queue(&seed.encode()));
-        }
+        replay_with_seeds("virtio_blk_queue", fuzz_block_queue, seeds());
     }
 
     #[test]
@@ -691,11 +412,7 @@ mod tests {
     #[test]
     #[ignore = "writes files into devices/fuzz/corpus"]
     fn blk_fuzz_write_seeds() {
-        let dir = corpus_dir("virtio_blk_queue");
-        std::fs::create_dir_all(&dir).unwrap();
-        for (name, seed) in seeds() {
-            std::fs::write(dir.join(name), seed.encode()).unwrap();
-        }
+        write_seeds("virtio_blk_queue", &seeds());
         // The request target: capacity 2048, seg_max 4, size_max 4096, a valid read.
         let dir = corpus_dir("virtio_blk_request");
         std::fs::create_dir_all(&dir).unwrap();

@@ -1,11 +1,14 @@
 //! The virtio-rng device: one request queue whose device-writable buffers it fills with
-//! bytes from the host's `getrandom(2)`. No configuration space, no device features.
+//! bytes from the host's `getrandom(2)`. No configuration space; the only features are
+//! VIRTIO_F_VERSION_1 and VIRTIO_RING_F_INDIRECT_DESC.
 //!
 //! The guest is not trusted. A chain that is not a list of device-writable buffers lying in
 //! guest memory (a readable descriptor, a buffer outside memory, a loop, a `next` outside
 //! the table, too many descriptors) is answered with 0 bytes and counted; one request gets
 //! at most [`MAX_REQUEST_BYTES`], and one pass over the queue at most [`PASS_BUDGET`] worth
-//! of work before it yields the event loop to the other devices.
+//! of work before it yields the event loop to the other devices. Rings that cannot be trusted
+//! (an avail index more than a queue size ahead) break the queue: that is logged and counted
+//! once, and the device serves nothing more until the driver resets it.
 
 use std::io;
 use std::sync::Arc;
@@ -16,7 +19,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::metrics::RngMetrics as M;
-use crate::virtio::{ActivateError, Interrupt, VirtioDevice, F_VERSION_1};
+use crate::virtio::{ActivateError, Interrupt, VirtioDevice, F_INDIRECT_DESC, F_VERSION_1};
 use crate::GuestMemoryMmap;
 
 /// virtio device ID of an entropy source.
@@ -123,7 +126,8 @@ pub enum QueueStatus {
     Drained,
     /// The pass spent its [`PASS_BUDGET`] with chains left: serve the queue again soon.
     BudgetSpent,
-    /// The rings cannot be trusted (see `process_queue`); the device waits for a reset.
+    /// The rings cannot be trusted (see `process_queue`): the device serves the queue no
+    /// more until the driver resets it. Every pass until then ends so, at once.
     Broken,
 }
 
@@ -143,6 +147,11 @@ pub struct Rng {
     pub(crate) queue_watched: bool,
     /// Frozen for a migration: the queue is not served.
     frozen: bool,
+    /// The driver broke the queue's rings: the queue is not served until a reset. (The
+    /// transport has no way to raise DEVICE_NEEDS_RESET after activation, and virtio-blk
+    /// and virtio-net do not either: the driver finds out from requests left unanswered.)
+    /// Not carried by a migration: a destination finds rings still broken on its first pass.
+    broken: bool,
     source: EntropySource,
     buf: Box<[u8]>,
     metrics: Arc<M>,
@@ -163,6 +172,7 @@ impl Rng {
             active: None,
             queue_watched: false,
             frozen: false,
+            broken: false,
             source,
             buf: vec![0u8; MAX_REQUEST_BYTES].into_boxed_slice(),
             metrics: Arc::new(M::default()),
@@ -175,8 +185,12 @@ impl Rng {
     }
 
     /// Serves the chains the driver has made available, within [`PASS_BUDGET`], then
-    /// interrupts the guest if it asks for it.
+    /// interrupts the guest if it asks for it and a used entry was added. A queue found
+    /// broken is logged and counted here, once, and not served again until a reset.
     pub(crate) fn process_queue(&mut self) -> QueueStatus {
+        if self.broken {
+            return QueueStatus::Broken;
+        }
         if self.frozen {
             return QueueStatus::Drained;
         }
@@ -200,11 +214,13 @@ impl Rng {
                 let written = self.serve(&active.mem, chain);
                 budget = budget.saturating_sub(u64::from(written).max(CHAIN_COST));
                 // Fails for a head outside the table, whose chain was refused (and counted)
-                // already: there is no used entry to give it.
-                if let Err(e) = active.queue.add_used(&active.mem, head, written) {
-                    tracing::debug!(head, error = ?e, "no used entry for a virtio-rng chain");
+                // already: there is no used entry to give it, nor an interrupt for it.
+                match active.queue.add_used(&active.mem, head, written) {
+                    Ok(()) => used_any = true,
+                    Err(e) => {
+                        tracing::debug!(head, error = ?e, "no used entry for a virtio-rng chain")
+                    }
                 }
-                used_any = true;
             }
             if budget == 0 {
                 // Notifications stay off: the event loop comes back for the rest.
@@ -231,6 +247,14 @@ impl Rng {
             }
         }
         self.active = Some(active);
+        if status == QueueStatus::Broken {
+            // Chains served before the rings broke got their used entries and interrupt.
+            self.broken = true;
+            M::inc(&self.metrics.broken_queues);
+            tracing::warn!(
+                "virtio-rng queue is broken; it is not served until the driver resets the device"
+            );
+        }
         status
     }
 
@@ -255,6 +279,7 @@ impl Rng {
             return 0;
         }
         let mut written = 0;
+        let mut failed = false;
         for (addr, len) in buffers {
             if written == n {
                 break;
@@ -265,13 +290,20 @@ impl Rng {
                 .write_slice(&random[written..written + take], addr)
                 .is_err()
             {
-                // Checked to lie in guest memory above; nothing removes memory meanwhile.
-                M::inc(&self.metrics.bad_chains);
+                // Unreachable today: each buffer was checked above to lie in guest memory
+                // (`take` is at most its length), and the device's memory object is a fixed
+                // set of regions, never shrunk while it holds it. Were it reached, the chain
+                // would count once, as a bad one, keeping the bytes already written.
+                failed = true;
                 break;
             }
             written += take;
         }
-        M::inc(&self.metrics.requests);
+        if failed {
+            M::inc(&self.metrics.bad_chains);
+        } else {
+            M::inc(&self.metrics.requests);
+        }
         M::add(&self.metrics.bytes, written as u64);
         written as u32
     }
@@ -291,7 +323,10 @@ impl VirtioDevice for Rng {
     }
 
     fn avail_features(&self) -> u64 {
-        F_VERSION_1
+        // virtio-queue follows indirect tables whether the feature was negotiated or not,
+        // and `writable_buffers` checks what it finds there like any descriptor: offered,
+        // as virtio-blk and virtio-net offer it.
+        F_VERSION_1 | F_INDIRECT_DESC
     }
 
     fn set_acked_features(&mut self, features: u64) {
@@ -326,6 +361,7 @@ impl VirtioDevice for Rng {
     fn reset(&mut self) {
         self.active = None;
         self.acked_features = 0;
+        self.broken = false;
     }
 
     fn freeze(&mut self) {
@@ -374,6 +410,10 @@ mod tests {
         mem: GuestMemoryMmap,
         rng: Rng,
         used_ring: GuestAddress,
+        interrupt: Arc<Interrupt>,
+        /// The queue as the driver set it up, to activate the device with again after a
+        /// reset.
+        fresh: virtio_queue::QueueState,
     }
 
     impl Setup {
@@ -390,17 +430,40 @@ mod tests {
                 vq.avail().ring().ref_at(i).unwrap().store(head);
             }
             vq.avail().idx().store(heads.len() as u16);
-            let queue = vq.create_queue().unwrap();
+            let queue: Queue = vq.create_queue().unwrap();
+            let fresh = queue.state();
             let used_ring = vq.used_addr();
             let mut rng = rng;
-            rng.set_acked_features(F_VERSION_1);
+            rng.set_acked_features(F_VERSION_1 | F_INDIRECT_DESC);
             let interrupt = Arc::new(Interrupt::new(IrqTrigger::new().unwrap()));
-            rng.activate(mem.clone(), interrupt, vec![queue]).unwrap();
+            rng.activate(mem.clone(), interrupt.clone(), vec![queue])
+                .unwrap();
             Self {
                 mem,
                 rng,
                 used_ring,
+                interrupt,
+                fresh,
             }
+        }
+
+        /// The driver resets the device and sets the same queue up again (its rings as they
+        /// are in memory), as after a reset.
+        fn reset_and_reactivate(&mut self) {
+            self.rng.reset();
+            self.interrupt.clear();
+            self.rng.set_acked_features(F_VERSION_1 | F_INDIRECT_DESC);
+            let queue = Queue::try_from(self.fresh).unwrap();
+            self.rng
+                .activate(self.mem.clone(), self.interrupt.clone(), vec![queue])
+                .unwrap();
+        }
+
+        /// Writes the avail ring's idx (the mock driver lays the avail ring out right after
+        /// the descriptor table).
+        fn set_avail_idx(&self, idx: u16) {
+            let at = GuestAddress(16 * u64::from(SIZE) + 2);
+            self.mem.write_obj(idx.to_le(), at).unwrap();
         }
 
         fn host(descs: &[RawDescriptor], heads: &[u16]) -> Self {
@@ -437,10 +500,14 @@ mod tests {
     }
 
     #[test]
-    fn rng_device_is_type_4_with_version_1_only_and_no_config_space() {
-        let rng = Rng::new().unwrap();
+    fn rng_device_is_type_4_offering_version_1_and_indirect_descriptors_and_no_config_space() {
+        let mut rng = Rng::new().unwrap();
         assert_eq!(rng.device_type(), 4);
-        assert_eq!(rng.avail_features(), F_VERSION_1);
+        // It follows indirect tables (virtio-queue walks them whether negotiated or not),
+        // so it says so, as virtio-blk and virtio-net do.
+        assert_eq!(rng.avail_features(), F_VERSION_1 | F_INDIRECT_DESC);
+        rng.set_acked_features(F_VERSION_1 | F_INDIRECT_DESC | crate::virtio::F_EVENT_IDX);
+        assert_eq!(rng.acked_features, F_VERSION_1 | F_INDIRECT_DESC);
         assert_eq!(rng.queue_max_sizes(), &[QUEUE_SIZE]);
         let mut data = [0xffu8; 8];
         rng.read_config(0, &mut data);
@@ -624,6 +691,44 @@ mod tests {
         s.mem.write_obj((SIZE + 1).to_le(), avail_idx).unwrap();
         assert_eq!(s.rng.process_queue(), QueueStatus::Broken);
         assert!(s.used().is_empty());
+    }
+
+    #[test]
+    fn rng_broken_queue_is_served_no_more_until_the_driver_resets_the_device() {
+        let descs = [raw(BUF, 64, WRITE, 0)];
+        let mut s = Setup::host(&descs, &[0]);
+        s.set_avail_idx(SIZE + 1);
+        assert_eq!(s.rng.process_queue(), QueueStatus::Broken);
+        // The driver puts the avail index right but does not reset the device: the rings
+        // were not to be trusted, so the chain it names now is not served, however often
+        // the queue is kicked.
+        s.set_avail_idx(1);
+        for _ in 0..3 {
+            assert_eq!(s.rng.process_queue(), QueueStatus::Broken);
+        }
+        assert!(s.used().is_empty());
+        assert_eq!(s.bytes(BUF, 64), vec![0; 64]);
+        assert_eq!(s.counter(|m| &m.requests), 0);
+        assert_eq!(s.counter(|m| &m.interrupts), 0);
+        assert_eq!(s.counter(|m| &m.broken_queues), 1, "one breakage");
+        // A reset clears it: the same rings set up again are served.
+        s.reset_and_reactivate();
+        assert_eq!(s.rng.process_queue(), QueueStatus::Drained);
+        assert_eq!(s.used(), vec![(0, 64)]);
+        assert!(random_looking(&s.bytes(BUF, 64)));
+    }
+
+    #[test]
+    fn rng_head_outside_the_table_alone_raises_no_interrupt() {
+        // The one chain made available has a head beyond the queue size: it is refused
+        // with no used entry, so the guest has nothing to be interrupted for.
+        let descs = [raw(BUF, 64, WRITE, 0)];
+        let mut s = Setup::host(&descs, &[SIZE + 3]);
+        assert_eq!(s.rng.process_queue(), QueueStatus::Drained);
+        assert!(s.used().is_empty());
+        assert_eq!(s.counter(|m| &m.bad_chains), 1);
+        assert_eq!(s.counter(|m| &m.interrupts), 0);
+        assert_eq!(s.interrupt.status() & crate::virtio::INT_VRING, 0);
     }
 
     #[test]

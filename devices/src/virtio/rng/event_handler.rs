@@ -1,6 +1,7 @@
 //! virtio-rng on the event loop: the activation eventfd is watched from the start; the queue
 //! eventfd only once the driver has activated the device. A pass that spent its budget
 //! signals the queue eventfd itself, so the loop serves the other devices before the rest.
+//! Once the queue is broken, kicks are read and ignored until the driver resets the device.
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
@@ -30,9 +31,9 @@ impl Rng {
                     tracing::error!(error = %e, "cannot reschedule the virtio-rng queue");
                 }
             }
-            QueueStatus::Broken => {
-                tracing::warn!("virtio-rng queue is broken; waiting for the driver to reset")
-            }
+            // `process_queue` logged and counted the breakage when it found it; every kick
+            // until the driver resets the device ends here, with nothing served or logged.
+            QueueStatus::Broken => {}
         }
     }
 }
@@ -62,5 +63,85 @@ impl MutEventSubscriber for Rng {
             }
             other => tracing::warn!(token = other, "unexpected virtio-rng event"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use tracing::span::{Attributes, Id, Record};
+    use tracing::{Event, Level, Metadata};
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::Queue;
+    use vm_memory::GuestAddress;
+
+    use super::*;
+    use crate::irq::IrqTrigger;
+    use crate::virtio::rng::RngMetrics as M;
+    use crate::virtio::{Interrupt, F_VERSION_1};
+    use crate::GuestMemoryMmap;
+
+    /// A subscriber that only counts the warnings (and worse) logged on the thread that
+    /// installed it.
+    struct CountWarnings(Arc<AtomicUsize>);
+
+    impl tracing::Subscriber for CountWarnings {
+        fn enabled(&self, _: &Metadata<'_>) -> bool {
+            true
+        }
+
+        fn new_span(&self, _: &Attributes<'_>) -> Id {
+            Id::from_u64(1)
+        }
+
+        fn record(&self, _: &Id, _: &Record<'_>) {}
+
+        fn record_follows_from(&self, _: &Id, _: &Id) {}
+
+        fn event(&self, event: &Event<'_>) {
+            if *event.metadata().level() <= Level::WARN {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+
+        fn enter(&self, _: &Id) {}
+
+        fn exit(&self, _: &Id) {}
+    }
+
+    /// The warnings `f` logs.
+    fn warnings(f: impl FnOnce()) -> usize {
+        let count = Arc::new(AtomicUsize::new(0));
+        tracing::subscriber::with_default(CountWarnings(count.clone()), f);
+        count.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn rng_broken_queue_is_logged_once_however_often_the_driver_kicks() {
+        const SIZE: u16 = 16;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), SIZE);
+        // An avail index more than a queue size ahead of the device: the rings are broken.
+        vq.avail().idx().store(SIZE + 1);
+        let interrupt = Arc::new(Interrupt::new(IrqTrigger::new().unwrap()));
+        let mut rng = Rng::new().unwrap();
+        let activate = |rng: &mut Rng| {
+            rng.set_acked_features(F_VERSION_1);
+            let queue: Queue = vq.create_queue().unwrap();
+            rng.activate(mem.clone(), interrupt.clone(), vec![queue])
+                .unwrap();
+        };
+        activate(&mut rng);
+        let metrics = rng.metrics();
+        // A guest kicking the broken queue over and over: one warning, one breakage.
+        assert_eq!(warnings(|| (0..100).for_each(|_| rng.serve_queue())), 1);
+        assert_eq!(M::get(&metrics.broken_queues), 1);
+        // Breaking the queue again after a reset is a new breakage, logged and counted.
+        rng.reset();
+        activate(&mut rng);
+        assert_eq!(warnings(|| (0..100).for_each(|_| rng.serve_queue())), 1);
+        assert_eq!(M::get(&metrics.broken_queues), 2);
     }
 }

@@ -18,6 +18,10 @@ pub struct RngMetrics {
     pub entropy_errors: AtomicU64,
     /// Interrupts sent to the guest.
     pub interrupts: AtomicU64,
+    /// Times the driver broke the queue's rings (an avail index more than a queue size
+    /// ahead, rings that cannot be read): once per breakage, however often the driver kicks
+    /// the queue afterwards, since the device serves nothing more until the driver resets it.
+    pub broken_queues: AtomicU64,
 }
 
 impl RngMetrics {

@@ -4,6 +4,8 @@
 
 pub mod device;
 pub mod event_handler;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod metrics;
 
 pub use device::{Rng, MAX_REQUEST_BYTES};
