@@ -209,23 +209,15 @@ pub fn receive_pages(mem: &GuestMemory, payload: &[u8]) -> Result<u64, String> {
     Ok((data.len() / PAGE) as u64)
 }
 
-/// Zeroes received zero-page runs (pages that are still untouched stay so: reading them
-/// costs no memory).
+/// Zeroes received zero-page runs without reading them (see [`memory::zero_range`]):
+/// pages never touched stay unallocated.
 pub fn receive_zeroes(mem: &GuestMemory, payload: &[u8]) -> Result<u64, String> {
-    let mut page = vec![0u8; PAGE];
-    let zero = vec![0u8; PAGE];
     let mut pages = 0;
     for (gpa, n) in parse_zeroes(payload)? {
-        check_range(mem, gpa, u64::from(n) * PAGE as u64)?;
-        for i in 0..u64::from(n) {
-            let at = GuestAddress(gpa.0 + i * PAGE as u64);
-            mem.read_slice(&mut page, at)
-                .map_err(|e| format!("page at {:#x}: {e}", at.0))?;
-            if !is_zero(&page) {
-                mem.write_slice(&zero, at)
-                    .map_err(|e| format!("page at {:#x}: {e}", at.0))?;
-            }
-        }
+        let len = u64::from(n) * PAGE as u64;
+        check_range(mem, gpa, len)?;
+        memory::zero_range(mem, gpa, len)
+            .map_err(|e| format!("zero pages at {:#x}: {e}", gpa.0))?;
         pages += u64::from(n);
     }
     Ok(pages)
