@@ -111,12 +111,14 @@ const UNSET: u8 = u8::MAX;
 static MODE: AtomicU8 = AtomicU8::new(UNSET);
 
 /// The test hook's environment variable: `PODVM_SECCOMP_TEST_VIOLATION=<thread kind>`
-/// makes every thread of that kind, right after installing its filter, open a netlink
-/// socket, which no list allows (the vCPU, main and announcer lists have no `socket` at
-/// all; the others only for their address families). The integration tests use it to see
-/// each kind's filter end the process with the line naming the thread. Harmless where a
-/// filter lets it through (`log`, `off`): the socket is closed at once.
+/// makes every thread of that kind, right after installing its filter, call `getcwd`
+/// ([`TEST_VIOLATION_CALL`]), which no thread's list allows and the pod's profile does (for
+/// start-up), so that the thread's own filter is what answers it: in kill mode it ends the
+/// process with the line naming the thread, in log mode it is logged, counted and goes
+/// through. The integration tests use it for both. Harmless where it goes through.
 pub const TEST_VIOLATION_ENV: &str = "PODVM_SECCOMP_TEST_VIOLATION";
+/// The call the test hook makes (see [`TEST_VIOLATION_ENV`]).
+pub const TEST_VIOLATION_CALL: i64 = libc::SYS_getcwd;
 static TEST_VIOLATION: AtomicU8 = AtomicU8::new(UNSET);
 
 fn mode_code(mode: Mode) -> u8 {
@@ -163,12 +165,9 @@ fn test_violation(kind: ThreadKind) {
     if ThreadKind::ALL.get(usize::from(wanted)) != Some(&kind) {
         return;
     }
-    // SAFETY: socket(2) with constant arguments; the descriptor, if any, is closed.
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE) };
-    if fd >= 0 {
-        // SAFETY: closes the descriptor just opened.
-        unsafe { libc::close(fd) };
-    }
+    let mut buf = [0u8; 256];
+    // SAFETY: getcwd writes at most `buf.len()` bytes into `buf`, which outlives the call.
+    unsafe { libc::syscall(TEST_VIOLATION_CALL, buf.as_mut_ptr(), buf.len()) };
 }
 
 /// glibc's malloc opens files at random moments in threads that may not open anything:
@@ -322,6 +321,19 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn seccomp_test_hook_call_is_refused_by_every_list_and_allowed_by_the_profile() {
+        let name = names::name(TEST_VIOLATION_CALL).unwrap();
+        for kind in ThreadKind::ALL {
+            assert!(
+                allowlist(kind).iter().all(|a| a.nr != TEST_VIOLATION_CALL),
+                "{kind:?} allows {name}"
+            );
+        }
+        let profile = oci_profile().to_string();
+        assert!(profile.contains(&format!("\"{name}\"")), "{profile}");
     }
 
     #[test]
