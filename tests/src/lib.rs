@@ -578,9 +578,9 @@ impl SocketVm {
     /// `vmi` gets the VM's directory (also podvm's `--run-dir`) and the guest's files and
     /// kernel arguments, and returns the VMI's text (written to `vmi.yaml` there). The VMI
     /// must set `logSerialConsole: true` (the harness reads `console.log`) and keep the
-    /// serial console; podvm runs with `--vmi`, `--run-dir` and `extra` (where `{dir}`
-    /// stands for the VM's directory), with `env` added to its environment. Returns once
-    /// the script has started.
+    /// serial console; podvm runs with `--vmi`, `--run-dir` and `extra`, with `env` added
+    /// to its environment (in both, `{dir}` stands for the VM's directory, a new one for
+    /// each boot attempt). Returns once the script has started.
     pub fn start_vmi(
         name: &str,
         script: &str,
@@ -602,7 +602,7 @@ impl SocketVm {
             cmd.args(["run", "--vmi", &file, "--run-dir"])
                 .arg(&dir.0)
                 .args(extra.iter().map(|a| a.replace("{dir}", &dir_text)))
-                .envs(env.iter().copied());
+                .envs(env.iter().map(|(k, v)| (*k, v.replace("{dir}", &dir_text))));
             pod::confine(&mut cmd);
             Self::spawn_command(dir, cmd).until_script_started()
         };

@@ -250,13 +250,14 @@ fn vmi_pod_lifecycle_readiness_liveness_metrics_json_logs_and_graceful_sigterm()
     }
     let port = 19_000 + (std::process::id() % 1000) as u16;
     let port_arg = format!("127.0.0.1:{port}");
-    let termination = TempDir::new("vmi-termination");
-    let termination_log = termination.file("termination-log", b"");
     // The guest powers off when its power button is pressed (acpid), after writing to its
     // disk: SIGTERM's graceful path.
     let script = "dd if=/dev/zero of=/dev/vda bs=4096 count=64 2>/dev/null\necho LIFECYCLE-READY\nsleep 600\n";
     let vmi = |dir: &TempDir, g: &VmiGuest| {
         dir.sparse("disk.img", 16 << 20);
+        // The termination message file, one per boot attempt (a retried boot's podvm
+        // writes its own reason first).
+        dir.file("termination-log", b"");
         format!(
             r#"apiVersion: kubevirt.io/v1
 kind: VirtualMachineInstance
@@ -295,7 +296,7 @@ spec:
             "--volume",
             "data={dir}/disk.img",
         ],
-        &[("PODVM_TERMINATION_LOG", &termination_log)],
+        &[("PODVM_TERMINATION_LOG", "{dir}/termination-log")],
     );
     vm.wait_log("LIFECYCLE-READY");
     let ready_file = vm.dir.0.join("ready");
@@ -348,10 +349,14 @@ spec:
     // SIGTERM: the guest powers off within the grace period; podvm exits 0 and says why.
     // SAFETY: kill(2) on podvm's pid, a child of this process.
     unsafe { libc::kill(vm.pid(), libc::SIGTERM) };
+    // Opened now: the VM's directory goes with it once it has exited.
+    let mut termination_log =
+        std::fs::File::open(vm.dir.0.join("termination-log")).expect("termination log");
     let out = vm.wait();
     assert_eq!(out.status.code(), Some(0), "{out}");
     assert!(!ready_file.exists(), "the readiness file outlived the VM");
-    let message = std::fs::read_to_string(&termination_log).unwrap();
+    let mut message = String::new();
+    termination_log.read_to_string(&mut message).unwrap();
     assert_eq!(message, "guest powered off\n", "termination message");
     // stderr is not a terminal and the VM came from a VMI: JSON lines naming the VMI.
     let lines: Vec<serde_json::Value> = out
