@@ -222,13 +222,13 @@ fn condition(arg: &Arg) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
     }
 }
 
-/// The BPF program of `kind` in `mode` (`Off` has none).
+/// The BPF program of `kind` in `mode` (`Off` has none). A refused call gets
+/// `SECCOMP_RET_TRAP` in kill mode (the SIGSYS handler) and `SECCOMP_RET_USER_NOTIF` in
+/// log mode (the supervisor, see notify.rs).
 pub fn filter(kind: ThreadKind, mode: Mode) -> Result<Option<BpfProgram>, Error> {
-    let mismatch = match mode {
-        Mode::Kill => SeccompAction::Trap,
-        Mode::Log => SeccompAction::Log,
-        Mode::Off => return Ok(None),
-    };
+    if mode == Mode::Off {
+        return Ok(None);
+    }
     let build = |e: &dyn std::fmt::Display| Error::Build {
         kind: kind.name(),
         detail: e.to_string(),
@@ -248,18 +248,30 @@ pub fn filter(kind: ThreadKind, mode: Mode) -> Result<Option<BpfProgram>, Error>
     for nr in unconditional {
         rules.insert(nr, Vec::new());
     }
-    let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
-        .map_err(|e| build(&e))?;
+    // seccompiler has no notification action: log mode's program is kill mode's with its
+    // refusals rewritten.
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Trap,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(|e| build(&e))?;
     let program: BpfProgram = filter.try_into().map_err(|e| build(&e))?;
-    Ok(Some(program))
+    Ok(Some(match mode {
+        Mode::Log => notify::refuse_with(
+            &program,
+            libc::SECCOMP_RET_TRAP,
+            libc::SECCOMP_RET_USER_NOTIF,
+        ),
+        _ => program,
+    }))
 }
 
 /// Installs the filter of `kind` on the calling thread, in the mode [`set_mode`] chose.
 pub fn install(kind: ThreadKind) -> Result<(), Error> {
     let mode = mode();
-    // Log mode installs kill mode's program with its refusal turned into a notification
-    // for the supervisor (see notify.rs).
-    let Some(program) = filter(kind, if mode == Mode::Log { Mode::Kill } else { mode })? else {
+    let Some(program) = filter(kind, mode)? else {
         return Ok(());
     };
     sigsys::remember(kind);

@@ -89,22 +89,22 @@ pub(crate) fn start() -> io::Result<()> {
     Ok(())
 }
 
-/// Turns the program's "refused" answer (kill mode's `SECCOMP_RET_TRAP`) into `action`.
-fn refuse_with(program: &BpfProgram, action: u32) -> BpfProgram {
+/// Turns the program's "refused" answer `from` into `to`.
+pub(crate) fn refuse_with(program: &BpfProgram, from: u32, to: u32) -> BpfProgram {
     const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
     program
         .iter()
         .map(|insn| {
             let mut insn = insn.clone();
-            if insn.code == RET_K && insn.k == libc::SECCOMP_RET_TRAP {
-                insn.k = action;
+            if insn.code == RET_K && insn.k == from {
+                insn.k = to;
             }
             insn
         })
         .collect()
 }
 
-/// Installs `program` (built for kill mode) on the calling thread in log mode.
+/// Installs `program` (log mode's: refusals notify) on the calling thread.
 pub(crate) fn install(kind: ThreadKind, program: &BpfProgram) -> Result<(), String> {
     let k = kind_index(kind) as u8;
     // SAFETY: gettid has no arguments and cannot fail.
@@ -115,8 +115,7 @@ pub(crate) fn install(kind: ThreadKind, program: &BpfProgram) -> Result<(), Stri
     }
     if WAKE.load(Ordering::SeqCst) >= 0 {
         if let Some(slot) = take_slot(&LISTENERS) {
-            let notify = refuse_with(program, libc::SECCOMP_RET_USER_NOTIF);
-            match apply(&notify, libc::SECCOMP_FILTER_FLAG_NEW_LISTENER) {
+            match apply(program, libc::SECCOMP_FILTER_FLAG_NEW_LISTENER) {
                 Ok(fd) => {
                     LISTENER_KINDS[slot].store(k, Ordering::SeqCst);
                     LISTENERS[slot].store(fd, Ordering::SeqCst);
@@ -135,9 +134,8 @@ pub(crate) fn install(kind: ThreadKind, program: &BpfProgram) -> Result<(), Stri
             }
         }
     }
-    apply(&refuse_with(program, libc::SECCOMP_RET_LOG), 0)
-        .map(drop)
-        .map_err(|e| e.to_string())
+    let log = refuse_with(program, libc::SECCOMP_RET_USER_NOTIF, libc::SECCOMP_RET_LOG);
+    apply(&log, 0).map(drop).map_err(|e| e.to_string())
 }
 
 /// Reserves a free slot of `table`.
@@ -293,7 +291,7 @@ mod tests {
     fn seccomp_log_mode_counts_a_refused_call_names_it_and_lets_it_through() {
         // The test process runs unfiltered; only the thread below filters itself.
         supervisor();
-        let program = crate::filter(ThreadKind::Status, crate::Mode::Kill)
+        let program = crate::filter(ThreadKind::Status, crate::Mode::Log)
             .unwrap()
             .unwrap();
         let before = violations();
@@ -319,7 +317,7 @@ mod tests {
     #[test]
     fn seccomp_log_mode_names_the_thread_under_an_inherited_listener() {
         supervisor();
-        let program = |kind| crate::filter(kind, crate::Mode::Kill).unwrap().unwrap();
+        let program = |kind| crate::filter(kind, crate::Mode::Log).unwrap().unwrap();
         let (migration, announce) = (
             program(ThreadKind::Migration),
             program(ThreadKind::Announce),
@@ -357,7 +355,9 @@ mod tests {
         let program = crate::filter(ThreadKind::Vcpu, crate::Mode::Kill)
             .unwrap()
             .unwrap();
-        let notify = refuse_with(&program, libc::SECCOMP_RET_USER_NOTIF);
+        let notify = crate::filter(ThreadKind::Vcpu, crate::Mode::Log)
+            .unwrap()
+            .unwrap();
         assert_eq!(program.len(), notify.len());
         let mut changed = 0;
         for (a, b) in program.iter().zip(&notify) {

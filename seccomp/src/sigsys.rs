@@ -252,16 +252,19 @@ mod tests {
 
     #[test]
     fn seccomp_violation_line_names_thread_call_and_arguments() {
-        let mut line = Line::new();
-        describe(
-            Some(ThreadKind::Vcpu),
-            libc::SYS_socket,
-            [2, 1, 0],
-            None,
-            Verdict::Stopped,
-            &mut line,
-        );
-        let text = line.text();
+        let socket_line = |verdict| {
+            let mut line = Line::new();
+            describe(
+                Some(ThreadKind::Vcpu),
+                libc::SYS_socket,
+                [2, 1, 0],
+                None,
+                verdict,
+                &mut line,
+            );
+            line.text().to_string()
+        };
+        let text = socket_line(Verdict::Stopped);
         assert!(
             text.starts_with(
                 "podvm: seccomp: the vcpu thread made system call socket (41) with arguments 0x2, 0x1, 0x0,"
@@ -269,21 +272,12 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("logs instead)\n"), "{text}");
-        let mut line = Line::new();
-        describe(
-            Some(ThreadKind::Vcpu),
-            libc::SYS_socket,
-            [2, 1, 0],
-            None,
-            Verdict::Allowed,
-            &mut line,
-        );
+        let text = socket_line(Verdict::Allowed);
         assert!(
-            line.text().ends_with(
+            text.ends_with(
                 "which its filter does not allow; allowed by --seccomp log (counted in podvm_seccomp_violations_total)\n"
             ),
-            "{}",
-            line.text()
+            "{text}"
         );
     }
 
