@@ -227,6 +227,10 @@ fn run_watched(
         seen
     });
     let status = wait_with_timeout(&mut child, run_timeout(), &started);
+    let threads = match status {
+        Some(_) => String::new(),
+        None => thread_report(pid),
+    };
     let outcome = Outcome {
         status: status.unwrap_or_else(|| {
             let _ = child.kill();
@@ -244,11 +248,58 @@ fn run_watched(
             );
         }
         None => panic!(
-            "podvm did not finish within {:?}; killed.\n{outcome}",
+            "podvm did not finish within {:?}; killed. Its threads before the kill (name, \
+             state, kernel wait, system call):\n{threads}{outcome}",
             run_timeout()
         ),
     }
     outcome
+}
+
+/// What each thread of process `pid` is doing: name, state, kernel wait channel, system call
+/// and the top of its kernel stack, for the report of a VM that hangs (a vCPU in KVM_RUN,
+/// system call 16 = ioctl, runs its guest; a thread in futex waits for a lock).
+fn thread_report(pid: i32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", pid)) else {
+        return String::new();
+    };
+    let mut out = String::new();
+    for task in tasks.flatten() {
+        let read = |f: &str| {
+            std::fs::read_to_string(task.path().join(f))
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
+        let status = read("status");
+        let state = status
+            .lines()
+            .find_map(|l| l.strip_prefix("State:"))
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        let syscall: String = read("syscall")
+            .split(' ')
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ");
+        // The kernel stack (root only): where in KVM_RUN a vCPU is, or what a thread waits on.
+        let stack: Vec<String> = read("stack")
+            .lines()
+            .take(6)
+            .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+            .collect();
+        out.push_str(&format!(
+            "  {} {}: {} wchan={} syscall={} stack={}\n",
+            task.file_name().to_string_lossy(),
+            read("comm"),
+            state,
+            read("wchan"),
+            syscall,
+            stack.join("<")
+        ));
+    }
+    out
 }
 
 fn reader(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
@@ -810,39 +861,7 @@ impl SocketVm {
         if !self.running() {
             return "(podvm has exited)".into();
         }
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid())) else {
-            return String::new();
-        };
-        let mut out = String::new();
-        for task in tasks.flatten() {
-            let read = |f: &str| {
-                std::fs::read_to_string(task.path().join(f))
-                    .unwrap_or_default()
-                    .trim()
-                    .to_string()
-            };
-            let status = read("status");
-            let state = status
-                .lines()
-                .find_map(|l| l.strip_prefix("State:"))
-                .unwrap_or("")
-                .trim()
-                .to_string();
-            let syscall: String = read("syscall")
-                .split(' ')
-                .take(3)
-                .collect::<Vec<_>>()
-                .join(" ");
-            out.push_str(&format!(
-                "  {} {}: {} wchan={} syscall={}\n",
-                task.file_name().to_string_lossy(),
-                read("comm"),
-                state,
-                read("wchan"),
-                syscall
-            ));
-        }
-        out
+        thread_report(self.pid())
     }
 
     /// Kills podvm (SIGKILL) and reaps it.

@@ -22,9 +22,11 @@ fn guest_pattern_block() -> Vec<u8> {
 fn write_pattern_script(dev: &str, mib: usize) -> String {
     format!(
         "yes podvm-pattern | head -c 1048576 > /tmp/block\n\
+         t0=$(cut -d' ' -f1 /proc/uptime)\n\
          for i in $(seq {mib}); do cat /tmp/block; done | dd of={dev} bs=1M conv=fsync 2>&1\n\
          sync\n\
-         echo WROTE=$?\n"
+         echo WROTE=$?\n\
+         echo \"DD-TIME {dev}: uptime $t0 to $(cut -d' ' -f1 /proc/uptime) s\"\n"
     )
 }
 
@@ -91,6 +93,11 @@ fn blk_guest_dd_pattern_reaches_file_and_loop_device() {
     );
     assert!(out.status.success(), "{out}");
     assert_eq!(out.script_status(), Some(0), "{out}");
+    // How long each disk took in the guest: reported, not asserted (a CI run once saw this
+    // test pass 600 s, where it usually takes under a minute).
+    for line in out.stdout.lines().filter(|l| l.starts_with("DD-TIME ")) {
+        eprintln!("{line}");
+    }
     assert!(
         !out.stderr.contains("io_uring is unavailable"),
         "the default engine fell back to synchronous I/O\n{out}"
