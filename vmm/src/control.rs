@@ -65,6 +65,7 @@ fn nic_counters(m: &devices::virtio::net::NetMetrics) -> Value {
         "tx_dropped": get(&m.tx_dropped),
         "rx_dropped": get(&m.rx_dropped),
         "interrupts": get(&m.interrupts),
+        "broken_queues": get(&m.broken_queues),
         "vhost_active": get(&m.vhost_active),
         "announcements": get(&m.announcements),
         "nat": {
@@ -210,6 +211,7 @@ impl Control for VmControl {
                     "io_errors": get(&m.io_errors),
                     "read_only_violations": get(&m.read_only_violations),
                     "interrupts": get(&m.interrupts),
+                    "broken_queues": get(&m.broken_queues),
                 })
             })
             .collect();

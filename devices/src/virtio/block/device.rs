@@ -89,6 +89,9 @@ pub struct Block {
     stalled: bool,
     /// Frozen for a migration: the queue is not served.
     frozen: bool,
+    /// The rings were found broken: logged and counted once, not served until a reset.
+    /// Not carried by a migration: a destination finds rings still broken on its first pass.
+    broken: bool,
     pub(crate) active: Option<Active>,
     /// Whether the event loop already watches the queue eventfd.
     pub(crate) queue_watched: bool,
@@ -164,6 +167,7 @@ impl Block {
             engine,
             stalled: false,
             frozen: false,
+            broken: false,
             active: None,
             queue_watched: false,
             bounce: AlignedBuf::new(SIZE_MAX as usize),
@@ -195,8 +199,13 @@ impl Block {
 
     /// Serves the requests the driver has made available (as many as the engine has room
     /// for), then interrupts the guest if it asked for it. Returns false if the queue is
-    /// broken (the device then waits for a reset).
+    /// broken: that is logged and counted here, once, and the queue is not served again
+    /// until the driver resets the device (a guest kicking broken rings cannot flood the
+    /// log or keep the event loop busy).
     pub(crate) fn process_queue(&mut self) -> bool {
+        if self.broken {
+            return false;
+        }
         if self.frozen {
             return true;
         }
@@ -253,6 +262,17 @@ impl Block {
             self.notify(&mut active);
         }
         self.active = Some(active);
+        if !healthy {
+            // Requests served before the rings broke got their used entries and interrupt;
+            // those in flight are answered when they complete.
+            self.broken = true;
+            self.stalled = false;
+            M::inc(&self.metrics.broken_queues);
+            tracing::warn!(
+                disk = %self.disk.path().display(),
+                "virtio-blk queue is broken; it is not served until the driver resets the device"
+            );
+        }
         healthy
     }
 
@@ -651,6 +671,7 @@ impl VirtioDevice for Block {
             engine.drain();
         }
         self.stalled = false;
+        self.broken = false;
         self.active = None;
         self.acked_features = 0;
     }

@@ -1,5 +1,6 @@
 //! virtio-blk on the event loop: the activation eventfd is watched from the start; the queue
-//! eventfd only once the driver has activated the device.
+//! eventfd only once the driver has activated the device. Once the queue is broken, kicks are
+//! read and ignored until the driver resets the device.
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
@@ -56,9 +57,8 @@ impl MutEventSubscriber for Block {
             }
             TOKEN_QUEUE => {
                 let _ = self.queue_events_ref()[0].read();
-                if !self.process_queue() {
-                    tracing::warn!("virtio-blk queue is broken; waiting for the driver to reset");
-                }
+                // A broken queue was logged and counted once, when it broke.
+                self.process_queue();
             }
             TOKEN_COMPLETION => self.process_completions(),
             other => tracing::warn!(token = other, "unexpected virtio-blk event"),

@@ -21,6 +21,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
@@ -127,15 +128,62 @@ pub fn run_block_queue(input: &FuzzInput) -> GuestMemoryMmap {
     let mut harness = Harness::new(input, input.has(FLAG_EVENT_IDX));
     activate(&mut block, harness.mem(), harness.queue());
 
-    if input.has(FLAG_BATCH) {
-        harness.run_batch(&mut block, input.avail_idx);
+    let healthy = if input.has(FLAG_BATCH) {
+        harness.run_batch(&mut block, input.avail_idx)
     } else {
+        // A broken queue is served no more: the steps stop there.
+        let mut healthy = true;
         for _ in 0..input.avail.len() {
             let published = harness.publish(&block, MAX_CHAIN_LEN + 1);
-            harness.serve(&mut block, published);
+            healthy = harness.serve(&mut block, published).healthy;
+            if !healthy {
+                break;
+            }
         }
+        healthy
+    };
+    let broken_queues = || block.metrics.broken_queues.load(Ordering::Relaxed);
+    if healthy {
+        assert_eq!(broken_queues(), 0, "a breakage counted, none reported");
+    } else {
+        assert_eq!(broken_queues(), 1, "one breakage, counted once");
+        check_stays_broken(&mut block, &mut harness);
     }
     harness.mem().clone()
+}
+
+/// The queue was reported broken: a chain published now, without a reset, is not served, and
+/// nothing the guest or the counters can see moves.
+fn check_stays_broken(block: &mut Block, harness: &mut Harness) {
+    let _published = harness.publish(block, 0);
+    let mut before = vec![0u8; MEM_SIZE as usize];
+    harness
+        .mem()
+        .read_slice(&mut before, GuestAddress(0))
+        .expect("the fuzz memory is one region from 0");
+    let positions_before = positions(block);
+    let interrupts_before = block.metrics.interrupts.load(Ordering::Relaxed);
+    assert!(
+        !block.process_queue(),
+        "a broken queue is healthy again without a reset"
+    );
+    assert_eq!(positions(block), positions_before, "a broken queue served");
+    assert_eq!(
+        block.metrics.interrupts.load(Ordering::Relaxed),
+        interrupts_before,
+        "a broken queue raised an interrupt"
+    );
+    assert_eq!(
+        block.metrics.broken_queues.load(Ordering::Relaxed),
+        1,
+        "a broken queue counted again"
+    );
+    let mut after = vec![0u8; MEM_SIZE as usize];
+    harness
+        .mem()
+        .read_slice(&mut after, GuestAddress(0))
+        .expect("the fuzz memory is one region from 0");
+    assert!(before == after, "a broken queue wrote guest memory");
 }
 
 /// The `virtio_blk_queue` fuzz target: any input, no panic, no hang.
@@ -517,6 +565,31 @@ mod tests {
             assert!(!block.process_queue(), "the queue is reported broken");
             assert_eq!(positions(&block), (0, 0), "nothing was popped");
         });
+    }
+
+    #[test]
+    fn blk_broken_queue_is_counted_once_and_served_again_only_after_a_reset() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        vq.avail().idx().store(17);
+        let mut block = scratch_block(false, None, u64::MAX);
+        activate(&mut block, &mem, vq.create_queue().unwrap());
+        let broken = |b: &Block| b.metrics.broken_queues.load(Ordering::Relaxed);
+        // A driver kicking the broken rings over and over: one breakage.
+        for _ in 0..5 {
+            assert!(!block.process_queue());
+        }
+        assert_eq!(broken(&block), 1);
+        // Rings put right without a reset are still not served.
+        vq.avail().idx().store(0);
+        assert!(!block.process_queue());
+        assert_eq!(broken(&block), 1);
+        // After a reset and a new activation the queue is served again.
+        block.reset();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        activate(&mut block, &mem, vq.create_queue().unwrap());
+        assert!(block.process_queue(), "a reset device serves its new rings");
+        assert_eq!(broken(&block), 1);
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub struct BlockMetrics {
     pub interrupts: AtomicU64,
     /// Writes to a read-only disk (answered IOERR).
     pub read_only_violations: AtomicU64,
+    /// Times the rings were found broken (each then unserved until the driver resets).
+    pub broken_queues: AtomicU64,
 }
 
 impl BlockMetrics {

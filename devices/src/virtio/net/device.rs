@@ -84,6 +84,10 @@ pub struct Net {
     rx_held: std::collections::VecDeque<RxBuf>,
     /// Frozen for a migration: neither queue is served.
     pub(crate) frozen: bool,
+    /// Queues (RX, TX) whose rings were found broken: logged and counted once, not served
+    /// until the driver resets the device; frames for a broken RX queue are dropped, as on a
+    /// link that is down. Not carried by a migration (a destination finds them broken again).
+    broken: [bool; 2],
     /// A migration is under way: podvm moves the frames itself (vhost-net's writes into
     /// guest memory would escape the dirty log).
     pub(crate) vhost_held: bool,
@@ -141,6 +145,7 @@ impl Net {
             backend_rewatch: false,
             rx_held: std::collections::VecDeque::new(),
             frozen: false,
+            broken: [false; 2],
             vhost_held: false,
             tx_buf: Vec::with_capacity(HDR_LEN + MAX_FRAME),
             metrics,
@@ -274,9 +279,24 @@ impl Net {
         self.acked_features & (1 << bit) != 0
     }
 
+    /// Marks queue `q` broken: one warning and one count until the driver resets the device.
+    fn break_queue(&mut self, q: usize) {
+        if !self.broken[q] {
+            self.broken[q] = true;
+            M::inc(&self.metrics.broken_queues);
+            tracing::warn!(
+                queue = if q == RX { "RX" } else { "TX" },
+                "virtio-net queue is broken; it is not served until the driver resets the device"
+            );
+        }
+    }
+
     /// Sends every frame the guest queued to the backend. Returns false if the queue is
-    /// broken (the device then waits for a reset).
+    /// broken (logged and counted once; the queue then waits for a reset).
     pub(crate) fn process_tx(&mut self) -> bool {
+        if self.broken[TX] {
+            return false;
+        }
         if self.frozen {
             return true;
         }
@@ -330,6 +350,9 @@ impl Net {
             self.notify(&mut active, TX);
         }
         self.active = Some(active);
+        if !healthy {
+            self.break_queue(TX);
+        }
         self.backend.flush();
         self.deliver_rx();
         healthy
@@ -338,6 +361,15 @@ impl Net {
     /// Hands the guest the frames the backend has for it, as long as the guest has buffers.
     pub(crate) fn deliver_rx(&mut self) {
         if self.frozen {
+            return;
+        }
+        if self.broken[RX] && self.active.is_some() {
+            // A link that is down: what the backend has for the guest is lost.
+            while self.backend.rx_peek().is_some() {
+                M::inc(&self.metrics.rx_dropped);
+                self.backend.rx_pop();
+            }
+            self.backend.rx_room();
             return;
         }
         let Some(mut active) = self.active.take() else {
@@ -351,6 +383,11 @@ impl Net {
         };
         let raw = self.backend.vnet_hdr();
         let mut delivered = false;
+        let mut broken = false;
+        // Where the last wait for buffers found the ring: a second wait at the same place,
+        // with the driver still claiming more, is a ring that lies (an avail index far ahead:
+        // nothing can be popped, and asking again would spin here for ever).
+        let mut last_wait = None;
         while let Some(buf) = self.backend.rx_peek() {
             let (header, frame) = if raw {
                 // The backend's own header (offloads), num_buffers set below.
@@ -374,10 +411,21 @@ impl Net {
                 }
                 Delivery::NoBuffers => {
                     // Wait for the driver to post buffers; it notifies us if it adds any
-                    // after this (a race re-checked here).
+                    // after this (a race re-checked here, once per ring position).
                     match active.rx.enable_notification(&active.mem) {
-                        Ok(true) => continue,
-                        _ => break,
+                        Ok(true) => {
+                            let at = active.rx.next_avail();
+                            if last_wait == Some(at) {
+                                broken = true;
+                                break;
+                            }
+                            last_wait = Some(at);
+                        }
+                        Ok(false) => break,
+                        Err(_) => {
+                            broken = true;
+                            break;
+                        }
                     }
                 }
             }
@@ -386,7 +434,10 @@ impl Net {
             self.notify(&mut active, RX);
         }
         self.active = Some(active);
-        if delivered {
+        if broken {
+            self.break_queue(RX);
+            self.deliver_rx();
+        } else if delivered {
             self.backend.rx_room();
         }
     }
@@ -629,6 +680,7 @@ impl VirtioDevice for Net {
         }
         self.active = None;
         self.rx_held.clear();
+        self.broken = [false; 2];
         self.acked_features = 0;
     }
 
@@ -773,5 +825,63 @@ mod tests {
             .unwrap();
         assert_eq!(got, frame);
         assert_eq!(M::get(&net.metrics.rx_frames), 1);
+    }
+
+    /// A device with `frames` waiting for the guest, its queues at the test addresses.
+    fn active_net(mem: &Mem, frames: Vec<Vec<u8>>) -> Net {
+        let config = NetConfig {
+            mac: [0x52, 0x54, 0, 0, 0, 1],
+            mtu: 1500,
+            rx_checksums_valid: false,
+            vhost: false,
+        };
+        let backend = Box::new(Frames(VecDeque::from(frames)));
+        let mut net = Net::new(config, backend, Arc::new(M::default())).unwrap();
+        net.set_acked_features(F_VERSION_1 | F_EVENT_IDX | 1 << VIRTIO_NET_F_MRG_RXBUF);
+        let interrupt = Arc::new(Interrupt::new(IrqTrigger::new().unwrap()));
+        let queues = vec![
+            queue(RX_DESC, RX_AVAIL, RX_USED),
+            queue(0x4000, 0x5000, 0x6000),
+        ];
+        net.activate(mem.clone(), interrupt, queues).unwrap();
+        net
+    }
+
+    /// Regression: an RX avail index more than a queue size ahead (nothing can be popped, the
+    /// driver claims more) spun deliver_rx, and the event loop with it, for ever.
+    #[test]
+    fn net_rx_ring_that_lies_is_broken_once_its_frames_dropped_until_a_reset() {
+        crate::virtio::fuzz_util::testing::within_time_limit("lying RX ring", || {
+            let mem = Mem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+            let mut net = active_net(&mem, vec![vec![0xab; 60], vec![0xcd; 60]]);
+            mem.write_obj(SIZE + 1, GuestAddress(RX_AVAIL + 2)).unwrap();
+            net.deliver_rx();
+            assert_eq!(M::get(&net.metrics.broken_queues), 1);
+            assert_eq!(M::get(&net.metrics.rx_dropped), 2, "the frames are dropped");
+            assert_eq!(used_idx(&mem), 0);
+            // Kicks and more frames while broken: no second count, nothing used.
+            for _ in 0..3 {
+                net.deliver_rx();
+            }
+            assert_eq!(M::get(&net.metrics.broken_queues), 1);
+            assert!(!net.broken[TX], "TX is not broken by RX");
+            // A reset makes the queue servable again.
+            net.reset();
+            assert!(!net.broken[RX]);
+        });
+    }
+
+    #[test]
+    fn net_tx_ring_that_lies_is_broken_and_counted_once() {
+        crate::virtio::fuzz_util::testing::within_time_limit("lying TX ring", || {
+            let mem = Mem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+            let mut net = active_net(&mem, Vec::new());
+            mem.write_obj(SIZE + 5, GuestAddress(0x5000 + 2)).unwrap();
+            for _ in 0..4 {
+                assert!(!net.process_tx());
+            }
+            assert_eq!(M::get(&net.metrics.broken_queues), 1);
+            assert_eq!(M::get(&net.metrics.tx_frames), 0);
+        });
     }
 }

@@ -102,9 +102,8 @@ impl MutEventSubscriber for Net {
             }
             TOKEN_TX => {
                 let _ = self.queue_event(TX).read();
-                if !self.process_tx() {
-                    tracing::warn!("virtio-net TX queue is broken; waiting for a reset");
-                }
+                // A broken queue was logged and counted once, when it broke.
+                self.process_tx();
             }
             TOKEN_BACKEND => {
                 self.backend.process();

@@ -21,6 +21,8 @@ pub struct NetMetrics {
     pub rx_dropped: AtomicU64,
     /// Interrupts sent to the guest.
     pub interrupts: AtomicU64,
+    /// Times a queue's rings were found broken (each then unserved until the driver resets).
+    pub broken_queues: AtomicU64,
     /// 1 while vhost-net moves the frames (a gauge).
     pub vhost_active: AtomicU64,
     /// RARP frames sent with the guest's MAC after a migration landed here, so that the
