@@ -249,7 +249,7 @@ fn run_watched(
         }
         None => panic!(
             "podvm did not finish within {:?}; killed. Its threads before the kill (name, \
-             state, kernel wait, system call):\n{threads}{outcome}",
+             state, kernel wait, system call, kernel stack):\n{threads}{outcome}",
             run_timeout()
         ),
     }
@@ -850,7 +850,7 @@ impl SocketVm {
         let threads = self.threads();
         self.kill();
         format!(
-            "stderr:\n{}\nthreads (name, state, kernel wait, system call):\n{threads}\nconsole log:\n{}",
+            "stderr:\n{}\nthreads (name, state, kernel wait, system call, kernel stack):\n{threads}\nconsole log:\n{}",
             self.take_stderr(),
             self.log_text()
         )

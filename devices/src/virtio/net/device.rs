@@ -364,11 +364,7 @@ impl Net {
             return;
         }
         if self.broken[RX] && self.active.is_some() {
-            // A link that is down: what the backend has for the guest is lost.
-            while self.backend.rx_peek().is_some() {
-                M::inc(&self.metrics.rx_dropped);
-                self.backend.rx_pop();
-            }
+            self.drop_rx_frames();
             self.backend.rx_room();
             return;
         }
@@ -436,9 +432,19 @@ impl Net {
         self.active = Some(active);
         if broken {
             self.break_queue(RX);
-            self.deliver_rx();
-        } else if delivered {
+            self.drop_rx_frames();
+        }
+        if broken || delivered {
             self.backend.rx_room();
+        }
+    }
+
+    /// A link that is down (a broken RX queue, a migration holding the device): what the
+    /// backend has for the guest is lost, and counted.
+    pub(crate) fn drop_rx_frames(&mut self) {
+        while self.backend.rx_peek().is_some() {
+            M::inc(&self.metrics.rx_dropped);
+            self.backend.rx_pop();
         }
     }
 
@@ -753,6 +759,9 @@ mod tests {
     const RX_DESC: u64 = 0x1000;
     const RX_AVAIL: u64 = 0x2000;
     const RX_USED: u64 = 0x3000;
+    const TX_DESC: u64 = 0x4000;
+    const TX_AVAIL: u64 = 0x5000;
+    const TX_USED: u64 = 0x6000;
     const BUFS: u64 = 0x10000;
 
     fn queue(desc: u64, avail: u64, used: u64) -> Queue {
@@ -788,21 +797,7 @@ mod tests {
     fn net_rx_frame_waits_for_enough_merged_buffers_and_asks_to_be_told() {
         let mem = Mem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let frame: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
-        let config = NetConfig {
-            mac: [0x52, 0x54, 0, 0, 0, 1],
-            mtu: 1500,
-            rx_checksums_valid: false,
-            vhost: false,
-        };
-        let backend = Box::new(Frames(VecDeque::from([frame.clone()])));
-        let mut net = Net::new(config, backend, Arc::new(M::default())).unwrap();
-        net.set_acked_features(F_VERSION_1 | F_EVENT_IDX | 1 << VIRTIO_NET_F_MRG_RXBUF);
-        let interrupt = Arc::new(Interrupt::new(IrqTrigger::new().unwrap()));
-        let queues = vec![
-            queue(RX_DESC, RX_AVAIL, RX_USED),
-            queue(0x4000, 0x5000, 0x6000),
-        ];
-        net.activate(mem.clone(), interrupt, queues).unwrap();
+        let mut net = active_net(&mem, vec![frame.clone()]);
 
         // Two 1 KiB buffers cannot take 3012 bytes: the frame waits, nothing is used, and the
         // device asks to be notified when the driver posts past what it has seen.
@@ -841,7 +836,7 @@ mod tests {
         let interrupt = Arc::new(Interrupt::new(IrqTrigger::new().unwrap()));
         let queues = vec![
             queue(RX_DESC, RX_AVAIL, RX_USED),
-            queue(0x4000, 0x5000, 0x6000),
+            queue(TX_DESC, TX_AVAIL, TX_USED),
         ];
         net.activate(mem.clone(), interrupt, queues).unwrap();
         net
@@ -876,7 +871,7 @@ mod tests {
         crate::virtio::fuzz_util::testing::within_time_limit("lying TX ring", || {
             let mem = Mem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
             let mut net = active_net(&mem, Vec::new());
-            mem.write_obj(SIZE + 5, GuestAddress(0x5000 + 2)).unwrap();
+            mem.write_obj(SIZE + 5, GuestAddress(TX_AVAIL + 2)).unwrap();
             for _ in 0..4 {
                 assert!(!net.process_tx());
             }

@@ -110,10 +110,7 @@ impl MutEventSubscriber for Net {
                 if self.frozen {
                     // Frames arriving while a migration holds the device are lost, as on a
                     // link that is down (and the backend's descriptor must not stay ready).
-                    while self.backend.rx_peek().is_some() {
-                        crate::virtio::net::metrics::NetMetrics::inc(&self.metrics().rx_dropped);
-                        self.backend.rx_pop();
-                    }
+                    self.drop_rx_frames();
                 }
                 self.deliver_rx();
             }
