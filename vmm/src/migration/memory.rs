@@ -2,6 +2,7 @@
 //! guest memory bitmap of podvm's own writes), and pages in and out of the stream.
 
 use std::io::Write;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::VmFd;
 use vm_memory::bitmap::AtomicBitmap;
@@ -14,6 +15,13 @@ use crate::memory::{self, GuestMemory};
 pub const PAGE: usize = 4096;
 /// Most pages in one `Pages` section.
 const RUN_PAGES: usize = 256;
+/// The longest a pass keeps what it has to itself. A pass over mostly zero memory only
+/// builds zero runs, and writes go out when the stream's buffer fills: without this, a
+/// large sparse guest (or a source short of CPU) could keep the destination waiting past
+/// its read timeout, which takes a silent source for a dead one.
+const KEEPALIVE: Duration = Duration::from_secs(2);
+/// How many pages between two looks at the clock.
+const CLOCK_EVERY: u64 = 256;
 
 /// Which pages of each memory region to send: one bit per page, per region in order.
 pub type DirtyPages = Vec<Vec<u64>>;
@@ -94,6 +102,18 @@ pub fn send_pages(
     mem: &GuestMemory,
     dirty: &DirtyPages,
 ) -> std::io::Result<Sent> {
+    send_pages_every(w, mem, dirty, KEEPALIVE)
+}
+
+/// [`send_pages`], handing over (sections written, then `flush`) what it has at least
+/// every `keepalive`.
+fn send_pages_every(
+    w: &mut impl Write,
+    mem: &GuestMemory,
+    dirty: &DirtyPages,
+    keepalive: Duration,
+) -> std::io::Result<Sent> {
+    let mut last_out = Instant::now();
     let mut sent = Sent::default();
     let mut data: Vec<u8> = Vec::with_capacity(RUN_PAGES * PAGE);
     let mut data_start = 0u64;
@@ -113,6 +133,20 @@ pub fn send_pages(
                     continue;
                 }
                 sent.pages += 1;
+                if sent.pages.is_multiple_of(CLOCK_EVERY) && last_out.elapsed() >= keepalive {
+                    flush_data(w, &mut data, data_start, &mut sent)?;
+                    if let Some((start, n)) = zero_run.take() {
+                        zeroes.extend_from_slice(&start.to_le_bytes());
+                        zeroes.extend_from_slice(&n.to_le_bytes());
+                    }
+                    if !zeroes.is_empty() {
+                        stream::write_section(w, Kind::Zeroes, &[&zeroes])?;
+                        sent.bytes += zeroes.len() as u64 + 12;
+                        zeroes.clear();
+                    }
+                    w.flush()?;
+                    last_out = Instant::now();
+                }
                 if is_zero(&page) {
                     sent.zero_pages += 1;
                     zero_run = match zero_run {
@@ -289,6 +323,74 @@ mod tests {
         let mut out = Vec::new();
         let sent = send_pages(&mut out, &src, &dirty).unwrap();
         assert_eq!((sent.pages, sent.zero_pages), (1, 0));
+    }
+
+    /// Records how much had been written at each flush.
+    #[derive(Default)]
+    struct Flushes {
+        out: Vec<u8>,
+        at: Vec<usize>,
+    }
+
+    impl Write for Flushes {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.out.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.at.push(self.out.len());
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn migration_pass_hands_over_what_it_has_on_time_and_still_round_trips() {
+        let src = mem(4);
+        // Data across a hand-over point (page 256) and zero runs on both sides of it.
+        src.write_slice(&[0xaa; PAGE * 10], GuestAddress(250 * PAGE as u64))
+            .unwrap();
+        src.write_slice(&[0x55; 100], GuestAddress(0x300000))
+            .unwrap();
+        let mut w = Flushes::default();
+        let sent = send_pages_every(&mut w, &src, &all_pages(&src), Duration::ZERO).unwrap();
+        assert_eq!((sent.pages, sent.zero_pages), (1024, 1013));
+        assert_eq!(sent.bytes, w.out.len() as u64);
+        // Every 256 pages, what was found so far went out: sections, each one whole.
+        assert_eq!(w.at.len(), 4, "flushes at {:?}", w.at);
+        assert!(
+            w.at[0] > 0 && w.at.windows(2).all(|p| p[0] <= p[1]),
+            "{:?}",
+            w.at
+        );
+        let mut r = &w.out[..w.at[0]];
+        let mut payload = Vec::new();
+        let mut zeroes = 0;
+        while !r.is_empty() {
+            let kind = stream::read_section(&mut r, &mut payload).unwrap();
+            if kind == Kind::Zeroes {
+                zeroes += parse_zeroes(&payload)
+                    .unwrap()
+                    .iter()
+                    .map(|z| z.1)
+                    .sum::<u32>();
+            }
+        }
+        assert_eq!(zeroes, 250, "the zero pages before the first hand-over");
+
+        let dst = mem(4);
+        let mut r = &w.out[..];
+        while let Ok(kind) = stream::read_section(&mut r, &mut payload) {
+            match kind {
+                Kind::Pages => receive_pages(&dst, &payload).map(|_| ()),
+                Kind::Zeroes => receive_zeroes(&dst, &payload).map(|_| ()),
+                other => panic!("{other:?}"),
+            }
+            .unwrap();
+        }
+        let (mut a, mut b) = (vec![0u8; 4 << 20], vec![0u8; 4 << 20]);
+        src.read_slice(&mut a, GuestAddress(0)).unwrap();
+        dst.read_slice(&mut b, GuestAddress(0)).unwrap();
+        assert!(a == b, "memory differs after the round trip");
     }
 
     #[test]
