@@ -8,16 +8,17 @@
  *       each connection and closes it at once (a FIN, no data). Runs until
  *       killed.
  *
- *   connrate client ADDR PORT SECONDS
+ *   connrate client ADDR PORT SECONDS [PARALLEL]
  *       Opens TCP connections to ADDR:PORT one after the other, for SECONDS:
  *       socket, connect, read until the server's FIN (EOF), close. A
  *       connection counts when connect succeeded and EOF arrived; connect and
  *       read each time out after 5 s. Stops early after 20 failures in a row.
- *       Prints one line:
- *         conns=N failed=F seconds=S rate=R p50_ms=A p99_ms=B max_ms=C first_error=E
- *       where R = N / S (connections per second) and the percentiles are of
- *       the time from socket() to EOF of each counted connection.
- *       Exit status 0 if at least one connection counted.
+ *       With PARALLEL (1 to 64, default 1), that many threads do so at once,
+ *       each one connection after the other. Prints one line:
+ *         conns=N failed=F seconds=S rate=R p50_ms=A p99_ms=B max_ms=C first_error=E parallel=P
+ *       where R = N / S (connections per second, all threads together) and
+ *       the percentiles are of the time from socket() to EOF of each counted
+ *       connection. Exit status 0 if at least one connection counted.
  *
  *   connrate probe ADDR PORT SECONDS
  *       Tries one connection per 0.5 s until one succeeds (exit 0) or SECONDS
@@ -31,6 +32,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -109,7 +111,40 @@ static int cmp_double(const void *x, const void *y)
     return a < b ? -1 : a > b;
 }
 
-static int client(const char *addr, int port, double seconds, int probe)
+/* One client thread: connections one after the other until `end`. */
+struct worker {
+    struct sockaddr_in addr;
+    double end;
+    size_t cap, n;
+    double *lat;
+    long failed;
+    int first_err;
+    pthread_t thread;
+};
+
+static void *work(void *arg)
+{
+    struct worker *w = arg;
+    long in_a_row = 0;
+    double t;
+    while ((t = now()) < w->end && w->n < w->cap) {
+        int err = one_conn(&w->addr);
+        double t1 = now();
+        if (err) {
+            w->failed++;
+            if (!w->first_err)
+                w->first_err = err;
+            if (++in_a_row >= 20)
+                break;
+            continue;
+        }
+        in_a_row = 0;
+        w->lat[w->n++] = (t1 - t) * 1e3;
+    }
+    return NULL;
+}
+
+static int client(const char *addr, int port, double seconds, int probe, int parallel)
 {
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
     if (inet_pton(AF_INET, addr, &a.sin_addr) != 1) {
@@ -130,26 +165,33 @@ static int client(const char *addr, int port, double seconds, int probe)
                 strerror(err));
         return 1;
     }
-    size_t cap = 1 << 20, n = 0;
-    double *lat = malloc(cap * sizeof *lat);
-    long failed = 0, in_a_row = 0;
-    int first_err = 0;
-    double t0 = now(), end = t0 + seconds, t;
-    while ((t = now()) < end && n < cap) {
-        int err = one_conn(&a);
-        double t1 = now();
-        if (err) {
-            failed++;
-            if (!first_err)
-                first_err = err;
-            if (++in_a_row >= 20)
-                break;
-            continue;
+    struct worker w[64];
+    double t0 = now();
+    for (int i = 0; i < parallel; i++) {
+        w[i] = (struct worker){.addr = a, .end = t0 + seconds, .cap = 1 << 18};
+        w[i].lat = malloc(w[i].cap * sizeof *w[i].lat);
+        if (!w[i].lat || pthread_create(&w[i].thread, NULL, work, &w[i])) {
+            fprintf(stderr, "connrate: cannot start client thread %d\n", i);
+            return 1;
         }
-        in_a_row = 0;
-        lat[n++] = (t1 - t) * 1e3;
+    }
+    size_t n = 0;
+    long failed = 0;
+    int first_err = 0;
+    for (int i = 0; i < parallel; i++) {
+        pthread_join(w[i].thread, NULL);
+        n += w[i].n;
+        failed += w[i].failed;
+        if (!first_err)
+            first_err = w[i].first_err;
     }
     double took = now() - t0;
+    double *lat = malloc((n ? n : 1) * sizeof *lat);
+    size_t k = 0;
+    for (int i = 0; i < parallel; i++) {
+        memcpy(lat + k, w[i].lat, w[i].n * sizeof *lat);
+        k += w[i].n;
+    }
     double p50 = 0, p99 = 0, max = 0;
     if (n) {
         qsort(lat, n, sizeof *lat, cmp_double);
@@ -158,9 +200,9 @@ static int client(const char *addr, int port, double seconds, int probe)
         max = lat[n - 1];
     }
     printf("conns=%zu failed=%ld seconds=%.2f rate=%.1f p50_ms=%.2f p99_ms=%.2f max_ms=%.2f "
-           "first_error=%s\n",
+           "first_error=%s parallel=%d\n",
            n, failed, took, n / took, p50, p99, max,
-           first_err ? strerrorname_np(first_err) : "none");
+           first_err ? strerrorname_np(first_err) : "none", parallel);
     return n ? 0 : 1;
 }
 
@@ -168,8 +210,17 @@ int main(int argc, char **argv)
 {
     if (argc == 3 && !strcmp(argv[1], "server"))
         return server(parse_port(argv[2]));
-    if (argc == 5 && (!strcmp(argv[1], "client") || !strcmp(argv[1], "probe")))
-        return client(argv[2], parse_port(argv[3]), atof(argv[4]), !strcmp(argv[1], "probe"));
-    fprintf(stderr, "usage: connrate server PORT | connrate client|probe ADDR PORT SECONDS\n");
+    if ((argc == 5 || argc == 6) && !strcmp(argv[1], "client")) {
+        int parallel = argc == 6 ? atoi(argv[5]) : 1;
+        if (parallel < 1 || parallel > 64) {
+            fprintf(stderr, "connrate: PARALLEL wants 1 to 64, not %s\n", argv[5]);
+            return 2;
+        }
+        return client(argv[2], parse_port(argv[3]), atof(argv[4]), 0, parallel);
+    }
+    if (argc == 5 && !strcmp(argv[1], "probe"))
+        return client(argv[2], parse_port(argv[3]), atof(argv[4]), 1, 1);
+    fprintf(stderr, "usage: connrate server PORT | connrate client ADDR PORT SECONDS [PARALLEL]"
+                    " | connrate probe ADDR PORT SECONDS\n");
     return 2;
 }

@@ -15,10 +15,12 @@
 #           port 5300
 #
 # Runs, in this order: iperf3 guest->pod (client sends), connrate for
-# CONN_SECONDS, iperf3 pod->guest (-R). Prints NETBENCH-* lines:
+# CONN_SECONDS one connection at a time, then with 8 client threads, iperf3
+# pod->guest (-R). Prints NETBENCH-* lines:
 #   NETBENCH-INFO LABEL ...            address, MTU, virtio features
 #   NETBENCH-RESULT LABEL up|down MBIT receiver's Mbit/s (10^6 bit/s)
-#   NETBENCH-RESULT LABEL conn RATE    connections per second
+#   NETBENCH-RESULT LABEL conn RATE    connections per second, one at a time
+#   NETBENCH-RESULT LABEL conn8 RATE   connections per second, 8 threads at once
 #   NETBENCH-DETAIL LABEL ...          iperf3's summary lines, connrate's line
 #   NETBENCH-ERROR LABEL ...           something failed
 #   NETBENCH-GUEST-DONE LABEL          then 2 s of sleep, so that the sandbox
@@ -99,12 +101,18 @@ run_iperf() {
     fi
 }
 run_iperf up
-if line=$($cr client "$server" "$conn_port" "$conn_secs"); then
-    echo "NETBENCH-DETAIL $label conn: $line"
-    echo "NETBENCH-RESULT $label conn $(echo "$line" | sed -n 's/.* rate=\([0-9.]*\) .*/\1/p')"
-else
-    err "connrate failed: $line"
-fi
+# conn: one connection at a time (the latency of a connection through the backend);
+# conn8: eight client threads at once (how many connections the backend handles).
+for par in 1 8; do
+    kind=conn
+    [ "$par" = 1 ] || kind=conn$par
+    if line=$($cr client "$server" "$conn_port" "$conn_secs" "$par"); then
+        echo "NETBENCH-DETAIL $label $kind: $line"
+        echo "NETBENCH-RESULT $label $kind $(echo "$line" | sed -n 's/.* rate=\([0-9.]*\) .*/\1/p')"
+    else
+        err "connrate $kind failed: $line"
+    fi
+done
 run_iperf down -R
 
 echo "NETBENCH-GUEST-DONE $label"

@@ -133,11 +133,13 @@ qemu_vm() { # LABEL NET SERVER NETDEV
         -netdev "$4" -device virtio-net-device,netdev=n0
 }
 
-podvm_vm() { # LABEL NET SERVER NETSPEC
+podvm_vm() { # LABEL NET SERVER NETSPEC [MORE PODVM ARGS]
+    vm_cmdline=$(guest_cmdline "$1" "$2" "$3")
+    vm_net=$4
+    shift 4
     exec "$NETBENCH_PODVM" run --kernel "$NETBENCH_KERNEL" --initrd "$NETBENCH_INITRD" \
-        --cmdline "$(guest_cmdline "$1" "$2" "$3")" \
-        --cpus "$guest_cpus" --memory "$guest_mem" --net "$4" \
-        --api-socket /netbench/podvm-api.sock
+        --cmdline "$vm_cmdline" --cpus "$guest_cpus" --memory "$guest_mem" --net "$vm_net" \
+        --api-socket /netbench/podvm-api.sock "$@"
 }
 
 counters() { # LABEL WHEN
@@ -220,6 +222,7 @@ run_config() {
     case $c in
         podvm-user) podvm_vm "$c" dhcp 10.0.2.1 user ;;
         podvm-user-1500) podvm_vm "$c" dhcp 10.0.2.1 user,mtu=1500 ;;
+        podvm-user-noseccomp) podvm_vm "$c" dhcp 10.0.2.1 user --seccomp off ;;
         podvm-tap) podvm_vm "$c" static:10.10.0.2/24:10.10.0.1 10.10.0.1 tap=tap0,vhost=off ;;
         podvm-tap-vhost) podvm_vm "$c" static:10.10.0.2/24:10.10.0.1 10.10.0.1 tap=tap0,vhost=on ;;
         qemu-slirp) qemu_vm "$c" dhcp 10.0.2.2 user,id=n0 ;;

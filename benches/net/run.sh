@@ -37,7 +37,9 @@
 #   NETBENCH_SANDBOX_MEM  sandbox memory, MiB [4096]
 #   NETBENCH_CONFIGS      which configurations, in this order [podvm-user
 #                         qemu-slirp qemu-passt podvm-user-1500 podvm-tap
-#                         qemu-tap podvm-tap-vhost qemu-tap-vhost]
+#                         qemu-tap podvm-tap-vhost qemu-tap-vhost]; also
+#                         podvm-user-noseccomp (--seccomp off: what the
+#                         filters cost), not run unless named
 #   NETBENCH_VM_TIMEOUT   seconds before a run is stopped [180]
 #   NETBENCH_STALL_TIMEOUT seconds without console output before a run is
 #                         stopped [60]
@@ -278,9 +280,9 @@ awk -v secs="$secs" -v conn_secs="$conn_secs" -v rounds="$rounds" '
         for (i = 3; i <= NF; i++) if ($i ~ /^host_load1=/) load = substr($i, 12)
         rnd = $3
         sub(/^round=/, "", rnd)
-        per[$2] = per[$2] sprintf("\n    %-16s round %s: up %s, conn %s, down %s (host load %s)", $2, rnd,
+        per[$2] = per[$2] sprintf("\n    %-16s round %s: up %s, conn %s, conn8 %s, down %s (host load %s)", $2, rnd,
             ("up" in cur) ? cur["up"] : "-", ("conn" in cur) ? cur["conn"] : "-",
-            ("down" in cur) ? cur["down"] : "-", load)
+            ("conn8" in cur) ? cur["conn8"] : "-", ("down" in cur) ? cur["down"] : "-", load)
         delete cur
     }
     $1 == "NETBENCH-PARTIAL" { delete cur }
@@ -293,12 +295,14 @@ awk -v secs="$secs" -v conn_secs="$conn_secs" -v rounds="$rounds" '
         return sprintf("%.1f%s (x%.2f)", v, star, v / mean(base " " k))
     }
     function row(c) {
-        printf "| %s | %s | %s | %s | %s |\n", name[c], (c in mtu) ? mtu[c] : "-",
-            cell(c, "up", base[c]), cell(c, "down", base[c]), cell(c, "conn", base[c])
+        printf "| %s | %s | %s | %s | %s | %s |\n", name[c], (c in mtu) ? mtu[c] : "-",
+            cell(c, "up", base[c]), cell(c, "down", base[c]), cell(c, "conn", base[c]),
+            cell(c, "conn8", base[c])
     }
     END {
         name["podvm-user"] = "podvm `--net user`"
         name["podvm-user-1500"] = "podvm `--net user,mtu=1500` (reference)"
+        name["podvm-user-noseccomp"] = "podvm `--net user --seccomp off` (reference)"
         name["qemu-slirp"] = "QEMU `-netdev user` (slirp)"
         name["qemu-passt"] = "QEMU + passt"
         name["podvm-tap"] = "podvm `--net tap=tap0,vhost=off`"
@@ -306,21 +310,22 @@ awk -v secs="$secs" -v conn_secs="$conn_secs" -v rounds="$rounds" '
         name["podvm-tap-vhost"] = "podvm `--net tap=tap0,vhost=on`"
         name["qemu-tap-vhost"] = "QEMU `-netdev tap,vhost=on`"
         base["podvm-user"] = base["qemu-slirp"] = base["qemu-passt"] = "podvm-user"
-        base["podvm-user-1500"] = "podvm-user"
+        base["podvm-user-1500"] = base["podvm-user-noseccomp"] = "podvm-user"
         base["podvm-tap"] = base["qemu-tap"] = "podvm-tap"
         base["podvm-tap-vhost"] = base["qemu-tap-vhost"] = "podvm-tap-vhost"
-        all = "podvm-user qemu-slirp qemu-passt podvm-user-1500 podvm-tap qemu-tap podvm-tap-vhost qemu-tap-vhost"
+        all = "podvm-user qemu-slirp qemu-passt podvm-user-1500 podvm-user-noseccomp podvm-tap qemu-tap podvm-tap-vhost qemu-tap-vhost"
         nall = split(all, cs, " ")
-        head = "| VMM, backend | guest MTU | guest→pod (Mbit/s) | pod→guest (Mbit/s) | connections/s |\n|---|---|---|---|---|"
+        head = "| VMM, backend | guest MTU | guest→pod (Mbit/s) | pod→guest (Mbit/s) | connections/s, 1 at a time | connections/s, 8 threads |\n|---|---|---|---|---|---|"
         print "User-mode networking (ratios relative to podvm `--net user`):\n"
         print head
-        for (i = 1; i <= 4; i++) if (cs[i] in runs) row(cs[i])
+        for (i = 1; i <= 5; i++) if (cs[i] in runs) row(cs[i])
         print "\nTap (ratios relative to podvm with the same vhost setting):\n"
         print head
-        for (i = 5; i <= nall; i++) if (cs[i] in runs) row(cs[i])
+        for (i = 6; i <= nall; i++) if (cs[i] in runs) row(cs[i])
         printf "\nMean of %s round(s); iperf3 -t %s -O 1, one stream, the receiver'"'"'s figure;\n", rounds, secs
         printf "connections: %s s of sequential connect + wait for the server'"'"'s FIN + close\n", conn_secs
-        print "(connrate). Order in the guest: up, connections, down. *: fewer rounds than asked"
+        printf "(connrate), in one thread, then in 8 threads at once. Order in the guest: up,\n"
+        print "connections (1, then 8 threads), down. *: fewer rounds than asked"
         print "gave this figure; \"hung\": the VM stopped making progress and was stopped;"
         print "\"failed\": the guest died (details below).\n"
         printf "Per round, with this host'"'"'s 1-minute load average when the VM ended (the\n"
