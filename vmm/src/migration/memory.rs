@@ -135,15 +135,10 @@ fn send_pages_every(
                 sent.pages += 1;
                 if sent.pages.is_multiple_of(CLOCK_EVERY) && last_out.elapsed() >= keepalive {
                     flush_data(w, &mut data, data_start, &mut sent)?;
-                    if let Some((start, n)) = zero_run.take() {
-                        zeroes.extend_from_slice(&start.to_le_bytes());
-                        zeroes.extend_from_slice(&n.to_le_bytes());
+                    if let Some(run) = zero_run.take() {
+                        push_run(&mut zeroes, run);
                     }
-                    if !zeroes.is_empty() {
-                        stream::write_section(w, Kind::Zeroes, &[&zeroes])?;
-                        sent.bytes += zeroes.len() as u64 + 12;
-                        zeroes.clear();
-                    }
+                    flush_zeroes(w, &mut zeroes, &mut sent)?;
                     w.flush()?;
                     last_out = Instant::now();
                 }
@@ -154,9 +149,8 @@ fn send_pages_every(
                             Some((start, n + 1))
                         }
                         other => {
-                            if let Some((start, n)) = other {
-                                zeroes.extend_from_slice(&start.to_le_bytes());
-                                zeroes.extend_from_slice(&n.to_le_bytes());
+                            if let Some(run) = other {
+                                push_run(&mut zeroes, run);
                             }
                             Some((gpa, 1))
                         }
@@ -172,21 +166,32 @@ fn send_pages_every(
             }
         }
         if zeroes.len() > stream::MAX_SECTION / 2 {
-            stream::write_section(w, Kind::Zeroes, &[&zeroes])?;
-            sent.bytes += zeroes.len() as u64 + 12;
-            zeroes.clear();
+            flush_zeroes(w, &mut zeroes, &mut sent)?;
         }
     }
     flush_data(w, &mut data, data_start, &mut sent)?;
-    if let Some((start, n)) = zero_run {
-        zeroes.extend_from_slice(&start.to_le_bytes());
-        zeroes.extend_from_slice(&n.to_le_bytes());
+    if let Some(run) = zero_run {
+        push_run(&mut zeroes, run);
     }
-    if !zeroes.is_empty() {
-        stream::write_section(w, Kind::Zeroes, &[&zeroes])?;
-        sent.bytes += zeroes.len() as u64 + 12;
-    }
+    flush_zeroes(w, &mut zeroes, &mut sent)?;
     Ok(sent)
+}
+
+/// Adds a run of zero pages (address, pages) to a `Zeroes` payload.
+fn push_run(zeroes: &mut Vec<u8>, (start, n): (u64, u32)) {
+    zeroes.extend_from_slice(&start.to_le_bytes());
+    zeroes.extend_from_slice(&n.to_le_bytes());
+}
+
+/// Writes the zero-page runs gathered as one `Zeroes` section, if there are any.
+fn flush_zeroes(w: &mut impl Write, zeroes: &mut Vec<u8>, sent: &mut Sent) -> std::io::Result<()> {
+    if zeroes.is_empty() {
+        return Ok(());
+    }
+    stream::write_section(w, Kind::Zeroes, &[zeroes])?;
+    sent.bytes += zeroes.len() as u64 + 12;
+    zeroes.clear();
+    Ok(())
 }
 
 fn flush_data(
@@ -285,6 +290,24 @@ mod tests {
         memory::create(mib << 20).unwrap()
     }
 
+    /// Receives the sections of `out` into `dst`, which must then hold what `src` holds.
+    fn assert_replays_to(out: &[u8], dst: &GuestMemory, src: &GuestMemory) {
+        let mut r = out;
+        let mut payload = Vec::new();
+        while let Ok(kind) = stream::read_section(&mut r, &mut payload) {
+            match kind {
+                Kind::Pages => receive_pages(dst, &payload).map(|_| ()),
+                Kind::Zeroes => receive_zeroes(dst, &payload).map(|_| ()),
+                other => panic!("{other:?}"),
+            }
+            .unwrap();
+        }
+        let (mut a, mut b) = (vec![0u8; 4 << 20], vec![0u8; 4 << 20]);
+        src.read_slice(&mut a, GuestAddress(0)).unwrap();
+        dst.read_slice(&mut b, GuestAddress(0)).unwrap();
+        assert!(a == b, "memory differs after the round trip");
+    }
+
     #[test]
     fn migration_pages_round_trip_with_zero_runs_and_only_what_is_dirty() {
         let src = mem(4);
@@ -302,20 +325,7 @@ mod tests {
         let dst = mem(4);
         // Junk the source does not have must be cleared by the zero runs.
         dst.write_slice(&[1; 10], GuestAddress(0x300000)).unwrap();
-        let mut r = &out[..];
-        let mut payload = Vec::new();
-        while let Ok(kind) = stream::read_section(&mut r, &mut payload) {
-            match kind {
-                Kind::Pages => receive_pages(&dst, &payload).map(|_| ()),
-                Kind::Zeroes => receive_zeroes(&dst, &payload).map(|_| ()),
-                other => panic!("{other:?}"),
-            }
-            .unwrap();
-        }
-        let (mut a, mut b) = (vec![0u8; 4 << 20], vec![0u8; 4 << 20]);
-        src.read_slice(&mut a, GuestAddress(0)).unwrap();
-        dst.read_slice(&mut b, GuestAddress(0)).unwrap();
-        assert!(a == b, "memory differs after the round trip");
+        assert_replays_to(&out, &dst, &src);
 
         // Only the pages selected are sent.
         let mut dirty: DirtyPages = all_pages(&src).iter().map(|r| vec![0; r.len()]).collect();
@@ -377,20 +387,7 @@ mod tests {
         }
         assert_eq!(zeroes, 250, "the zero pages before the first hand-over");
 
-        let dst = mem(4);
-        let mut r = &w.out[..];
-        while let Ok(kind) = stream::read_section(&mut r, &mut payload) {
-            match kind {
-                Kind::Pages => receive_pages(&dst, &payload).map(|_| ()),
-                Kind::Zeroes => receive_zeroes(&dst, &payload).map(|_| ()),
-                other => panic!("{other:?}"),
-            }
-            .unwrap();
-        }
-        let (mut a, mut b) = (vec![0u8; 4 << 20], vec![0u8; 4 << 20]);
-        src.read_slice(&mut a, GuestAddress(0)).unwrap();
-        dst.read_slice(&mut b, GuestAddress(0)).unwrap();
-        assert!(a == b, "memory differs after the round trip");
+        assert_replays_to(&w.out, &mem(4), &src);
     }
 
     #[test]
