@@ -24,6 +24,8 @@
 #    against the pod-side address of that configuration:
 #      podvm-user       podvm --net user                 10.0.2.1 (the pod's loopback)
 #      podvm-user-1500  podvm --net user,mtu=1500        10.0.2.1
+#      podvm-user-b     podvm --net user, but the binary NETBENCH_PODVM_B
+#                       (another build, for an A/B comparison)  10.0.2.1
 #      qemu-slirp       -netdev user                     10.0.2.2 (the host's loopback)
 #      qemu-passt       passt, -netdev stream            192.168.100.1 (gateway, mapped to loopback)
 #      podvm-tap        podvm --net tap=tap0,vhost=off   10.10.0.1 (the tap's address)
@@ -135,15 +137,24 @@ qemu_vm() { # LABEL NET SERVER NETDEV
 
 podvm_vm() { # LABEL NET SERVER NETSPEC [MORE PODVM ARGS]
     vm_cmdline=$(guest_cmdline "$1" "$2" "$3")
+    vm_label=$1
     vm_net=$4
     shift 4
-    exec "$NETBENCH_PODVM" run --kernel "$NETBENCH_KERNEL" --initrd "$NETBENCH_INITRD" \
+    exec "$(podvm_binary "$vm_label")" run --kernel "$NETBENCH_KERNEL" --initrd "$NETBENCH_INITRD" \
         --cmdline "$vm_cmdline" --cpus "$guest_cpus" --memory "$guest_mem" --net "$vm_net" \
         --api-socket /netbench/podvm-api.sock "$@"
 }
 
+# The podvm binary a configuration runs.
+podvm_binary() { # LABEL
+    case $1 in
+        podvm-user-b) echo "${NETBENCH_PODVM_B:?podvm-user-b needs NETBENCH_PODVM_B}" ;;
+        *) echo "$NETBENCH_PODVM" ;;
+    esac
+}
+
 counters() { # LABEL WHEN
-    "$NETBENCH_PODVM" api /netbench/podvm-api.sock counters 2>&1 | tr -d '\n' | tr -s ' ' |
+    "$(podvm_binary "$1")" api /netbench/podvm-api.sock counters 2>&1 | tr -d '\n' | tr -s ' ' |
         sed "s/^/NETBENCH-COUNTERS $1 $2 /"
     echo
 }
@@ -223,6 +234,7 @@ run_config() {
         podvm-user) podvm_vm "$c" dhcp 10.0.2.1 user ;;
         podvm-user-1500) podvm_vm "$c" dhcp 10.0.2.1 user,mtu=1500 ;;
         podvm-user-noseccomp) podvm_vm "$c" dhcp 10.0.2.1 user --seccomp off ;;
+        podvm-user-b) podvm_vm "$c" dhcp 10.0.2.1 user ;;
         podvm-tap) podvm_vm "$c" static:10.10.0.2/24:10.10.0.1 10.10.0.1 tap=tap0,vhost=off ;;
         podvm-tap-vhost) podvm_vm "$c" static:10.10.0.2/24:10.10.0.1 10.10.0.1 tap=tap0,vhost=on ;;
         qemu-slirp) qemu_vm "$c" dhcp 10.0.2.2 user,id=n0 ;;

@@ -39,7 +39,8 @@
 #                         qemu-slirp qemu-passt podvm-user-1500 podvm-tap
 #                         qemu-tap podvm-tap-vhost qemu-tap-vhost]; also
 #                         podvm-user-noseccomp (--seccomp off: what the
-#                         filters cost), not run unless named
+#                         filters cost) and podvm-user-b (--net user with
+#                         the binary NETBENCH_PODVM_B), not run unless named
 #   NETBENCH_VM_TIMEOUT   seconds before a run is stopped [180]
 #   NETBENCH_STALL_TIMEOUT seconds without console output before a run is
 #                         stopped [60]
@@ -47,6 +48,8 @@
 #                         none) [the host's gdb, if any]
 #   NETBENCH_RETRIES      reruns of the sandbox when it dies [1]
 #   NETBENCH_PODVM        the podvm binary [target/release/podvm]
+#   NETBENCH_PODVM_B      a second podvm binary, for an A/B comparison of two
+#                         builds in one run (configuration podvm-user-b) []
 #   NETBENCH_BUILD_PODVM  1: run cargo build --release -p launcher first [0]
 #   NETBENCH_OUT          output directory [target/net-bench]
 #   NETBENCH_BUILD_ONLY   1: stop after building the archives [0]
@@ -77,6 +80,7 @@ gdb=${NETBENCH_GDB-$(command -v gdb || true)}
 retries=${NETBENCH_RETRIES:-1}
 out=${NETBENCH_OUT:-$root/target/net-bench}
 podvm=${NETBENCH_PODVM:-$root/target/release/podvm}
+podvm_b=${NETBENCH_PODVM_B:-}
 guest_dir=$root/target/guest
 qemu=$(command -v qemu-system-x86_64 || true)
 ipcmd=/usr/sbin/ip # iproute2: busybox's ip has no tuntap and no dummy links
@@ -207,6 +211,14 @@ if [[ -n $gdb ]]; then
     [[ -n $py && -d /usr/lib/$py ]] && gdb_files+=(--file "/usr/lib/$py")
     [[ -d /usr/share/gdb ]] && gdb_files+=(--file /usr/share/gdb)
 fi
+b_files=()
+if [[ -n $podvm_b ]]; then
+    [[ -x $podvm_b ]] || podvm_die "NETBENCH_PODVM_B=$podvm_b is not an executable"
+    podvm_b=$(realpath -- "$podvm_b")
+    b_files=(--file "$podvm_b" --env "NETBENCH_PODVM_B=$podvm_b")
+elif [[ " $configs " == *" podvm-user-b "* ]]; then
+    podvm_die "configuration podvm-user-b needs NETBENCH_PODVM_B (a second podvm binary)"
+fi
 sandbox_cmd=(
     "$root/tests/sandbox/run" --mem "$sandbox_mem" --cpus 2
     --file "$podvm" --file "$qemu" --file /usr/share/qemu --file /usr/share/seabios
@@ -214,6 +226,7 @@ sandbox_cmd=(
     --file "$kernel" --file "$initrd" --file "$out/netbench-sandbox.cpio"
     --file "$here/in-sandbox.sh"
     "${gdb_files[@]}"
+    "${b_files[@]}"
     --env "NETBENCH_CPIO=$out/netbench-sandbox.cpio" --env "NETBENCH_KERNEL=$kernel"
     --env "NETBENCH_INITRD=$initrd" --env "NETBENCH_PODVM=$podvm"
     --env "NETBENCH_QEMU=$qemu" --env "NETBENCH_PASST=$passt" --env "NETBENCH_IP=$ipcmd"
@@ -303,6 +316,7 @@ awk -v secs="$secs" -v conn_secs="$conn_secs" -v rounds="$rounds" '
         name["podvm-user"] = "podvm `--net user`"
         name["podvm-user-1500"] = "podvm `--net user,mtu=1500` (reference)"
         name["podvm-user-noseccomp"] = "podvm `--net user --seccomp off` (reference)"
+        name["podvm-user-b"] = "podvm `--net user`, binary B (A/B)"
         name["qemu-slirp"] = "QEMU `-netdev user` (slirp)"
         name["qemu-passt"] = "QEMU + passt"
         name["podvm-tap"] = "podvm `--net tap=tap0,vhost=off`"
@@ -310,18 +324,18 @@ awk -v secs="$secs" -v conn_secs="$conn_secs" -v rounds="$rounds" '
         name["podvm-tap-vhost"] = "podvm `--net tap=tap0,vhost=on`"
         name["qemu-tap-vhost"] = "QEMU `-netdev tap,vhost=on`"
         base["podvm-user"] = base["qemu-slirp"] = base["qemu-passt"] = "podvm-user"
-        base["podvm-user-1500"] = base["podvm-user-noseccomp"] = "podvm-user"
+        base["podvm-user-1500"] = base["podvm-user-noseccomp"] = base["podvm-user-b"] = "podvm-user"
         base["podvm-tap"] = base["qemu-tap"] = "podvm-tap"
         base["podvm-tap-vhost"] = base["qemu-tap-vhost"] = "podvm-tap-vhost"
-        all = "podvm-user qemu-slirp qemu-passt podvm-user-1500 podvm-user-noseccomp podvm-tap qemu-tap podvm-tap-vhost qemu-tap-vhost"
+        all = "podvm-user qemu-slirp qemu-passt podvm-user-1500 podvm-user-noseccomp podvm-user-b podvm-tap qemu-tap podvm-tap-vhost qemu-tap-vhost"
         nall = split(all, cs, " ")
         head = "| VMM, backend | guest MTU | guest→pod (Mbit/s) | pod→guest (Mbit/s) | connections/s, 1 at a time | connections/s, 8 threads |\n|---|---|---|---|---|---|"
         print "User-mode networking (ratios relative to podvm `--net user`):\n"
         print head
-        for (i = 1; i <= 5; i++) if (cs[i] in runs) row(cs[i])
+        for (i = 1; i <= 6; i++) if (cs[i] in runs) row(cs[i])
         print "\nTap (ratios relative to podvm with the same vhost setting):\n"
         print head
-        for (i = 6; i <= nall; i++) if (cs[i] in runs) row(cs[i])
+        for (i = 7; i <= nall; i++) if (cs[i] in runs) row(cs[i])
         printf "\nMean of %s round(s); iperf3 -t %s -O 1, one stream, the receiver'"'"'s figure;\n", rounds, secs
         printf "connections: %s s of sequential connect + wait for the server'"'"'s FIN + close\n", conn_secs
         printf "(connrate), in one thread, then in 8 threads at once. Order in the guest: up,\n"
