@@ -346,30 +346,39 @@ impl Net {
                 Err(_) => break false,
             }
         };
-        if used_any {
-            self.notify(&mut active, TX);
-        }
         self.active = Some(active);
         if !healthy {
             self.break_queue(TX);
         }
+        // The backend answers what it was given (an ARP reply, a SYN-ACK, a loopback
+        // connection's data) before the guest hears of it: the TX queue's used buffers and
+        // the answers then cost the guest one interrupt, not two (each is an injection, a
+        // status read and an acknowledgement, all exits).
         self.backend.flush();
-        self.deliver_rx();
+        let delivered = self.fill_rx();
+        self.notify(used_any, delivered);
         healthy
     }
 
     /// Hands the guest the frames the backend has for it, as long as the guest has buffers.
     pub(crate) fn deliver_rx(&mut self) {
+        let delivered = self.fill_rx();
+        self.notify(false, delivered);
+    }
+
+    /// Writes what the backend has into receive buffers; true if the RX queue has new used
+    /// buffers (the driver is not told here).
+    fn fill_rx(&mut self) -> bool {
         if self.frozen {
-            return;
+            return false;
         }
         if self.broken[RX] && self.active.is_some() {
             self.drop_rx_frames();
             self.backend.rx_room();
-            return;
+            return false;
         }
         let Some(mut active) = self.active.take() else {
-            return;
+            return false;
         };
         let mergeable = self.acked(VIRTIO_NET_F_MRG_RXBUF);
         let flags = if self.config.rx_checksums_valid && self.acked(VIRTIO_NET_F_GUEST_CSUM) {
@@ -426,9 +435,6 @@ impl Net {
                 }
             }
         }
-        if delivered {
-            self.notify(&mut active, RX);
-        }
         self.active = Some(active);
         if broken {
             self.break_queue(RX);
@@ -437,6 +443,7 @@ impl Net {
         if broken || delivered {
             self.backend.rx_room();
         }
+        delivered
     }
 
     /// A link that is down (a broken RX queue, a migration holding the device): what the
@@ -448,13 +455,17 @@ impl Net {
         }
     }
 
-    fn notify(&self, active: &mut Active, queue: usize) {
-        let q = if queue == RX {
-            &mut active.rx
-        } else {
-            &mut active.tx
+    /// Tells the driver of new used buffers in the TX queue (`tx`), the RX queue (`rx`) or
+    /// both, with one interrupt where both want one (the transport's interrupt status does not
+    /// say which queue; the driver looks at both).
+    fn notify(&mut self, tx: bool, rx: bool) {
+        let Some(active) = self.active.as_mut() else {
+            return;
         };
-        if q.needs_notification(&active.mem).unwrap_or(true) {
+        // Both are asked (with EVENT_IDX the question records what the driver was told).
+        let tx = tx && active.tx.needs_notification(&active.mem).unwrap_or(true);
+        let rx = rx && active.rx.needs_notification(&active.mem).unwrap_or(true);
+        if tx || rx {
             M::inc(&self.metrics.interrupts);
             if let Err(e) = active.interrupt.signal_used_queue() {
                 tracing::warn!(error = %e, "virtio-net interrupt failed");
@@ -864,6 +875,56 @@ mod tests {
             net.reset();
             assert!(!net.broken[RX]);
         });
+    }
+
+    /// A backend that answers every frame at once with the same frame.
+    struct Echo(VecDeque<Vec<u8>>);
+
+    impl NetBackend for Echo {
+        fn send(&mut self, frame: &[u8]) {
+            self.0.push_back(frame.to_vec());
+        }
+        fn rx_peek(&mut self) -> Option<&[u8]> {
+            self.0.front().map(Vec::as_slice)
+        }
+        fn rx_pop(&mut self) {
+            self.0.pop_front();
+        }
+        fn event_fd(&self) -> std::os::fd::RawFd {
+            -1
+        }
+        fn process(&mut self) {}
+    }
+
+    /// A frame the backend answers at once (a SYN-ACK, an ARP reply) costs the guest one
+    /// interrupt for both queues, not one for the sent frame and one for the answer.
+    #[test]
+    fn net_tx_frame_and_its_immediate_answer_share_one_interrupt() {
+        let mem = Mem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut net = active_net(&mem, Vec::new());
+        net.backend = Box::new(Echo(VecDeque::new()));
+        post(&mem, 0, 4);
+        // One TX chain: a zeroed virtio-net header and a 60-byte frame, one descriptor.
+        let frame: Vec<u8> = (0..60u8).collect();
+        let at = BUFS + 0x8000;
+        mem.write_slice(&frame, GuestAddress(at + HDR_LEN as u64))
+            .unwrap();
+        mem.write_obj(at, GuestAddress(TX_DESC)).unwrap();
+        mem.write_obj((HDR_LEN + frame.len()) as u32, GuestAddress(TX_DESC + 8))
+            .unwrap();
+        mem.write_obj(0u16, GuestAddress(TX_AVAIL + 4)).unwrap();
+        mem.write_obj(1u16, GuestAddress(TX_AVAIL + 2)).unwrap();
+
+        assert!(net.process_tx());
+        let tx_used: u16 = mem.read_obj(GuestAddress(TX_USED + 2)).unwrap();
+        assert_eq!((tx_used, used_idx(&mem)), (1, 1), "sent and answered");
+        let mut got = vec![0u8; frame.len()];
+        mem.read_slice(&mut got, GuestAddress(BUFS + HDR_LEN as u64))
+            .unwrap();
+        assert_eq!(got, frame);
+        assert_eq!(M::get(&net.metrics.interrupts), 1);
+        let active = net.active.as_ref().unwrap();
+        assert_eq!(active.interrupt.status(), 1, "the used-ring bit");
     }
 
     #[test]

@@ -129,6 +129,8 @@ pub struct UserNet {
     stack: Stack,
     epoll: Epoll,
     timer: TimerFd,
+    /// When the armed timer fires; None once it has fired.
+    timer_due: Option<std::time::Instant>,
     tcp: tcp::TcpNat,
     udp: udp::UdpNat,
     icmp: icmp::IcmpNat,
@@ -203,6 +205,7 @@ impl UserNet {
             },
             epoll,
             timer,
+            timer_due: None,
             tcp: tcp::TcpNat::new(tcp::TcpLimits {
                 max_flows: config.max_flows,
                 buffer: config.tcp_buffer,
@@ -226,10 +229,17 @@ impl UserNet {
         Ok(net)
     }
 
+    /// Makes sure the timer fires within `after`. A timer already due sooner stays as it
+    /// is (firing early costs one pass; re-arming on every pass cost a syscall per frame).
     fn arm_timer(&mut self, after: Duration) {
         let after = after.max(Duration::from_micros(100));
-        if let Err(e) = self.timer.reset(after, None) {
-            tracing::warn!(error = %e, "cannot arm the NAT timer");
+        let due = std::time::Instant::now() + after;
+        if self.timer_due.is_some_and(|armed| armed <= due) {
+            return;
+        }
+        match self.timer.reset(after, None) {
+            Ok(()) => self.timer_due = Some(due),
+            Err(e) => tracing::warn!(error = %e, "cannot arm the NAT timer"),
         }
     }
 
@@ -399,6 +409,7 @@ impl NetBackend for UserNet {
                 match token & KIND_MASK {
                     TOKEN_TIMER => {
                         let _ = self.timer.wait();
+                        self.timer_due = None;
                         housekeeping = true;
                     }
                     TOKEN_TCP => {
