@@ -23,6 +23,8 @@ pub enum Format {
 
 /// The VMI every JSON line names (set once the spec is read).
 static VMI: OnceLock<(String, String)> = OnceLock::new();
+/// The log is JSON lines.
+static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Names the VMI in every later JSON line.
 pub fn set_vmi(namespace: &str, name: &str) {
@@ -41,6 +43,7 @@ pub fn init(format: Format, from_vmi: bool) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
+    JSON.store(json, std::sync::atomic::Ordering::Relaxed);
     if json {
         builder.event_format(JsonLines).init();
     } else {
@@ -127,25 +130,28 @@ impl Visit for Fields {
 /// `2026-11-29T03:20:19.123Z`.
 fn rfc3339(t: std::time::SystemTime) -> String {
     let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let secs = since.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (year, month, day, hour, minute, second) = podvm_seccomp::utc(since.as_secs());
     format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
+        "{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{:03}Z",
         since.subsec_millis()
     )
+}
+
+/// The fields a JSON line of `target` carries after `msg` (the VMI's, the target), with
+/// the closing brace, when the log is JSON: what podvm_seccomp's lines, written without
+/// this subscriber, end with.
+pub fn json_tail(target: &str) -> Option<String> {
+    if !JSON.load(std::sync::atomic::Ordering::Relaxed) {
+        return None;
+    }
+    let mut fields = Map::new();
+    if let Some((namespace, name)) = VMI.get() {
+        fields.insert("namespace".into(), Value::String(namespace.clone()));
+        fields.insert("name".into(), Value::String(name.clone()));
+    }
+    fields.insert("target".into(), Value::String(target.into()));
+    let object = Value::Object(fields).to_string();
+    Some(format!(",{}", &object[1..]))
 }
 
 #[cfg(test)]

@@ -281,6 +281,9 @@ fn run(args: RunArgs) -> Result<u8, Error> {
     if args.seccomp == podvm_seccomp::Mode::Off {
         tracing::warn!("--seccomp off: podvm runs WITHOUT seccomp filters; for development only, never in a pod");
     }
+    if let Some(tail) = logging::json_tail("podvm_seccomp") {
+        podvm_seccomp::log_as_json(&tail);
+    }
     podvm_seccomp::set_mode(args.seccomp).map_err(Error::Seccomp)?;
     // Before any thread starts: SIGTERM/SIGINT then reach only the event loop's signalfd.
     vmm::shutdown::block_termination_signals().map_err(Error::Signals)?;

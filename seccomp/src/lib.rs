@@ -27,7 +27,7 @@ use seccompiler::{
 pub use lists::{allowlist, Allowed, Arg};
 pub use notify::violations;
 pub use profile::oci_profile;
-pub use sigsys::{EXIT_STATUS, TERMINATION_LOG_ENV};
+pub use sigsys::{log_as_json, utc, EXIT_STATUS, TERMINATION_LOG_ENV};
 
 /// The kinds of podvm threads, each with its own list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

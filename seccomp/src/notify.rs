@@ -266,7 +266,7 @@ fn answer(fd: i32, slot: usize) {
         Verdict::Allowed,
         &mut line,
     );
-    line.write_to(2);
+    line.log();
     let resp = libc::seccomp_notif_resp {
         id: notif.id,
         val: 0,

@@ -7,6 +7,7 @@
 use std::cell::Cell;
 use std::io;
 use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::OnceLock;
 
 use crate::ThreadKind;
 
@@ -49,6 +50,41 @@ pub(crate) fn write_termination_log(bytes: &[u8]) {
     }
 }
 
+/// JSON log lines: what follows `msg` in each (the VMI's fields, the target, the closing
+/// brace), set once before the first filter. Unset: plain lines.
+static JSON_TAIL: OnceLock<Box<[u8]>> = OnceLock::new();
+
+/// Makes the lines about refused calls on stderr JSON objects like the rest of podvm's log
+/// when it is JSON: `{"ts":...,"level":...,"msg":...` and then `tail`, the remaining
+/// fields with the closing brace (`,"name":"vm","target":"podvm_seccomp"}`). The
+/// termination message stays a plain line. Call before the first filter.
+pub fn log_as_json(tail: &str) {
+    let _ = JSON_TAIL.set(tail.as_bytes().into());
+}
+
+/// Year, month, day, hour, minute, second (UTC) of `secs` seconds after the Unix epoch;
+/// pure arithmetic (Howard Hinnant's civil-from-days), so a signal handler may use it.
+pub fn utc(secs: u64) -> (i64, u64, u64, u64, u64, u64) {
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (
+        year,
+        month as u64,
+        day as u64,
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+    )
+}
+
 pub(crate) fn remember(kind: ThreadKind) {
     let index = ThreadKind::ALL.iter().position(|&k| k == kind).unwrap_or(0);
     KIND.with(|k| k.set(index as u8));
@@ -73,15 +109,18 @@ pub(crate) fn install_handler() -> io::Result<()> {
 
 /// A fixed buffer for the log line.
 pub(crate) struct Line {
-    buf: [u8; 512],
+    buf: [u8; 1024],
     len: usize,
+    /// The level of the line in a JSON log.
+    level: &'static [u8],
 }
 
 impl Line {
     pub(crate) fn new() -> Line {
         Line {
-            buf: [0; 512],
+            buf: [0; 1024],
             len: 0,
+            level: b"warn",
         }
     }
 
@@ -89,6 +128,62 @@ impl Line {
     pub(crate) fn write_to(&self, fd: i32) {
         // SAFETY: writes the initialised part of the buffer.
         unsafe { libc::write(fd, self.buf.as_ptr().cast(), self.len) };
+    }
+
+    /// Writes the line to stderr: as it is, or as a JSON object when the log is JSON. No
+    /// lock, no allocation: the signal handler and log mode's supervisor use it.
+    pub(crate) fn log(&self) {
+        match JSON_TAIL.get() {
+            None => self.write_to(2),
+            Some(tail) => {
+                let mut json = Line::new();
+                self.json(now(), tail, &mut json);
+                json.write_to(2);
+            }
+        }
+    }
+
+    /// The line as a JSON object at `now` (seconds, milliseconds since the epoch), followed
+    /// by `tail`. The message is cut, not the object, if it does not fit.
+    fn json(&self, now: (u64, u64), tail: &[u8], out: &mut Line) {
+        let (year, month, day, hour, minute, second) = utc(now.0);
+        out.push(b"{\"ts\":\"");
+        out.push_dec_width(year.max(0) as u64, 4);
+        out.push(b"-");
+        out.push_dec_width(month, 2);
+        out.push(b"-");
+        out.push_dec_width(day, 2);
+        out.push(b"T");
+        out.push_dec_width(hour, 2);
+        out.push(b":");
+        out.push_dec_width(minute, 2);
+        out.push(b":");
+        out.push_dec_width(second, 2);
+        out.push(b".");
+        out.push_dec_width(now.1, 3);
+        out.push(b"Z\",\"level\":\"");
+        out.push(self.level);
+        out.push(b"\",\"msg\":\"");
+        let text = &self.buf[..self.len];
+        let text = text.strip_prefix(b"podvm: ").unwrap_or(text);
+        let text = text.strip_suffix(b"\n").unwrap_or(text);
+        // Room for the longest escape, the closing quote, the tail and the line break.
+        let end = out.buf.len().saturating_sub(tail.len() + 8);
+        for &b in text {
+            if out.len >= end {
+                break;
+            }
+            match b {
+                b'"' => out.push(b"\\\""),
+                b'\\' => out.push(b"\\\\"),
+                0x20..=0x7e => out.push(&[b]),
+                // Control bytes, and bytes of a path that may not be UTF-8.
+                _ => out.push(b"?"),
+            }
+        }
+        out.push(b"\"");
+        out.push(tail);
+        out.push(b"\n");
     }
 
     #[cfg(test)]
@@ -114,6 +209,20 @@ impl Line {
             }
         }
         self.push(&digits[i..]);
+    }
+
+    /// `v` in decimal, zero-padded to `width` digits.
+    fn push_dec_width(&mut self, v: u64, width: usize) {
+        let mut digits = 1;
+        let mut rest = v / 10;
+        while rest > 0 {
+            digits += 1;
+            rest /= 10;
+        }
+        for _ in digits..width {
+            self.push(b"0");
+        }
+        self.push_dec(v);
     }
 
     fn push_hex(&mut self, v: u64) {
@@ -176,6 +285,7 @@ pub(crate) fn describe(
     line.push(b", which its filter does not allow; ");
     match verdict {
         Verdict::Stopped => {
+            line.level = b"error";
             line.push(b"podvm stops (exit status ");
             line.push_dec(EXIT_STATUS as u64);
             line.push(b"; --seccomp log lets it run and logs instead)\n");
@@ -233,17 +343,32 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, context: 
     let path = (path_ptr != 0).then_some(&path_buf[..path_len]);
     let mut line = Line::new();
     describe(kind, i64::from(nr), args, path, Verdict::Stopped, &mut line);
-    // Writes the line to stderr and to the termination message file (a descriptor opened
-    // at start, or none), then ends the process.
-    // SAFETY: write and _exit are async-signal-safe, allowed by every filter, and given an initialised buffer.
-    unsafe {
-        libc::write(2, line.buf.as_ptr().cast(), line.len);
-        let log = TERMINATION_LOG.load(Ordering::Relaxed);
-        if log >= 0 {
-            libc::write(log, line.buf.as_ptr().cast(), line.len);
-        }
-        libc::_exit(EXIT_STATUS);
+    // The line goes to stderr (JSON if the log is) and, plain, to the termination message
+    // file (a descriptor opened at start, or none); then the process ends. Only
+    // clock_gettime, write and _exit are called: async-signal-safe, and allowed by every
+    // filter.
+    line.log();
+    let log = TERMINATION_LOG.load(Ordering::Relaxed);
+    if log >= 0 {
+        line.write_to(log);
     }
+    // SAFETY: _exit ends the process at once; nothing of this handler's runs after it.
+    unsafe { libc::_exit(EXIT_STATUS) }
+}
+
+/// The wall clock: seconds and milliseconds since the epoch (clock_gettime, which a signal
+/// handler may call and every filter allows).
+fn now() -> (u64, u64) {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `ts`, which is valid for writes.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+    (
+        ts.tv_sec.max(0) as u64,
+        ts.tv_nsec.max(0) as u64 / 1_000_000,
+    )
 }
 
 #[cfg(test)]
@@ -279,6 +404,52 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    #[test]
+    fn seccomp_violation_line_in_a_json_log_is_one_object_with_the_log_fields() {
+        let mut line = Line::new();
+        describe(
+            Some(ThreadKind::Vcpu),
+            libc::SYS_openat,
+            [0xffff_ff9c, 0x1000, 0],
+            Some(b"/tmp/a \"quoted\" \\ name\n\xff"),
+            Verdict::Stopped,
+            &mut line,
+        );
+        let mut json = Line::new();
+        // 2026-11-29T18:40:05.123Z
+        line.json(
+            (1_795_977_605, 123),
+            br#","namespace":"ns","name":"vm","target":"podvm_seccomp"}"#,
+            &mut json,
+        );
+        let text = json.text();
+        assert!(text.ends_with("}\n") && text.lines().count() == 1, "{text}");
+        let v: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert_eq!(v["ts"], "2026-11-29T18:40:05.123Z");
+        assert_eq!(v["level"], "error");
+        assert_eq!((&v["namespace"], &v["name"]), (&"ns".into(), &"vm".into()));
+        assert_eq!(v["target"], "podvm_seccomp");
+        let msg = v["msg"].as_str().unwrap();
+        assert!(
+            msg.starts_with("seccomp: the vcpu thread made system call openat (257)"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains(r#"on "/tmp/a "quoted" \ name??""#),
+            "escaped, control and non-ASCII bytes replaced: {msg}"
+        );
+
+        // A message too long for the buffer is cut; the object stays whole.
+        let mut long = Line::new();
+        long.push(&[b'"'; 1000]);
+        let mut json = Line::new();
+        long.json((0, 0), br#","target":"t"}"#, &mut json);
+        let v: serde_json::Value = serde_json::from_str(json.text()).unwrap();
+        assert_eq!(v["ts"], "1970-01-01T00:00:00.000Z");
+        assert_eq!(v["level"], "warn");
+        assert!(v["msg"].as_str().unwrap().len() > 400);
     }
 
     #[test]
