@@ -9,7 +9,8 @@
 #   - with podvm.exec=<base64 of a sh script> on the kernel command line:
 #     runs that script, prints "PODVM-EXIT <status>" on a line of its own and
 #     powers off;
-#   - without it: an interactive shell on the console, power-off on its exit.
+#   - without it: the first NIC (eth0) configured by DHCP, as a cloud image
+#     would, then an interactive shell on the console, power-off on its exit.
 
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
 umask 022
@@ -32,6 +33,37 @@ podvm_load_modules /etc/podvm/modules
 mkdir -p /var/run /var/log
 acpid -c /etc/acpi -l /var/log/acpid.log 2>/dev/null ||
     echo "podvm-init: acpid did not start" >&2
+
+# For the interactive shell: lo up and, if the VM has a NIC, eth0 configured
+# by DHCP (busybox udhcpc: address, router, MTU, name servers), as a cloud
+# image's network set-up would; IPv6 needs nothing (the kernel takes the
+# router's advertisements). udhcpc stays in the background to renew the lease;
+# without an answer in 3 s it goes on trying there.
+net_up() {
+    ip link set lo up
+    [ -e /sys/class/net/eth0 ] || return 0
+    ip link set eth0 up
+    cat >/tmp/udhcpc.sh <<'EOS'
+#!/bin/sh
+case "$1" in
+deconfig) ip -4 addr flush dev "$interface" ;;
+bound | renew)
+    ip -4 addr flush dev "$interface"
+    ip addr add "$ip/$mask" dev "$interface"
+    [ -n "$mtu" ] && ip link set "$interface" mtu "$mtu"
+    for r in $router; do ip route add default via "$r" dev "$interface"; done
+    {
+        [ -n "$search" ] && echo "search $search"
+        for d in $dns; do echo "nameserver $d"; done
+    } >/etc/resolv.conf
+    echo "podvm-init: $interface: $ip/$mask, gateway ${router:-none}, MTU ${mtu:-1500}, DNS ${dns:-none} (DHCP)" >/dev/console
+    ;;
+esac
+EOS
+    chmod +x /tmp/udhcpc.sh
+    udhcpc -i eth0 -b -t 3 -T 1 -s /tmp/udhcpc.sh >/dev/null 2>&1 ||
+        echo "podvm-init: eth0: udhcpc did not start" >&2
+}
 
 # The script to run: the value of podvm.exec= (standard base64 alphabet, '='
 # padding allowed; the kernel keeps dotted parameters out of init's argv and
@@ -56,6 +88,7 @@ if [ -n "$exec_b64" ]; then
     # script's output did not end with one.
     printf '\nPODVM-EXIT %d\n' "$status"
 else
+    net_up
     echo "podvm-init: no podvm.exec= on the kernel command line; starting a shell (exit powers off)"
     # setsid + cttyhack give the shell the console as controlling terminal,
     # so job control and ^C work.

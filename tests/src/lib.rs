@@ -430,6 +430,31 @@ pub fn run_guest_interactive(script: &str, replies: &[(&str, &str)]) -> Outcome 
     })
 }
 
+/// Boots the test guest without a script, as the demo does (its `/init` configures the NIC
+/// and starts a shell on the console), with `extra` podvm arguments; types `input` into the
+/// shell once `/init` says it starts it, and returns what happened (`exit` in `input` ends
+/// the VM).
+pub fn run_guest_shell(extra: &[&str], input: &str) -> Outcome {
+    use std::io::Write;
+
+    let g = guest();
+    let mut cmd = vm_command();
+    cmd.args(["run", "--kernel"])
+        .arg(&g.kernel)
+        .arg("--initrd")
+        .arg(&g.initrd)
+        .args(["--cmdline", &format!("{DEFAULT_CMDLINE} quiet")])
+        .args(extra);
+    pod::confine(&mut cmd);
+    let input = input.to_string();
+    run_watched(cmd, false, true, move |line, stdin, _| {
+        if let (true, Some(stdin)) = (line.contains("starting a shell"), stdin.as_mut()) {
+            let _ = stdin.write_all(input.as_bytes());
+            let _ = stdin.flush();
+        }
+    })
+}
+
 /// Boots the test guest running `script` with `extra` podvm arguments, and sends podvm the
 /// signal `signo` once a console line contains `marker`.
 pub fn run_guest_signal_on(script: &str, extra: &[&str], marker: &str, signo: i32) -> Outcome {

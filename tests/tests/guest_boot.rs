@@ -143,3 +143,32 @@ fn guest_ignoring_power_button_is_stopped_after_timeout() {
         "{out}"
     );
 }
+
+/// Without a script the test guest is the demo's: `/init` configures the NIC by DHCP, as a
+/// cloud image would, and starts a shell on the console, whose `exit` ends the VM.
+#[test]
+fn guest_shell_starts_with_its_nic_configured_by_dhcp() {
+    if !kvm_available() {
+        return;
+    }
+    let out = podvm_tests::run_guest_shell(
+        &["--net", "user"],
+        "echo ADDR=$(ip -4 -o addr show dev eth0 | awk '{ print $4 }')\n\
+         echo ROUTE=$(ip route show default)\n\
+         echo MTU=$(cat /sys/class/net/eth0/mtu)\n\
+         exit\n",
+    );
+    assert!(out.status.success(), "{out}");
+    assert!(
+        out.stdout
+            .contains("podvm-init: eth0: 10.0.2.2/24, gateway 10.0.2.1"),
+        "/init says what DHCP gave\n{out}"
+    );
+    assert_eq!(out.value("ADDR").as_deref(), Some("10.0.2.2/24"), "{out}");
+    assert!(
+        out.value("ROUTE")
+            .is_some_and(|r| r.starts_with("default via 10.0.2.1 dev eth0")),
+        "{out}"
+    );
+    assert_eq!(out.value("MTU").as_deref(), Some("65520"), "{out}");
+}

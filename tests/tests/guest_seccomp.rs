@@ -9,6 +9,11 @@ use podvm_tests::{guest_command, kvm_available, run_command};
 /// Boots a guest with the hook set for `kind` and returns podvm's outcome and what it
 /// wrote to its termination message file (Kubernetes' `terminationMessagePath`).
 fn violate(kind: &str) -> (podvm_tests::Outcome, String) {
+    violate_with(kind, &[])
+}
+
+/// [`violate`], with more podvm arguments (`more`).
+fn violate_with(kind: &str, more: &[&str]) -> (podvm_tests::Outcome, String) {
     let dir = podvm_tests::TempDir::new(&format!("seccomp-{kind}"));
     let termination_log = dir.file("termination-log", b"");
     // Were the thread not stopped, the guest would end at once, podvm with status 0.
@@ -19,7 +24,8 @@ fn violate(kind: &str) -> (podvm_tests::Outcome, String) {
     } else {
         &[]
     };
-    let mut cmd = guest_command("echo NOT-STOPPED", extra);
+    let extra: Vec<&str> = extra.iter().chain(more).copied().collect();
+    let mut cmd = guest_command("echo NOT-STOPPED", &extra);
     cmd.env("PODVM_SECCOMP_TEST_VIOLATION", kind)
         .env("PODVM_TERMINATION_LOG", &termination_log);
     let out = run_command(cmd);
@@ -54,6 +60,41 @@ fn seccomp_each_thread_kind_dies_on_a_call_outside_its_list_with_a_line_naming_i
             "{kind}: termination message {message:?}"
         );
     }
+}
+
+/// With `--log-format json` the line is a JSON object like podvm's other log lines (a log
+/// pipeline parses every line); the termination message stays the plain line.
+#[test]
+fn seccomp_violation_in_a_json_log_is_a_json_line() {
+    if !kvm_available() {
+        return;
+    }
+    let (out, message) = violate_with("vcpu", &["--log-format", "json"]);
+    assert_eq!(out.status.code(), Some(159), "{out}");
+    let lines: Vec<serde_json::Value> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("seccomp: the vcpu thread"))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}\n{out}")))
+        .collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    let line = &lines[0];
+    assert_eq!(line["level"], "error", "{line}");
+    assert_eq!(line["target"], "podvm_seccomp", "{line}");
+    assert!(
+        line["ts"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{line}"
+    );
+    assert!(
+        line["msg"].as_str().is_some_and(|m| m.starts_with(
+            "seccomp: the vcpu thread made system call getcwd (79) with arguments 0x"
+        )),
+        "{line}"
+    );
+    assert!(
+        message.starts_with("podvm: seccomp: the vcpu thread made system call getcwd (79)"),
+        "termination message {message:?}"
+    );
 }
 
 /// `Name: value` of a /proc status file.
