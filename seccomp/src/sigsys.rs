@@ -197,8 +197,13 @@ impl Line {
         self.len += n;
     }
 
-    fn push_dec(&mut self, mut v: u64) {
-        let mut digits = [0u8; 20];
+    fn push_dec(&mut self, v: u64) {
+        self.push_dec_width(v, 1);
+    }
+
+    /// `v` in decimal, zero-padded to `width` digits (at most 20).
+    fn push_dec_width(&mut self, mut v: u64, width: usize) {
+        let mut digits = [b'0'; 20];
         let mut i = digits.len();
         loop {
             i -= 1;
@@ -208,21 +213,8 @@ impl Line {
                 break;
             }
         }
-        self.push(&digits[i..]);
-    }
-
-    /// `v` in decimal, zero-padded to `width` digits.
-    fn push_dec_width(&mut self, v: u64, width: usize) {
-        let mut digits = 1;
-        let mut rest = v / 10;
-        while rest > 0 {
-            digits += 1;
-            rest /= 10;
-        }
-        for _ in digits..width {
-            self.push(b"0");
-        }
-        self.push_dec(v);
+        let start = i.min(digits.len().saturating_sub(width));
+        self.push(&digits[start..]);
     }
 
     fn push_hex(&mut self, v: u64) {
@@ -348,10 +340,7 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, context: 
     // clock_gettime, write and _exit are called: async-signal-safe, and allowed by every
     // filter.
     line.log();
-    let log = TERMINATION_LOG.load(Ordering::Relaxed);
-    if log >= 0 {
-        line.write_to(log);
-    }
+    write_termination_log(&line.buf[..line.len]);
     // SAFETY: _exit ends the process at once; nothing of this handler's runs after it.
     unsafe { libc::_exit(EXIT_STATUS) }
 }

@@ -358,16 +358,22 @@ pub fn vm_command() -> Command {
 
 /// The podvm command that boots the test guest running `script`, with `extra` arguments.
 pub fn guest_command(script: &str, extra: &[&str]) -> Command {
+    guest_command_with_cmdline(
+        &exec_cmdline(&format!("echo {SCRIPT_START}\n{script}")),
+        extra,
+    )
+}
+
+/// The podvm command that boots the test guest with kernel command line `cmdline`, with
+/// `extra` arguments.
+fn guest_command_with_cmdline(cmdline: &str, extra: &[&str]) -> Command {
     let g = guest();
     let mut cmd = vm_command();
     cmd.args(["run", "--kernel"])
         .arg(&g.kernel)
         .arg("--initrd")
         .arg(&g.initrd)
-        .args([
-            "--cmdline",
-            &exec_cmdline(&format!("echo {SCRIPT_START}\n{script}")),
-        ])
+        .args(["--cmdline", cmdline])
         .args(extra);
     // As root, podvm runs as a VM pod's user would (see `pod`).
     pod::confine(&mut cmd);
@@ -437,15 +443,7 @@ pub fn run_guest_interactive(script: &str, replies: &[(&str, &str)]) -> Outcome 
 pub fn run_guest_shell(extra: &[&str], input: &str) -> Outcome {
     use std::io::Write;
 
-    let g = guest();
-    let mut cmd = vm_command();
-    cmd.args(["run", "--kernel"])
-        .arg(&g.kernel)
-        .arg("--initrd")
-        .arg(&g.initrd)
-        .args(["--cmdline", &format!("{DEFAULT_CMDLINE} quiet")])
-        .args(extra);
-    pod::confine(&mut cmd);
+    let cmd = guest_command_with_cmdline(&format!("{DEFAULT_CMDLINE} quiet"), extra);
     let input = input.to_string();
     run_watched(cmd, false, true, move |line, stdin, _| {
         if let (true, Some(stdin)) = (line.contains("starting a shell"), stdin.as_mut()) {

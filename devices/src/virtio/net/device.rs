@@ -749,16 +749,24 @@ mod tests {
     use crate::GuestMemoryMmap as Mem;
     use std::collections::VecDeque;
 
-    /// A backend holding frames for the guest.
-    struct Frames(VecDeque<Vec<u8>>);
+    /// A backend holding frames for the guest; with `echo`, it answers every frame at once
+    /// with the same frame.
+    struct Frames {
+        rx: VecDeque<Vec<u8>>,
+        echo: bool,
+    }
 
     impl NetBackend for Frames {
-        fn send(&mut self, _frame: &[u8]) {}
+        fn send(&mut self, frame: &[u8]) {
+            if self.echo {
+                self.rx.push_back(frame.to_vec());
+            }
+        }
         fn rx_peek(&mut self) -> Option<&[u8]> {
-            self.0.front().map(Vec::as_slice)
+            self.rx.front().map(Vec::as_slice)
         }
         fn rx_pop(&mut self) {
-            self.0.pop_front();
+            self.rx.pop_front();
         }
         fn event_fd(&self) -> std::os::fd::RawFd {
             -1
@@ -841,7 +849,10 @@ mod tests {
             rx_checksums_valid: false,
             vhost: false,
         };
-        let backend = Box::new(Frames(VecDeque::from(frames)));
+        let backend = Box::new(Frames {
+            rx: VecDeque::from(frames),
+            echo: false,
+        });
         let mut net = Net::new(config, backend, Arc::new(M::default())).unwrap();
         net.set_acked_features(F_VERSION_1 | F_EVENT_IDX | 1 << VIRTIO_NET_F_MRG_RXBUF);
         let interrupt = Arc::new(Interrupt::new(IrqTrigger::new().unwrap()));
@@ -877,32 +888,16 @@ mod tests {
         });
     }
 
-    /// A backend that answers every frame at once with the same frame.
-    struct Echo(VecDeque<Vec<u8>>);
-
-    impl NetBackend for Echo {
-        fn send(&mut self, frame: &[u8]) {
-            self.0.push_back(frame.to_vec());
-        }
-        fn rx_peek(&mut self) -> Option<&[u8]> {
-            self.0.front().map(Vec::as_slice)
-        }
-        fn rx_pop(&mut self) {
-            self.0.pop_front();
-        }
-        fn event_fd(&self) -> std::os::fd::RawFd {
-            -1
-        }
-        fn process(&mut self) {}
-    }
-
     /// A frame the backend answers at once (a SYN-ACK, an ARP reply) costs the guest one
     /// interrupt for both queues, not one for the sent frame and one for the answer.
     #[test]
     fn net_tx_frame_and_its_immediate_answer_share_one_interrupt() {
         let mem = Mem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let mut net = active_net(&mem, Vec::new());
-        net.backend = Box::new(Echo(VecDeque::new()));
+        net.backend = Box::new(Frames {
+            rx: VecDeque::new(),
+            echo: true,
+        });
         post(&mem, 0, 4);
         // One TX chain: a zeroed virtio-net header and a 60-byte frame, one descriptor.
         let frame: Vec<u8> = (0..60u8).collect();
