@@ -25,8 +25,11 @@ use crate::api::http::{self, Response};
 pub const WEDGED_AFTER: Duration = Duration::from_secs(10);
 /// How often the status thread looks at the VM's state (the readiness file follows it).
 const TICK: Duration = Duration::from_millis(200);
-/// How long a status client has to send its request.
+/// How long a status client has to send its request and take the answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most status connections served at once; a new one beyond this closes the oldest, so
+/// idle connections cannot keep a probe out.
+const MAX_CLIENTS: usize = 32;
 
 /// The event loop's pulse: it beats after every wake-up, and wakes at least every second.
 #[derive(Debug)]
@@ -148,6 +151,16 @@ impl StatusThread {
         source: Arc<dyn StatusSource>,
         heartbeat: Arc<Heartbeat>,
     ) -> Result<Self, StatusError> {
+        Self::spawn_with(listener, ready_file, source, heartbeat, CLIENT_TIMEOUT)
+    }
+
+    fn spawn_with(
+        listener: Option<TcpListener>,
+        ready_file: Option<PathBuf>,
+        source: Arc<dyn StatusSource>,
+        heartbeat: Arc<Heartbeat>,
+        client_timeout: Duration,
+    ) -> Result<Self, StatusError> {
         let done = Arc::new(AtomicBool::new(false));
         let mut server = Server {
             listener,
@@ -156,6 +169,8 @@ impl StatusThread {
             source,
             heartbeat,
             done: done.clone(),
+            clients: Vec::new(),
+            client_timeout,
         };
         let handle = std::thread::Builder::new()
             .name("status".into())
@@ -181,15 +196,110 @@ struct Server {
     source: Arc<dyn StatusSource>,
     heartbeat: Arc<Heartbeat>,
     done: Arc<AtomicBool>,
+    /// The connections being served, oldest first.
+    clients: Vec<Client>,
+    /// [`CLIENT_TIMEOUT`] (tests choose another).
+    client_timeout: Duration,
+}
+
+/// One status connection: its request as it arrives, then its answer as the socket takes it.
+struct Client {
+    stream: TcpStream,
+    request: Vec<u8>,
+    /// The encoded answer and how much of it was written.
+    answer: Option<(Vec<u8>, usize)>,
+    /// When the exchange must be over (read and write together).
+    deadline: Instant,
+}
+
+impl Client {
+    fn new(stream: TcpStream, deadline: Instant) -> Option<Self> {
+        stream.set_nonblocking(true).ok()?;
+        Some(Self {
+            stream,
+            request: Vec::new(),
+            answer: None,
+            deadline,
+        })
+    }
+
+    /// Reads what has arrived, answers once the request is complete (`route`), and writes
+    /// what the socket takes; true once the connection is finished with.
+    fn progress(&mut self, route: impl FnOnce(&str, &str) -> Response) -> bool {
+        if self.answer.is_none() {
+            match self.read_request() {
+                Ok(Some(req)) => self.answer = Some((route(&req.method, &req.path).encode(), 0)),
+                Ok(None) => return false,
+                Err(response) => self.answer = Some((response.encode(), 0)),
+            }
+        }
+        self.write_answer()
+    }
+
+    /// The request once complete; `Ok(None)` while more must arrive; an error answer for a
+    /// bad, oversized or cut-off request.
+    fn read_request(&mut self) -> Result<Option<http::Request>, Response> {
+        let mut chunk = [0u8; 2048];
+        loop {
+            match (&self.stream).read(&mut chunk) {
+                Ok(0) => {
+                    return Err(Response::error(
+                        400,
+                        "the request ended before it was complete",
+                    ))
+                }
+                Ok(n) => self.request.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(_) => return Err(Response::error(400, "cannot read the request")),
+            }
+            match http::parse(&self.request) {
+                Ok(Some(req)) => return Ok(Some(req)),
+                Ok(None) if self.request.len() > http::MAX_HEAD => {
+                    return Err(Response::error(431, "request head too large"))
+                }
+                Ok(None) => {}
+                Err(e) => return Err(Response::error(e.status(), &e)),
+            }
+        }
+    }
+
+    /// Writes what the socket takes of the answer; true once it is all written (or the
+    /// client went away).
+    fn write_answer(&mut self) -> bool {
+        let Some((bytes, written)) = &mut self.answer else {
+            return false;
+        };
+        while *written < bytes.len() {
+            match (&self.stream).write(&bytes[*written..]) {
+                Ok(0) => return true,
+                Ok(n) => *written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(_) => return true,
+            }
+        }
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        true
+    }
+
+    /// Past its deadline: a 408 if it has no answer yet (one try, the socket will not wait).
+    fn expire(&mut self) {
+        if self.answer.is_none() {
+            self.answer = Some((
+                Response::error(408, "no complete request in time").encode(),
+                0,
+            ));
+            self.write_answer();
+        }
+    }
 }
 
 impl Server {
     fn run(&mut self) {
         while !self.done.load(Ordering::Acquire) {
             self.follow_readiness(self.source.state() == "running");
-            if self.wait_for_client() {
-                self.accept_all();
-            }
+            self.turn();
         }
         self.follow_readiness(false);
     }
@@ -231,65 +341,83 @@ impl Server {
         }
     }
 
-    /// Waits up to one tick for a client; true if one may be waiting.
-    fn wait_for_client(&self) -> bool {
+    /// Waits up to one tick (or the nearest client deadline) for the listener or a client,
+    /// then accepts new clients and moves every client on. A slow or idle client costs the
+    /// others nothing: all are served side by side, each within [`CLIENT_TIMEOUT`], at most
+    /// [`MAX_CLIENTS`] at once (a new one closes the oldest).
+    fn turn(&mut self) {
         let Some(listener) = &self.listener else {
             std::thread::sleep(TICK);
-            return false;
+            return;
         };
-        let mut fds = [libc::pollfd {
+        let now = Instant::now();
+        let wait = self
+            .clients
+            .iter()
+            .map(|c| c.deadline.saturating_duration_since(now))
+            .fold(TICK, Duration::min);
+        let mut fds = Vec::with_capacity(1 + self.clients.len());
+        fds.push(libc::pollfd {
             fd: listener.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
-        }];
-        // SAFETY: `fds` is a valid array of one pollfd for the duration of the call; the
-        // listener outlives it.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, TICK.as_millis() as libc::c_int) };
-        n > 0
+        });
+        fds.extend(self.clients.iter().map(|c| libc::pollfd {
+            fd: c.stream.as_raw_fd(),
+            events: if c.answer.is_some() {
+                libc::POLLOUT
+            } else {
+                libc::POLLIN
+            },
+            revents: 0,
+        }));
+        // Milliseconds, rounded up so a deadline is not polled for again and again.
+        let timeout = wait.as_micros().div_ceil(1000) as libc::c_int;
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfds for the duration of the
+        // call; the listener and the clients' sockets outlive it.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        let ready: Vec<bool> = if n > 0 {
+            fds.iter().map(|f| f.revents != 0).collect()
+        } else {
+            vec![false; fds.len()]
+        };
+        let now = Instant::now();
+        let mut clients = std::mem::take(&mut self.clients);
+        let mut i = 0;
+        clients.retain_mut(|c| {
+            i += 1;
+            if ready[i] && c.progress(|method, path| self.route(method, path)) {
+                return false;
+            }
+            if now >= c.deadline {
+                c.expire();
+                return false;
+            }
+            true
+        });
+        self.clients = clients;
+        if ready[0] {
+            self.accept_all(now);
+        }
     }
 
-    fn accept_all(&mut self) {
+    fn accept_all(&mut self, now: Instant) {
         let Some(listener) = &self.listener else {
             return;
         };
         loop {
             match listener.accept() {
                 Ok((stream, _)) => {
-                    let response = self.serve(&stream);
-                    let mut stream = stream;
-                    let _ = stream.write_all(&response.encode());
-                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                    let Some(client) = Client::new(stream, now + self.client_timeout) else {
+                        continue;
+                    };
+                    if self.clients.len() >= MAX_CLIENTS {
+                        self.clients.remove(0);
+                    }
+                    self.clients.push(client);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => return, // WouldBlock: no more clients
-            }
-        }
-    }
-
-    /// Reads one request (within [`CLIENT_TIMEOUT`]) and answers it.
-    fn serve(&self, stream: &TcpStream) -> Response {
-        let deadline = Instant::now() + CLIENT_TIMEOUT;
-        if stream.set_nonblocking(false).is_err()
-            || stream.set_read_timeout(Some(CLIENT_TIMEOUT)).is_err()
-        {
-            return Response::error(500, "cannot read the request");
-        }
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 2048];
-        loop {
-            match http::parse(&buf) {
-                Ok(Some(req)) => return self.route(&req.method, &req.path),
-                Ok(None) => {}
-                Err(e) => return Response::error(e.status(), &e),
-            }
-            if buf.len() > http::MAX_HEAD || Instant::now() > deadline {
-                return Response::error(408, "no complete request in time");
-            }
-            match (&*stream).read(&mut chunk) {
-                Ok(0) => return Response::error(400, "the request ended before it was complete"),
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return Response::error(408, "no complete request in time"),
             }
         }
     }
@@ -592,6 +720,95 @@ mod tests {
                 assert!(value.parse::<f64>().is_ok(), "{line}");
             }
         }
+    }
+
+    /// A status server on a loopback port, answering for [`Fake`].
+    fn server(client_timeout: Duration) -> (StatusThread, SocketAddr) {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let thread = StatusThread::spawn_with(
+            Some(listener),
+            None,
+            Arc::new(Fake),
+            Arc::new(Heartbeat::default()),
+            client_timeout,
+        )
+        .unwrap();
+        (thread, addr)
+    }
+
+    /// `GET path` on a new connection; the whole answer. A server that never answers
+    /// fails the test after a minute instead of hanging it.
+    fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: podvm\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)
+            .expect("the status server answers");
+        answer
+    }
+
+    #[test]
+    fn status_probe_is_answered_while_idle_clients_hold_connections() {
+        // Clients have ten minutes each: a server that serves one at a time answers the
+        // probe only after the idle ones gave up, long after `get` does.
+        let (thread, addr) = server(Duration::from_secs(600));
+        let idle: Vec<TcpStream> = (0..20).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        let answer = get(addr, "/healthz");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        // The idle clients are still being waited for, not answered or closed.
+        for s in &idle {
+            s.set_nonblocking(true).unwrap();
+            let e = (&*s).read(&mut [0u8; 16]).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        }
+        thread.stop();
+    }
+
+    #[test]
+    fn status_clients_beyond_the_limit_close_the_oldest() {
+        let (thread, addr) = server(Duration::from_secs(600));
+        let idle: Vec<TcpStream> = (0..MAX_CLIENTS + 4)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        let answer = get(addr, "/readyz");
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}"); // Fake is paused
+                                                                 // The probe and the last MAX_CLIENTS - 1 idle ones fit; the first five were closed
+                                                                 // unanswered.
+        for s in &idle[..5] {
+            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            assert_eq!((&*s).read(&mut [0u8; 16]).unwrap(), 0);
+        }
+        thread.stop();
+    }
+
+    #[test]
+    fn status_client_without_a_complete_request_gets_408_at_its_deadline() {
+        let (thread, addr) = server(Duration::from_millis(100));
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        thread.stop();
+    }
+
+    #[test]
+    fn status_oversized_request_head_is_refused() {
+        let (thread, addr) = server(Duration::from_secs(600));
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let head = format!(
+            "GET /healthz HTTP/1.1\r\nX: {}\r\n",
+            "a".repeat(http::MAX_HEAD)
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 4"), "{answer}");
+        thread.stop();
     }
 
     #[test]
