@@ -29,12 +29,16 @@ const SLP_TYP_MASK: u8 = 0x7;
 /// The sleep and reset registers.
 pub struct AcpiPm {
     exit: ExitRequest,
+    unsupported_sleep: crate::log_limit::LogLimit,
 }
 
 impl AcpiPm {
     /// A block that reports power-off and reset to `exit`.
     pub fn new(exit: ExitRequest) -> Self {
-        Self { exit }
+        Self {
+            exit,
+            unsupported_sleep: Default::default(),
+        }
     }
 }
 
@@ -52,7 +56,11 @@ impl BusDevice for AcpiPm {
                 if value & SLP_EN != 0 && sleep_type == S5_SLEEP_TYPE {
                     self.exit.request(ExitReason::PowerOff);
                 } else if value & SLP_EN != 0 {
-                    tracing::warn!(sleep_type, "guest asked for an unsupported sleep state");
+                    crate::warn_limited!(
+                        self.unsupported_sleep,
+                        sleep_type,
+                        "guest asked for an unsupported sleep state"
+                    );
                 }
             }
             RESET if value == RESET_VALUE => self.exit.request(ExitReason::Reset),

@@ -10,6 +10,7 @@ pub mod bus;
 pub mod exit;
 pub mod irq;
 pub mod legacy;
+pub mod log_limit;
 pub mod virtio;
 
 /// Guest memory as devices see it: every write a device makes through it marks the pages

@@ -33,8 +33,19 @@ pub fn set_vmi(namespace: &str, name: &str) {
 
 /// Starts logging; `PODVM_LOG` sets the filter (default `info`).
 pub fn init(format: Format, from_vmi: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PODVM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let asked = std::env::var("PODVM_LOG").unwrap_or_default();
+    let mut filter = tracing_subscriber::EnvFilter::try_new(&asked)
+        .ok()
+        .filter(|_| !asked.is_empty())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    // Everything virtio-queue logs is about what a guest did wrong (a bad ring index, an
+    // unreadable ring), which a guest can repeat without end; the devices count it and log it
+    // rate-limited. Its own lines only if asked for by name.
+    if !asked.contains("virtio_queue") {
+        if let Ok(quiet) = "virtio_queue=off".parse() {
+            filter = filter.add_directive(quiet);
+        }
+    }
     let json = match format {
         Format::Json => true,
         Format::Text => false,

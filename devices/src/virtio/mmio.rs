@@ -7,8 +7,10 @@
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueState, QueueT};
+use vm_memory::{GuestAddress, GuestMemory, Permissions};
 
 use crate::bus::BusDevice;
+use crate::log_limit::LogLimit;
 use crate::virtio::{Interrupt, VirtioDevice, F_VERSION_1};
 use crate::GuestMemoryMmap;
 
@@ -67,8 +69,11 @@ pub struct MmioTransport {
     queue_sel: u32,
     status: u32,
     config_generation: u32,
-    /// Register accesses the transport refused (bad width, bad state, unknown offset).
+    /// Register accesses the transport refused (bad width, bad state, unknown offset,
+    /// a queue size or ring address the queue cannot take).
     invalid_accesses: u64,
+    /// The log line of a refused activation (a guest can retry it after every reset).
+    activation_failed: LogLimit,
 }
 
 impl MmioTransport {
@@ -91,6 +96,7 @@ impl MmioTransport {
             status: 0,
             config_generation: 0,
             invalid_accesses: 0,
+            activation_failed: LogLimit::default(),
         }
     }
 
@@ -184,16 +190,28 @@ impl MmioTransport {
             self.invalid_accesses += 1;
             return;
         };
-        match offset {
-            REG_QUEUE_NUM => q.set_size(value as u16),
-            REG_QUEUE_READY => q.set_ready(value == 1),
-            REG_QUEUE_DESC_LOW => q.set_desc_table_address(Some(value), None),
-            REG_QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(value)),
-            REG_QUEUE_DRIVER_LOW => q.set_avail_ring_address(Some(value), None),
-            REG_QUEUE_DRIVER_HIGH => q.set_avail_ring_address(None, Some(value)),
-            REG_QUEUE_DEVICE_LOW => q.set_used_ring_address(Some(value), None),
-            REG_QUEUE_DEVICE_HIGH => q.set_used_ring_address(None, Some(value)),
+        // The `try_` setters: virtio-queue's plain ones log an error for every refused
+        // value, which a guest could repeat on every write; a refusal is counted instead.
+        let low = |addr: u64| GuestAddress((addr & !0xffff_ffff) | u64::from(value));
+        let high = |addr: u64| GuestAddress((addr & 0xffff_ffff) | (u64::from(value) << 32));
+        let result = match offset {
+            REG_QUEUE_NUM => u16::try_from(value)
+                .map_err(|_| virtio_queue::Error::InvalidSize)
+                .and_then(|size| q.try_set_size(size)),
+            REG_QUEUE_READY => {
+                q.set_ready(value == 1);
+                Ok(())
+            }
+            REG_QUEUE_DESC_LOW => q.try_set_desc_table_address(low(q.desc_table())),
+            REG_QUEUE_DESC_HIGH => q.try_set_desc_table_address(high(q.desc_table())),
+            REG_QUEUE_DRIVER_LOW => q.try_set_avail_ring_address(low(q.avail_ring())),
+            REG_QUEUE_DRIVER_HIGH => q.try_set_avail_ring_address(high(q.avail_ring())),
+            REG_QUEUE_DEVICE_LOW => q.try_set_used_ring_address(low(q.used_ring())),
+            REG_QUEUE_DEVICE_HIGH => q.try_set_used_ring_address(high(q.used_ring())),
             _ => unreachable!("only queue registers are routed here"),
+        };
+        if result.is_err() {
+            self.invalid_accesses += 1;
         }
     }
 
@@ -238,10 +256,7 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
-        let all_valid = self
-            .queues
-            .iter()
-            .all(|q| q.ready() && q.is_valid(&self.mem));
+        let all_valid = self.queues.iter().all(|q| queue_usable(q, &self.mem));
         let result = if all_valid {
             // The device takes the configured queues; the transport keeps fresh ones, which
             // read as not ready and are configured anew after a reset.
@@ -254,7 +269,7 @@ impl MmioTransport {
             Err("a queue is not ready or lies outside guest memory".to_string())
         };
         if let Err(e) = result {
-            tracing::warn!(error = %e, "virtio device activation failed");
+            crate::warn_limited!(self.activation_failed, error = %e, "virtio device activation failed");
             self.status |= status::DEVICE_NEEDS_RESET;
             let _ = self.interrupt.signal_config_change();
         }
@@ -272,6 +287,21 @@ impl MmioTransport {
         self.driver_features_sel = 0;
         self.queue_sel = 0;
     }
+}
+
+/// Whether `q` is ready and its rings lie in guest memory. The same check as virtio-queue's
+/// `is_valid`, which logs an error for every refusal (a guest could repeat it after every
+/// reset), made first so that `is_valid` is asked only what it accepts.
+fn queue_usable(q: &Queue, mem: &GuestMemoryMmap) -> bool {
+    let size = u64::from(q.size());
+    let in_memory = |addr: u64, len: u64, access: Permissions| {
+        usize::try_from(len).is_ok_and(|len| mem.check_range(GuestAddress(addr), len, access))
+    };
+    q.ready()
+        && in_memory(q.desc_table(), 16 * size, Permissions::Read)
+        && in_memory(q.avail_ring(), 6 + 2 * size, Permissions::Read)
+        && in_memory(q.used_ring(), 6 + 8 * size, Permissions::Write)
+        && q.is_valid(mem)
 }
 
 /// One queue's configuration and ring positions, as a migration stream carries it.
@@ -442,7 +472,7 @@ impl MmioTransport {
             lock(&self.device).set_acked_features(self.driver_features);
         }
         if self.running() {
-            if !queues.iter().all(|q| q.ready() && q.is_valid(&self.mem)) {
+            if !queues.iter().all(|q| queue_usable(q, &self.mem)) {
                 return Err(RestoreError(
                     "an active queue is not ready or lies outside guest memory".into(),
                 ));
@@ -504,5 +534,117 @@ impl BusDevice for MmioTransport {
             return;
         }
         self.write_reg(offset, u32::from_le_bytes(bytes));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::irq::IrqTrigger;
+    use crate::virtio::rng::Rng;
+
+    const MEM: u64 = 0x10_0000;
+
+    fn transport() -> MmioTransport {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
+        let device = Arc::new(Mutex::new(Rng::new().unwrap()));
+        let interrupt = Arc::new(Interrupt::new(IrqTrigger::new().unwrap()));
+        MmioTransport::new(device, mem, interrupt)
+    }
+
+    fn write(t: &mut MmioTransport, offset: u64, value: u32) {
+        t.write(offset, &value.to_le_bytes());
+    }
+
+    fn read(t: &mut MmioTransport, offset: u64) -> u32 {
+        let mut data = [0u8; 4];
+        t.read(offset, &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    /// Status up to FEATURES_OK with VERSION_1 acked: queue configuration is open.
+    fn negotiated() -> MmioTransport {
+        let mut t = transport();
+        write(&mut t, REG_STATUS, status::ACKNOWLEDGE);
+        write(&mut t, REG_STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        write(&mut t, REG_DRIVER_FEATURES_SEL, 1);
+        write(&mut t, REG_DRIVER_FEATURES, (F_VERSION_1 >> 32) as u32);
+        write(
+            &mut t,
+            REG_STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        assert_eq!(
+            read(&mut t, REG_STATUS) & status::FEATURES_OK,
+            status::FEATURES_OK
+        );
+        t
+    }
+
+    fn rings(t: &mut MmioTransport, desc: u64, avail: u64, used: u64) {
+        for (low, addr) in [
+            (REG_QUEUE_DESC_LOW, desc),
+            (REG_QUEUE_DRIVER_LOW, avail),
+            (REG_QUEUE_DEVICE_LOW, used),
+        ] {
+            write(t, low, addr as u32);
+            write(t, low + 4, (addr >> 32) as u32);
+        }
+    }
+
+    const ALL: u32 = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+
+    #[test]
+    fn mmio_bad_queue_size_is_refused_and_counted_on_every_write() {
+        let mut t = negotiated();
+        let max = read(&mut t, REG_QUEUE_NUM_MAX);
+        for bad in [0, 3, max * 2, 0x1_0000 + 8] {
+            write(&mut t, REG_QUEUE_NUM, bad);
+        }
+        assert_eq!(t.invalid_accesses(), 4);
+        assert_eq!(u32::from(t.queues[0].size()), max, "the size is unchanged");
+        write(&mut t, REG_QUEUE_NUM, max / 2);
+        assert_eq!(u32::from(t.queues[0].size()), max / 2);
+        assert_eq!(t.invalid_accesses(), 4);
+    }
+
+    #[test]
+    fn mmio_misaligned_ring_addresses_are_refused_and_counted() {
+        let mut t = negotiated();
+        write(&mut t, REG_QUEUE_DESC_LOW, 0x1008); // 16-byte alignment
+        write(&mut t, REG_QUEUE_DRIVER_LOW, 0x2001); // 2
+        write(&mut t, REG_QUEUE_DEVICE_LOW, 0x3002); // 4
+        assert_eq!(t.invalid_accesses(), 3);
+        rings(&mut t, 0x1_0000_1000, 0x2000, 0x3000);
+        assert_eq!(t.queues[0].desc_table(), 0x1_0000_1000, "both halves land");
+        assert_eq!(t.invalid_accesses(), 3);
+    }
+
+    #[test]
+    fn mmio_activation_with_rings_outside_memory_needs_a_reset_and_is_retried_after_one() {
+        let mut t = negotiated();
+        // The used ring starts in guest memory and runs past its end.
+        rings(&mut t, 0x1000, 0x2000, MEM - 8);
+        write(&mut t, REG_QUEUE_READY, 1);
+        write(&mut t, REG_STATUS, ALL | status::DRIVER_OK);
+        assert_ne!(read(&mut t, REG_STATUS) & status::DEVICE_NEEDS_RESET, 0);
+        // The device did not take the queues (on success the transport keeps fresh ones).
+        assert!(t.queues[0].ready());
+        // A guest can repeat this after every reset; it works once the rings fit.
+        write(&mut t, REG_STATUS, 0);
+        let mut t2 = t;
+        write(&mut t2, REG_STATUS, status::ACKNOWLEDGE);
+        write(&mut t2, REG_STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        write(&mut t2, REG_DRIVER_FEATURES_SEL, 1);
+        write(&mut t2, REG_DRIVER_FEATURES, (F_VERSION_1 >> 32) as u32);
+        write(&mut t2, REG_STATUS, ALL);
+        rings(&mut t2, 0x1000, 0x2000, 0x3000);
+        write(&mut t2, REG_QUEUE_READY, 1);
+        write(&mut t2, REG_STATUS, ALL | status::DRIVER_OK);
+        assert_eq!(read(&mut t2, REG_STATUS) & status::DEVICE_NEEDS_RESET, 0);
+        assert!(
+            !t2.queues[0].ready(),
+            "the device took the configured queue"
+        );
     }
 }

@@ -92,6 +92,9 @@ pub struct Block {
     /// The rings were found broken: logged and counted once, not served until a reset.
     /// Not carried by a migration: a destination finds rings still broken on its first pass.
     broken: bool,
+    /// The log lines a guest can repeat (a queue broken after every reset, failing I/O).
+    broken_log: crate::log_limit::LogLimit,
+    io_error_log: crate::log_limit::LogLimit,
     pub(crate) active: Option<Active>,
     /// Whether the event loop already watches the queue eventfd.
     pub(crate) queue_watched: bool,
@@ -168,6 +171,8 @@ impl Block {
             stalled: false,
             frozen: false,
             broken: false,
+            broken_log: Default::default(),
+            io_error_log: Default::default(),
             active: None,
             queue_watched: false,
             bounce: AlignedBuf::new(SIZE_MAX as usize),
@@ -268,7 +273,8 @@ impl Block {
             self.broken = true;
             self.stalled = false;
             M::inc(&self.metrics.broken_queues);
-            tracing::warn!(
+            crate::warn_limited!(
+                self.broken_log,
                 disk = %self.disk.path().display(),
                 "virtio-blk queue is broken; it is not served until the driver resets the device"
             );
@@ -311,7 +317,8 @@ impl Block {
             let ok = c.result >= 0 && c.result as u64 == c.expected;
             if !ok {
                 M::inc(&metrics.io_errors);
-                tracing::warn!(
+                crate::warn_limited!(
+                    self.io_error_log,
                     disk = %self.disk.path().display(),
                     result = c.result,
                     expected = c.expected,

@@ -88,6 +88,8 @@ pub struct Net {
     /// until the driver resets the device; frames for a broken RX queue are dropped, as on a
     /// link that is down. Not carried by a migration (a destination finds them broken again).
     broken: [bool; 2],
+    /// The broken-queue line (a guest can break a queue again after every reset).
+    broken_log: crate::log_limit::LogLimit,
     /// A migration is under way: podvm moves the frames itself (vhost-net's writes into
     /// guest memory would escape the dirty log).
     pub(crate) vhost_held: bool,
@@ -146,6 +148,7 @@ impl Net {
             rx_held: std::collections::VecDeque::new(),
             frozen: false,
             broken: [false; 2],
+            broken_log: Default::default(),
             vhost_held: false,
             tx_buf: Vec::with_capacity(HDR_LEN + MAX_FRAME),
             metrics,
@@ -284,7 +287,8 @@ impl Net {
         if !self.broken[q] {
             self.broken[q] = true;
             M::inc(&self.metrics.broken_queues);
-            tracing::warn!(
+            crate::warn_limited!(
+                self.broken_log,
                 queue = if q == RX { "RX" } else { "TX" },
                 "virtio-net queue is broken; it is not served until the driver resets the device"
             );

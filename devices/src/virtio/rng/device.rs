@@ -152,6 +152,8 @@ pub struct Rng {
     /// and virtio-net do not either: the driver finds out from requests left unanswered.)
     /// Not carried by a migration: a destination finds rings still broken on its first pass.
     broken: bool,
+    /// The broken-queue line (a guest can break the queue again after every reset).
+    broken_log: crate::log_limit::LogLimit,
     source: EntropySource,
     buf: Box<[u8]>,
     metrics: Arc<M>,
@@ -173,6 +175,7 @@ impl Rng {
             queue_watched: false,
             frozen: false,
             broken: false,
+            broken_log: Default::default(),
             source,
             buf: vec![0u8; MAX_REQUEST_BYTES].into_boxed_slice(),
             metrics: Arc::new(M::default()),
@@ -251,7 +254,8 @@ impl Rng {
             // Chains served before the rings broke got their used entries and interrupt.
             self.broken = true;
             M::inc(&self.metrics.broken_queues);
-            tracing::warn!(
+            crate::warn_limited!(
+                self.broken_log,
                 "virtio-rng queue is broken; it is not served until the driver resets the device"
             );
         }

@@ -119,7 +119,7 @@ mod tests {
     }
 
     #[test]
-    fn rng_broken_queue_is_logged_once_however_often_the_driver_kicks() {
+    fn rng_broken_queue_is_logged_once_however_often_the_driver_kicks_or_resets() {
         const SIZE: u16 = 16;
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let vq = MockSplitQueue::create(&mem, GuestAddress(0), SIZE);
@@ -138,10 +138,14 @@ mod tests {
         // A guest kicking the broken queue over and over: one warning, one breakage.
         assert_eq!(warnings(|| (0..100).for_each(|_| rng.serve_queue())), 1);
         assert_eq!(M::get(&metrics.broken_queues), 1);
-        // Breaking the queue again after a reset is a new breakage, logged and counted.
-        rng.reset();
-        activate(&mut rng);
-        assert_eq!(warnings(|| (0..100).for_each(|_| rng.serve_queue())), 1);
-        assert_eq!(M::get(&metrics.broken_queues), 2);
+        // Breaking the queue again after a reset is a new breakage, counted; its line is
+        // rate-limited (a guest can reset and break the queue in a loop), so within a minute
+        // of the first it is left out of the log.
+        for round in 2..=50 {
+            rng.reset();
+            activate(&mut rng);
+            assert_eq!(warnings(|| (0..10).for_each(|_| rng.serve_queue())), 0);
+            assert_eq!(M::get(&metrics.broken_queues), round);
+        }
     }
 }
