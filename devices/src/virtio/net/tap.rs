@@ -18,7 +18,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_TSO6,
 };
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::ioctl::{ioctl_with_ref, ioctl_with_val};
+use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
 use vmm_sys_util::ioctl_iow_nr;
 
 use super::backend::NetBackend;
@@ -117,9 +117,10 @@ impl Tap {
             _pad: [0; 22],
         };
         req.name[..name.len()].copy_from_slice(name.as_bytes());
-        // SAFETY: `file` is an open /dev/net/tun; TUNSETIFF reads (and may write back) an
-        // ifreq, and `req` is a correctly sized ifreq that outlives the call.
-        let rc = unsafe { ioctl_with_ref(&file, TUNSETIFF(), &req) };
+        // SAFETY: `file` is an open /dev/net/tun; TUNSETIFF reads and writes back (the name
+        // the kernel chose) an ifreq, and `req` is a correctly sized ifreq, borrowed mutably
+        // so the write is no write through a shared reference, that outlives the call.
+        let rc = unsafe { ioctl_with_mut_ref(&file, TUNSETIFF(), &mut req) };
         if rc < 0 {
             return Err(TapError::Attach {
                 name: name.into(),
