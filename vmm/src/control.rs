@@ -212,6 +212,7 @@ impl Control for VmControl {
                     "read_only_violations": get(&m.read_only_violations),
                     "interrupts": get(&m.interrupts),
                     "broken_queues": get(&m.broken_queues),
+                    "write_through_syncs": get(&m.write_through_syncs),
                 })
             })
             .collect();
@@ -223,6 +224,7 @@ impl Control for VmControl {
                 "output_bytes": get(&m.output_bytes),
                 "input_bytes": get(&m.input_bytes),
                 "log_errors": get(&m.log_errors),
+                "log_dropped_bytes": get(&m.log_dropped_bytes),
                 "backlog_bytes": get(&m.backlog_bytes),
             })
         });

@@ -545,11 +545,17 @@ impl Block {
             self.disk.write_at(buf, offset).map_err(Failure::Io)?;
             offset += u64::from(len);
         }
-        // Without FLUSH the driver assumes write-through: the data is durable on completion.
-        if !self.flush_negotiated() {
-            self.disk.flush().map_err(Failure::Io)?;
+        self.write_through()
+    }
+
+    /// Without FLUSH the driver assumes write-through: what a write, discard or write-zeroes
+    /// changed is durable when the request completes.
+    fn write_through(&self) -> Result<(), Failure> {
+        if self.flush_negotiated() {
+            return Ok(());
         }
-        Ok(())
+        M::inc(&self.metrics.write_through_syncs);
+        self.disk.flush().map_err(Failure::Io)
     }
 
     fn discard_or_zero(
@@ -600,7 +606,7 @@ impl Block {
                 done.map_err(Failure::Io)?;
             }
         }
-        Ok(())
+        self.write_through()
     }
 
     /// Makes all completed writes durable; called when the VM stops.

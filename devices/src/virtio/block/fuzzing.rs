@@ -599,6 +599,42 @@ mod tests {
         assert_eq!(used, vec![(0, 1)]);
     }
 
+    /// A write-zeroes request of one segment (sectors 8..16) on a device with `features`;
+    /// returns its status and the device's write-through syncs.
+    fn write_zeroes_with(features: u64) -> (u32, u64) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let descs = [
+            raw(T_HDR, 16, NEXT, 1),
+            raw(T_BUF, 16, NEXT, 2),
+            raw(T_STATUS, 1, WRITE, 0),
+        ];
+        for (i, d) in descs.iter().enumerate() {
+            vq.desc_table().store(i as u16, *d).unwrap();
+        }
+        vq.avail().ring().ref_at(0).unwrap().store(0);
+        vq.avail().idx().store(1);
+        mem.write_obj(VIRTIO_BLK_T_WRITE_ZEROES.to_le(), GuestAddress(T_HDR))
+            .unwrap();
+        // Segment: sector 8, 8 sectors, no flags.
+        mem.write_obj(8u64.to_le(), GuestAddress(T_BUF)).unwrap();
+        mem.write_obj(8u32.to_le(), GuestAddress(T_BUF + 8))
+            .unwrap();
+        let mut block = scratch_block(false, None, features);
+        activate(&mut block, &mem, vq.create_queue().unwrap());
+        assert!(block.process_queue());
+        let syncs = block.metrics.write_through_syncs.load(Ordering::Relaxed);
+        (status_at(&mem, T_STATUS), syncs)
+    }
+
+    #[test]
+    fn blk_write_zeroes_without_flush_is_made_durable_before_it_completes() {
+        let no_flush = !(1 << VIRTIO_BLK_F_FLUSH);
+        assert_eq!(write_zeroes_with(no_flush), (VIRTIO_BLK_S_OK, 1));
+        // With FLUSH the driver asks for durability itself.
+        assert_eq!(write_zeroes_with(u64::MAX), (VIRTIO_BLK_S_OK, 0));
+    }
+
     #[test]
     fn blk_unknown_request_type_gets_unsupp() {
         let (mem, used) = serve(&read_chain_at(0), &[0], 0x77, 0);
