@@ -183,7 +183,8 @@ pub struct RunArgs {
     /// Bytes of console output replayed to each client that attaches to a console socket.
     #[arg(long, value_name = "BYTES", default_value_t = vmm::console::DEFAULT_HISTORY)]
     pub console_history: usize,
-    /// Also append all console output to this file (with a console socket).
+    /// Also append all console output to this file (with a console socket), up to 64 MiB
+    /// (what it held before included); later output is counted, not written.
     #[arg(long, value_name = "PATH", conflicts_with_all = VMI)]
     pub console_log: Option<PathBuf>,
     /// A virtio-blk disk: a raw image file or a block device, with options

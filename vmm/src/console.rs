@@ -49,6 +49,8 @@ pub struct ConsoleMetrics {
     pub output_bytes: AtomicU64,
     pub input_bytes: AtomicU64,
     pub log_errors: AtomicU64,
+    /// Output not written to the log file because it reached [`LOG_MAX`].
+    pub log_dropped_bytes: AtomicU64,
     /// Output podvm holds now for clients that are behind (a gauge, not a total).
     pub backlog_bytes: AtomicU64,
 }
@@ -85,8 +87,17 @@ struct HubState {
     /// The client that holds the keyboard.
     writer: Option<u64>,
     log: Option<File>,
+    /// What the log file may still take before it reaches [`LOG_MAX`] (its notice aside).
+    log_room: u64,
     next_id: u64,
 }
+
+/// The most the console log file grows to (what it held before this run included): a guest
+/// printing without end must not fill the pod's disk. Output beyond it is counted, not
+/// written, after one line that says so.
+pub const LOG_MAX: u64 = 64 << 20;
+const LOG_FULL_NOTICE: &[u8] =
+    b"\r\n[podvm: the console log reached its limit of 64 MiB; later output is not logged]\r\n";
 
 /// Shared between the UART's output (a vCPU thread) and the socket side (the event loop).
 pub struct ConsoleHub {
@@ -97,6 +108,14 @@ pub struct ConsoleHub {
 impl ConsoleHub {
     /// A hub keeping `history` bytes, copying everything to `log` when given.
     pub fn new(history: usize, log: Option<&Path>) -> Result<Arc<Self>, ConsoleError> {
+        Self::with_log_limit(history, log, LOG_MAX)
+    }
+
+    fn with_log_limit(
+        history: usize,
+        log: Option<&Path>,
+        log_max: u64,
+    ) -> Result<Arc<Self>, ConsoleError> {
         let log = log
             .map(|path| {
                 std::fs::OpenOptions::new()
@@ -109,6 +128,11 @@ impl ConsoleHub {
                     })
             })
             .transpose()?;
+        let held = log
+            .as_ref()
+            .and_then(|f: &File| f.metadata().ok())
+            .map_or(0, |m| m.len());
+        let log_room = log_max.saturating_sub(held + LOG_FULL_NOTICE.len() as u64);
         Ok(Arc::new(Self {
             state: Mutex::new(HubState {
                 history: VecDeque::with_capacity(history),
@@ -116,6 +140,7 @@ impl ConsoleHub {
                 clients: Vec::new(),
                 writer: None,
                 log,
+                log_room,
                 next_id: 0,
             }),
             metrics: ConsoleMetrics::default(),
@@ -124,6 +149,34 @@ impl ConsoleHub {
 
     fn lock(&self) -> MutexGuard<'_, HubState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends guest output to the log file while it has room; at the limit, writes the
+    /// notice and closes the file.
+    fn log(&self, state: &mut HubState, bytes: &[u8]) {
+        let Some(log) = state.log.as_mut() else {
+            if state.log_room == 0 {
+                self.metrics
+                    .log_dropped_bytes
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            }
+            return;
+        };
+        let fits = bytes
+            .len()
+            .min(usize::try_from(state.log_room).unwrap_or(usize::MAX));
+        let mut written = log.write_all(&bytes[..fits]);
+        state.log_room -= fits as u64;
+        if fits < bytes.len() {
+            self.metrics
+                .log_dropped_bytes
+                .fetch_add((bytes.len() - fits) as u64, Ordering::Relaxed);
+            written = written.and_then(|()| log.write_all(LOG_FULL_NOTICE));
+            state.log = None;
+        }
+        if written.is_err() {
+            self.metrics.log_errors.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Refreshes the backlog gauge; called with the state locked after any change.
@@ -145,11 +198,7 @@ impl ConsoleHub {
             .output_bytes
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         let mut state = self.lock();
-        if let Some(log) = state.log.as_mut() {
-            if log.write_all(bytes).is_err() {
-                self.metrics.log_errors.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+        self.log(&mut state, bytes);
         let max = state.history_max;
         state.history.extend(bytes);
         let excess = state.history.len().saturating_sub(max);
@@ -547,6 +596,27 @@ mod tests {
         hub.output(b"world");
         hub.flush();
         assert_eq!(std::fs::read(&path).unwrap(), b"hello world");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn console_log_file_stops_at_its_limit_with_a_notice_and_counts_the_rest() {
+        let path = std::env::temp_dir().join(format!("podvm-console-cap-{}", std::process::id()));
+        std::fs::write(&path, b"earlier run\n").unwrap();
+        let limit = 12 + 10 + LOG_FULL_NOTICE.len() as u64;
+        let hub = ConsoleHub::with_log_limit(4, Some(&path), limit).unwrap();
+        hub.output(b"0123456");
+        hub.output(b"789abcdef"); // 3 fit
+        hub.output(&[b'x'; 1000]);
+        hub.flush();
+        let mut expected = b"earlier run\n0123456789".to_vec();
+        expected.extend_from_slice(LOG_FULL_NOTICE);
+        assert_eq!(std::fs::read(&path).unwrap(), expected);
+        assert_eq!(
+            hub.metrics().log_dropped_bytes.load(Ordering::Relaxed),
+            6 + 1000
+        );
+        assert_eq!(hub.metrics().log_errors.load(Ordering::Relaxed), 0);
         let _ = std::fs::remove_file(&path);
     }
 }
