@@ -95,6 +95,55 @@ fn console_socket_serves_history_keyboard_and_log() {
     assert!(logged.contains("PODVM-EXIT 0"), "log:\n{logged}");
 }
 
+#[test]
+fn console_paste_of_4_kib_reaches_the_guest_byte_for_byte() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("console-paste");
+    let socket = dir.0.join("console.sock");
+    // Echo off: the guest prints the paste back once, after it has all of it.
+    let script = "stty -echo\necho PASTE-READY\nhead -c 4096 > /tmp/paste\n\
+        echo PASTE-BEGIN\ncat /tmp/paste\necho \"PASTE-END $(wc -c < /tmp/paste)\"\n";
+    let mut child = guest_command(script, &[])
+        .arg("--console")
+        .arg(&socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn podvm");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "console socket never appeared");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let client = UnixStream::connect(&socket).expect("connect");
+    let mut out = BufReader::new(client.try_clone().unwrap());
+    read_until(&mut out, "PASTE-READY");
+    // 64 lines of 63 letters and a newline, written in one go (a paste).
+    let lines: Vec<String> = (0..64)
+        .map(|i| {
+            (0..63)
+                .map(|j| char::from(b'a' + ((i + j) % 26) as u8))
+                .collect()
+        })
+        .collect();
+    let paste: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    assert_eq!(paste.len(), 4096);
+    (&client).write_all(paste.as_bytes()).unwrap();
+    read_until(&mut out, "PASTE-BEGIN");
+    let back = read_until(&mut out, "PASTE-END");
+    let got: Vec<&str> = back
+        .lines()
+        .filter(|l| !l.starts_with("PASTE-END"))
+        .collect();
+    assert_eq!(got, lines, "the guest read something else than was pasted");
+    assert!(back.contains("PASTE-END 4096"), "{back}");
+    let status = child.wait().expect("wait podvm");
+    assert!(status.success(), "podvm failed: {status}");
+}
+
 /// A guest whose background loop prints `SEQ n` continuously until a line is typed on
 /// the console, then prints `SEQ-DONE n` and powers off. Echo is off, so typing cannot land
 /// in the middle of a line.

@@ -321,6 +321,7 @@ fn populate(
             vcpus: config.vcpus,
             devices: devices.shape.clone(),
             topology: config.topology,
+            vm_id: config.migration.vm_id.clone(),
         },
         msr_index,
         config.migration.clone(),
@@ -374,12 +375,8 @@ fn populate(
         }
     }
     if let Some((hub, listener, path)) = console {
-        event_loop.add_subscriber(Arc::new(std::sync::Mutex::new(ConsoleServer::new(
-            listener,
-            path,
-            hub,
-            devices.serial.clone(),
-        ))));
+        let server = ConsoleServer::new(listener, path, hub, devices.serial.clone())?;
+        event_loop.add_subscriber(Arc::new(std::sync::Mutex::new(server)));
     }
     Ok(Parts {
         vcpus,

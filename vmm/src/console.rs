@@ -17,8 +17,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use std::time::Duration;
+
 use devices::legacy::Serial;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use vmm_sys_util::timerfd::TimerFd;
 
 /// History replayed to a new client, by default.
 pub const DEFAULT_HISTORY: usize = 64 * 1024;
@@ -28,9 +31,78 @@ const NOTICE_READ_ONLY: &[u8] =
     b"\r\n[podvm] read-only: another client holds the keyboard; you get it when it leaves\r\n";
 const NOTICE_KEYBOARD: &[u8] = b"\r\n[podvm] you now hold the keyboard\r\n";
 
+/// How long to wait before offering more input when the UART's FIFO is full.
+const INPUT_RETRY: Duration = Duration::from_millis(5);
+/// Most input bytes read from a console client or stdin at once.
+pub(crate) const INPUT_CHUNK: usize = 256;
+
+/// Keyboard input on its way into the UART's 64-byte receive FIFO. What the FIFO cannot take
+/// waits here, the source (stdin, the socket of the client holding the keyboard) is not read
+/// meanwhile, and a timer offers the rest again as the guest drains the FIFO: a paste arrives
+/// whole, at the guest's pace, and the typist's side is held back by its own full socket
+/// instead of losing what did not fit. At most one read's worth ([`INPUT_CHUNK`]) waits.
+pub(crate) struct UartInput {
+    serial: Arc<Mutex<Serial>>,
+    pending: Vec<u8>,
+    retry: TimerFd,
+}
+
+impl UartInput {
+    pub(crate) fn new(serial: Arc<Mutex<Serial>>) -> Result<Self, vmm_sys_util::errno::Error> {
+        Ok(Self {
+            serial,
+            pending: Vec::new(),
+            retry: TimerFd::new()?,
+        })
+    }
+
+    /// Fires when pending input should be offered again ([`UartInput::retry`]).
+    pub(crate) fn retry_timer(&self) -> &TimerFd {
+        &self.retry
+    }
+
+    /// Whether input waits for room in the FIFO (the source must not be read meanwhile).
+    pub(crate) fn is_blocked(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Offers `bytes` after what waits already; true when the FIFO took everything.
+    /// Otherwise the rest waits, the retry timer is armed, and the caller stops reading its
+    /// source until [`UartInput::retry`] says so.
+    pub(crate) fn offer(&mut self, bytes: &[u8]) -> bool {
+        self.pending.extend_from_slice(bytes);
+        self.flush()
+    }
+
+    /// On the retry timer: offers what waits again; true when it is all taken (the caller
+    /// reads its source again), else the timer is armed once more.
+    pub(crate) fn retry(&mut self) -> bool {
+        let _ = self.retry.wait();
+        self.flush()
+    }
+
+    fn flush(&mut self) -> bool {
+        let taken = self
+            .serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .enqueue_input(&self.pending);
+        self.pending.drain(..taken);
+        if self.pending.is_empty() {
+            return true;
+        }
+        if let Err(e) = self.retry.reset(INPUT_RETRY, None) {
+            tracing::warn!(error = %e, "console retry timer failed; input stops");
+        }
+        false
+    }
+}
+
 /// Setting up the console socket failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsoleError {
+    #[error("cannot create the console input timer: {0}")]
+    Timer(#[source] vmm_sys_util::errno::Error),
     #[error(transparent)]
     Socket(#[from] crate::socket::SocketError),
     #[error("--console-log {path}: cannot open: {source}")]
@@ -363,6 +435,13 @@ pub fn bind(path: &Path) -> Result<UnixListener, ConsoleError> {
 }
 
 const TOKEN_LISTENER: u32 = u32::MAX;
+const TOKEN_INPUT_RETRY: u32 = u32::MAX - 1;
+/// Client tokens are client ids modulo this (below the two fixed tokens).
+const CLIENT_TOKENS: u64 = u32::MAX as u64 - 1;
+
+fn client_token(id: u64) -> u32 {
+    (id % CLIENT_TOKENS) as u32
+}
 
 /// The socket side on the event loop: accepts clients and feeds the keyboard holder's input
 /// to the UART.
@@ -370,8 +449,9 @@ pub struct ConsoleServer {
     listener: UnixListener,
     path: PathBuf,
     hub: Arc<ConsoleHub>,
-    serial: Arc<Mutex<Serial>>,
-    /// Client streams by token (the client id, truncated; ids below u32::MAX).
+    /// The keyboard holder's input on its way into the UART.
+    input: UartInput,
+    /// Client streams by token ([`client_token`]).
     readers: Vec<(u64, UnixStream)>,
 }
 
@@ -382,14 +462,14 @@ impl ConsoleServer {
         path: PathBuf,
         hub: Arc<ConsoleHub>,
         serial: Arc<Mutex<Serial>>,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, ConsoleError> {
+        Ok(Self {
             listener,
             path,
             hub,
-            serial,
+            input: UartInput::new(serial).map_err(ConsoleError::Timer)?,
             readers: Vec::new(),
-        }
+        })
     }
 
     fn accept(&mut self, ops: &mut EventOps) {
@@ -402,7 +482,7 @@ impl ConsoleServer {
                     let Some(id) = self.hub.add_client(stream) else {
                         continue;
                     };
-                    let token = (id % u64::from(u32::MAX)) as u32;
+                    let token = client_token(id);
                     // Edge-triggered: OUT fires when a full socket has room again (its backlog
                     // is then sent even if the guest has gone quiet); IN is read to the end.
                     let set = EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED;
@@ -426,7 +506,7 @@ impl ConsoleServer {
         let Some(pos) = self
             .readers
             .iter()
-            .position(|(id, _)| (id % u64::from(u32::MAX)) as u32 == token)
+            .position(|(id, _)| client_token(*id) == token)
         else {
             return;
         };
@@ -434,11 +514,22 @@ impl ConsoleServer {
         if set.contains(EventSet::OUT) {
             self.hub.drain_client(id);
         }
-        if !set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
-            return;
+        if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
+            self.read_client(pos, ops);
         }
-        let mut buf = [0u8; 256];
+    }
+
+    /// Reads what client `pos` sent, to the end or until the UART's FIFO is full: the
+    /// keyboard holder's input goes to the guest, the others' nowhere.
+    fn read_client(&mut self, pos: usize, ops: &mut EventOps) {
+        let id = self.readers[pos].0;
+        let mut buf = [0u8; INPUT_CHUNK];
         loop {
+            let writer = self.hub.is_writer(id);
+            if writer && self.input.is_blocked() {
+                // What it sent waits in its socket; the retry timer comes back for it.
+                return;
+            }
             let n = match self.readers[pos].1.read(&mut buf) {
                 Ok(0) => None,
                 Ok(n) => Some(n),
@@ -452,17 +543,29 @@ impl ConsoleServer {
                 self.hub.remove(id);
                 return;
             };
-            if !self.hub.is_writer(id) {
+            if !writer {
                 continue; // read-only clients' keys go nowhere
             }
             self.hub
                 .metrics
                 .input_bytes
                 .fetch_add(n as u64, Ordering::Relaxed);
-            // A person types far slower than the guest drains its 64-byte FIFO; a paste that
-            // overflows it loses the excess, like a real UART.
-            let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
-            serial.enqueue_input(&buf[..n]);
+            self.input.offer(&buf[..n]);
+        }
+    }
+
+    /// The retry timer: offers the waiting input again, and once the FIFO took it all,
+    /// reads on from the keyboard holder.
+    fn input_retry(&mut self, ops: &mut EventOps) {
+        if !self.input.retry() {
+            return;
+        }
+        if let Some(pos) = self
+            .readers
+            .iter()
+            .position(|(id, _)| self.hub.is_writer(*id))
+        {
+            self.read_client(pos, ops);
         }
     }
 }
@@ -482,13 +585,20 @@ impl MutEventSubscriber for ConsoleServer {
         )) {
             tracing::error!(error = ?e, "cannot watch the console socket");
         }
+        if let Err(e) = ops.add(Events::with_data(
+            self.input.retry_timer(),
+            TOKEN_INPUT_RETRY,
+            EventSet::IN,
+        )) {
+            tracing::error!(error = ?e, "cannot watch the console input timer");
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if events.data() == TOKEN_LISTENER {
-            self.accept(ops);
-        } else {
-            self.client_event(events.data(), events.event_set(), ops);
+        match events.data() {
+            TOKEN_LISTENER => self.accept(ops),
+            TOKEN_INPUT_RETRY => self.input_retry(ops),
+            token => self.client_event(token, events.event_set(), ops),
         }
     }
 }
@@ -508,6 +618,56 @@ mod tests {
             out.extend_from_slice(&buf[..n]);
         }
         out
+    }
+
+    #[test]
+    fn console_paste_longer_than_the_fifo_reaches_the_guest_whole() {
+        use devices::bus::BusDevice;
+        use devices::irq::IrqTrigger;
+        use event_manager::{EventManager, SubscriberOps};
+
+        let dir = std::env::temp_dir().join(format!("podvm-console-paste-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("console.sock");
+        let listener = bind(&path).unwrap();
+        let hub = ConsoleHub::new(16, None).unwrap();
+        let serial = Arc::new(Mutex::new(Serial::new(
+            IrqTrigger::new().unwrap(),
+            Box::new(io::sink()),
+        )));
+        let server = ConsoleServer::new(listener, path.clone(), hub, serial.clone()).unwrap();
+        let mut manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+        manager.add_subscriber(Arc::new(Mutex::new(server)));
+
+        // 4 KiB pasted at once: 64 times the FIFO.
+        let paste: Vec<u8> = (0..4096u32).map(|i| b'a' + (i % 26) as u8).collect();
+        let mut client = UnixStream::connect(&path).unwrap();
+        let sent = paste.clone();
+        let typist = std::thread::spawn(move || {
+            client.write_all(&sent).unwrap();
+            client
+        });
+        // The guest reads the receive buffer whenever the line status says data is ready.
+        let mut got = Vec::new();
+        let give_up = std::time::Instant::now() + Duration::from_secs(120);
+        while got.len() < paste.len() && std::time::Instant::now() < give_up {
+            manager.run_with_timeout(10).unwrap();
+            let mut uart = serial.lock().unwrap();
+            loop {
+                let mut lsr = [0u8];
+                uart.read(5, &mut lsr);
+                if lsr[0] & 1 == 0 {
+                    break;
+                }
+                let mut byte = [0u8];
+                uart.read(0, &mut byte);
+                got.push(byte[0]);
+            }
+        }
+        assert_eq!(got.len(), paste.len(), "bytes lost on the way to the guest");
+        assert_eq!(got, paste);
+        drop(typist.join().unwrap());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

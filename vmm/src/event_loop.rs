@@ -7,12 +7,12 @@ use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use devices::exit::ExitRequest;
 use devices::legacy::Serial;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
-use vmm_sys_util::timerfd::TimerFd;
+
+use crate::console::{UartInput, INPUT_CHUNK};
 
 /// What the event loop serves.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -66,12 +66,9 @@ impl EventLoop {
 
     /// Feeds podvm's stdin to the guest's UART.
     pub fn add_stdin_console(&mut self, serial: Arc<Mutex<Serial>>) -> Result<(), EventLoopError> {
-        let retry = TimerFd::new().map_err(EventLoopError::Timer)?;
         let console: Subscriber = Arc::new(Mutex::new(StdinConsole {
-            serial,
             stdin: io::stdin(),
-            pending: Vec::new(),
-            retry,
+            input: UartInput::new(serial).map_err(EventLoopError::Timer)?,
         }));
         self.manager.add_subscriber(console);
         Ok(())
@@ -108,37 +105,16 @@ impl MutEventSubscriber for ExitWatcher {
     }
 }
 
-/// How long to wait before offering more input when the UART's FIFO is full.
-const INPUT_RETRY: Duration = Duration::from_millis(5);
-const INPUT_CHUNK: usize = 256;
-
-/// stdin → UART, with back-pressure: bytes the FIFO cannot take wait in `pending`, stdin is
-/// not read meanwhile, and a timer offers them again.
+/// stdin → UART, with back-pressure: bytes the FIFO cannot take wait in [`UartInput`],
+/// stdin is not read meanwhile, and its timer offers them again.
 struct StdinConsole {
-    serial: Arc<Mutex<Serial>>,
     stdin: io::Stdin,
-    pending: Vec<u8>,
-    retry: TimerFd,
+    input: UartInput,
 }
 
 impl StdinConsole {
     fn stdin_events(&self) -> Events {
         Events::new(&self.stdin, EventSet::IN)
-    }
-
-    /// Offers pending bytes to the UART; true when all were taken.
-    fn flush_pending(&mut self) -> bool {
-        let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
-        let taken = serial.enqueue_input(&self.pending);
-        self.pending.drain(..taken);
-        self.pending.is_empty()
-    }
-
-    fn wait_for_room(&mut self, ops: &mut EventOps) {
-        let _ = ops.remove(self.stdin_events());
-        if let Err(e) = self.retry.reset(INPUT_RETRY, None) {
-            tracing::warn!(error = %e, "console retry timer failed; input stops");
-        }
     }
 
     fn read_stdin(&mut self, ops: &mut EventOps) {
@@ -149,9 +125,8 @@ impl StdinConsole {
                 let _ = ops.remove(self.stdin_events());
             }
             Ok(n) => {
-                self.pending.extend_from_slice(&buf[..n]);
-                if !self.flush_pending() {
-                    self.wait_for_room(ops);
+                if !self.input.offer(&buf[..n]) {
+                    let _ = ops.remove(self.stdin_events());
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -169,7 +144,7 @@ impl MutEventSubscriber for StdinConsole {
         if let Err(e) = ops.add(self.stdin_events()) {
             tracing::debug!(error = ?e, "stdin cannot be polled; console has no input");
         }
-        if let Err(e) = ops.add(Events::new(&self.retry, EventSet::IN)) {
+        if let Err(e) = ops.add(Events::new(self.input.retry_timer(), EventSet::IN)) {
             tracing::warn!(error = ?e, "cannot watch the console retry timer");
         }
     }
@@ -177,14 +152,9 @@ impl MutEventSubscriber for StdinConsole {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         if events.fd() == self.stdin.as_raw_fd() {
             self.read_stdin(ops);
-        } else if events.fd() == self.retry.as_raw_fd() {
-            let _ = self.retry.wait();
-            if self.flush_pending() {
-                if let Err(e) = ops.add(self.stdin_events()) {
-                    tracing::debug!(error = ?e, "cannot resume watching stdin");
-                }
-            } else {
-                self.wait_for_room(ops);
+        } else if events.fd() == self.input.retry_timer().as_raw_fd() && self.input.retry() {
+            if let Err(e) = ops.add(self.stdin_events()) {
+                tracing::debug!(error = ?e, "cannot resume watching stdin");
             }
         }
     }
