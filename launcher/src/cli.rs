@@ -243,6 +243,10 @@ pub struct RunArgs {
     /// VM runs on here).
     #[arg(long, value_name = "SECS", default_value_t = 300)]
     pub migration_timeout: u64,
+    /// This VM's identity for live migration (a VMI's UID): the source sends it, and a
+    /// destination given one takes only a source that carries the same ID.
+    #[arg(long, value_name = "ID", value_parser = parse_vm_id)]
+    pub migration_vm_id: Option<String>,
     /// Migrate without TLS (for tests on one machine): migration traffic carries all of the
     /// guest's memory, so anywhere else use TLS.
     #[arg(long, conflicts_with = "migration_tls_cert")]
@@ -279,6 +283,17 @@ fn parse_seccomp(value: &str) -> Result<podvm_seccomp::Mode, String> {
 
 fn parse_migration_addr(value: &str) -> Result<vmm::migration::MigrationAddr, String> {
     value.parse()
+}
+
+/// A VM ID for migration: 1 to 253 printable ASCII characters (a Kubernetes UID is 36).
+fn parse_vm_id(value: &str) -> Result<String, String> {
+    if value.is_empty() || value.len() > 253 || !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(
+            "a VM ID is 1 to 253 printable ASCII characters without spaces, such as the VMI's metadata.uid"
+                .into(),
+        );
+    }
+    Ok(value.to_string())
 }
 
 /// Parses one `--disk` value.

@@ -2,7 +2,7 @@
 //! devices and disk move, the guest carries on where it was; failures leave the source
 //! running and the destination refuses what it does not understand.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use podvm_tests::{kvm_available, SocketVm, TempDir};
@@ -230,15 +230,23 @@ fn migration_failures_leave_the_source_running_and_a_later_migration_succeeds() 
         assert_eq!(src.api_json(&["info"])["state"], "running");
     };
 
-    // 1. A destination with another shape refuses at once, and exits without running.
+    // 1. A destination with another shape refuses at once, the source runs on, and the
+    //    destination waits on for a source of its own shape until its --migration-timeout,
+    //    then exits without running.
     let mut other = args.clone();
     other[1] = "128".into();
+    other.extend(["--migration-timeout".into(), "20".into()]);
     let (dst, addr) = SocketVm::incoming("migrate-fail-shape", COUNTER, &refs(&other));
     src.api_json(&["migrate", &addr]);
     let s = wait_failed(&src);
     assert!(s["error"].as_str().unwrap().contains("--memory"), "{s}");
     let out = dst.wait();
     assert!(!out.status.success(), "{out}");
+    assert!(out.stderr.contains("--memory"), "{out}");
+    assert!(
+        out.stderr.contains("no migration source connected"),
+        "{out}"
+    );
     assert!(out.stderr.contains("did not start here"), "{out}");
     still_counting(&mut src);
 
@@ -435,13 +443,17 @@ fn fake_destination(listener: std::os::unix::net::UnixListener, stop: Stop) -> b
 }
 
 #[test]
-fn migration_destination_refuses_a_wrong_version_and_a_corrupted_stream() {
+fn migration_destination_drops_garbage_connections_and_takes_the_real_source() {
     if !kvm_available() {
         return;
     }
     let tmp = TempDir::new("migrate-refuse");
     let disk = tmp.sparse("disk.img", 1 << 20);
-    let args = vm_args(&disk);
+    let mut args = vm_args(&disk);
+    // Both sides carry the VM's identity, as an operator sets them from the VMI's UID.
+    args.extend(["--migration-vm-id".into(), "vmi-uid-1".into()]);
+    let mut src = SocketVm::start("migrate-refuse-src", COUNTER, &refs(&args));
+    src.wait_log("COUNT=2\n");
     let header = |version: u32| {
         let mut h = b"PODVMMIG".to_vec();
         h.extend_from_slice(&version.to_le_bytes());
@@ -457,27 +469,42 @@ fn migration_destination_refuses_a_wrong_version_and_a_corrupted_stream() {
     corrupted.extend_from_slice(b"{}");
     corrupted.extend_from_slice(&0xdead_beefu32.to_le_bytes());
 
-    for (name, bytes, expect) in [
-        ("migrate-refuse-version", header(7), "version 7"),
-        ("migrate-refuse-crc", corrupted, "checksum"),
-        (
-            "migrate-refuse-magic",
-            b"GET / HTTP/1.1\r\n\r\n".to_vec(),
-            "magic",
-        ),
-    ] {
-        let (dst, addr) = SocketVm::incoming(name, COUNTER, &refs(&args));
-        let path = addr.strip_prefix("unix:").unwrap();
+    // One destination: a port scan (connect, close), a wrong version, a corrupted section
+    // and an HTTP request each get a connection of their own, and each is dropped; each
+    // is answered with the reason before the next connects. Then the real source.
+    let (dst, addr) = SocketVm::incoming("migrate-refuse-dst", COUNTER, &refs(&args));
+    let path = addr.strip_prefix("unix:").unwrap();
+    drop(std::os::unix::net::UnixStream::connect(path).unwrap());
+    let expected = ["version 7", "checksum", "magic"];
+    for (bytes, expect) in [header(7), corrupted, b"GET / HTTP/1.1\r\n\r\n".to_vec()]
+        .into_iter()
+        .zip(expected)
+    {
         let mut conn = std::os::unix::net::UnixStream::connect(path).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(120)))
+            .unwrap();
         conn.write_all(&bytes).unwrap();
-        let out = dst.wait();
-        assert!(!out.status.success(), "{name}: {out}");
-        assert!(out.stderr.contains(expect), "{name}: {out}");
-        assert!(out.stderr.contains("did not start here"), "{name}: {out}");
+        // The destination's answer (an error section naming the reason), then the end.
+        let mut answer = Vec::new();
+        conn.read_to_end(&mut answer)
+            .expect("the destination answers and closes");
         assert!(
-            !out.stdout.contains("COUNT="),
-            "{name}: the guest ran:\n{out}"
+            String::from_utf8_lossy(&answer).contains(expect),
+            "{expect}: {answer:?}"
         );
+    }
+    assert!(!dst.log_text().contains("COUNT="), "the guest ran early");
+    // The destination still waits: the real source's migration lands there.
+    let answer = src.api_json(&["migrate", &addr]);
+    assert_eq!(answer["state"], "active", "{answer}");
+    let mut dst = dst_after_source_exits(&mut src, dst);
+    let n = last_count(&src);
+    finish(src);
+    dst.wait_log(&format!("COUNT={}\n", n + 2));
+    // Its log named each dropped connection's reason.
+    let report = dst.kill_and_report();
+    for expect in expected {
+        assert!(report.contains(expect), "{expect}: {report}");
     }
 }
 
@@ -530,7 +557,8 @@ fn migration_over_mutual_tls_refuses_a_source_the_ca_did_not_sign() {
 
     // A destination whose CA is another: it refuses the source's certificate, and neither
     // side goes on with the migration.
-    let picky = tls_args(&disk, &(good.0.clone(), good.1.clone(), other.2.clone()));
+    let mut picky = tls_args(&disk, &(good.0.clone(), good.1.clone(), other.2.clone()));
+    picky.extend(["--migration-timeout".into(), "20".into()]);
     let (dst, addr) = SocketVm::incoming("migrate-tls-picky", COUNTER, &refs(&picky));
     src.api_json(&["migrate", &addr]);
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -545,6 +573,10 @@ fn migration_over_mutual_tls_refuses_a_source_the_ca_did_not_sign() {
     let out = dst.wait();
     assert!(!out.status.success(), "{out}");
     assert!(out.stderr.contains("TLS with"), "{out}");
+    assert!(
+        out.stderr.contains("no migration source connected"),
+        "{out}"
+    );
     assert!(out.stderr.contains("did not start here"), "{out}");
     let n = last_count(&src);
     src.wait_log(&format!("COUNT={}\n", n + 2));

@@ -130,7 +130,13 @@ fn rng_migrates_with_the_guest_and_serves_entropy_at_the_destination() {
     let (other, addr) = SocketVm::incoming(
         "rng-migrate-norng",
         READ_LOOP,
-        &["--memory", "256", "--migration-insecure"],
+        &[
+            "--memory",
+            "256",
+            "--migration-insecure",
+            "--migration-timeout",
+            "20",
+        ],
     );
     src.api_json(&["migrate", &addr]);
     let deadline = Instant::now() + Duration::from_secs(300);

@@ -221,8 +221,9 @@ fn topology_with_gaps_in_the_apic_ids_survives_a_live_migration() {
     assert_eq!(info["topology"]["cores"], 3, "{info}");
 
     // A destination with the same vCPU count laid out otherwise refuses, naming the flag.
-    let mut other = args;
+    let mut other = args.to_vec();
     other[3] = "1:6:1";
+    other.extend(["--migration-timeout", "20"]);
     let (refusing, addr) = SocketVm::incoming("topo-other", &script, &other);
     src.api_json(&["migrate", &addr]);
     let deadline = Instant::now() + Duration::from_secs(300);

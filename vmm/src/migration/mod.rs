@@ -27,6 +27,7 @@ pub mod tls;
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -92,6 +93,10 @@ pub struct MigrationConfig {
     pub insecure: bool,
     /// Mutual TLS for migration traffic.
     pub tls: Option<tls::TlsFiles>,
+    /// The VM's identity (a VMI's UID): a source sends it, and a destination given one
+    /// takes only a source that carries the same, so a source meant for another VM, or a
+    /// peer that merely has a certificate from the same CA, cannot push its guest in.
+    pub vm_id: Option<String>,
 }
 
 impl Default for MigrationConfig {
@@ -101,6 +106,7 @@ impl Default for MigrationConfig {
             timeout: Duration::from_secs(300),
             insecure: false,
             tls: None,
+            vm_id: None,
         }
     }
 }
@@ -150,6 +156,8 @@ pub enum MigrationError {
     Busy,
     #[error("migration traffic carries all guest memory: start both podvms with --migration-tls-cert, --migration-tls-key and --migration-tls-ca (mutual TLS), or with --migration-insecure to migrate in plaintext on a trusted link")]
     Tls,
+    #[error("no migration source connected to {addr} within --migration-timeout")]
+    NoSource { addr: MigrationAddr },
     #[error("TLS with {addr} failed: {source}")]
     Handshake {
         addr: MigrationAddr,
@@ -158,6 +166,22 @@ pub enum MigrationError {
     },
     #[error("the VM is not running")]
     NotRunning,
+}
+
+impl MigrationError {
+    /// Whether a destination may drop the connection that failed so and wait for another:
+    /// what a stranger can cause (a failed handshake, a stream that is not a migration, a
+    /// source of another VM), not a failure of this podvm.
+    fn is_refusable(&self) -> bool {
+        matches!(
+            self,
+            Self::Handshake { .. }
+                | Self::Stream(_)
+                | Self::Invalid(_)
+                | Self::Shape(_)
+                | Self::Refused(_)
+        )
+    }
 }
 
 /// What the API reports about the last migration.
@@ -725,17 +749,65 @@ impl Migrator {
     /// The destination side: takes one migration from `listener` into this VM, whose vCPUs
     /// (`vcpus`) have not run. Returns once the source has handed over (run the VM then);
     /// on error the guest must not run.
+    ///
+    /// A connection that fails before the guest's memory is touched (a port scan, a failed
+    /// TLS handshake, garbage, a source of another shape or VM) is dropped, logged and
+    /// counted, and the destination waits on for the real source, until
+    /// `--migration-timeout` has passed without one.
     pub fn receive(
         &self,
         vcpus: &[Vcpu],
         listener: IncomingListener,
     ) -> Result<(), MigrationError> {
-        let addr = listener.addr.clone();
-        let conn = listener.accept(self.tls.as_ref())?;
-        tracing::info!(from = %addr, "migration connection accepted");
+        let deadline = Instant::now() + self.config.timeout;
+        let mut refused = 0u64;
+        let mut refusals = devices::log_limit::LogLimit::default();
+        loop {
+            let outcome = listener
+                .accept(self.tls.as_ref(), deadline)
+                .map_err(|e| (e, false))
+                .and_then(|conn| {
+                    tracing::info!(from = %listener.addr, "migration connection accepted");
+                    self.receive_from(vcpus, conn)
+                });
+            match outcome {
+                Ok(()) => return Ok(()),
+                Err((e, false)) if e.is_refusable() => {
+                    refused += 1;
+                    if let Some(suppressed) = refusals.allow() {
+                        tracing::warn!(
+                            error = %e,
+                            refused,
+                            suppressed,
+                            "migration connection dropped before it touched the guest; waiting for the source"
+                        );
+                    }
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+
+    /// One migration over `conn`. The error says whether guest memory was written (then the
+    /// destination cannot wait for another source).
+    fn receive_from(
+        &self,
+        vcpus: &[Vcpu],
+        conn: Box<dyn Connection>,
+    ) -> Result<(), (MigrationError, bool)> {
         let mut r = BufReader::with_capacity(1 << 20, conn);
-        let result = self.receive_stream(vcpus, &mut r);
+        let mut touched = false;
+        let result = self.receive_stream(vcpus, &mut r, &mut touched);
         let conn = r.get_mut();
+        self.finish_receive(conn, result).map_err(|e| (e, touched))
+    }
+
+    /// Answers the stream's end: Ready and the source's Go, or the error.
+    fn finish_receive(
+        &self,
+        conn: &mut Box<dyn Connection>,
+        result: Result<(), MigrationError>,
+    ) -> Result<(), MigrationError> {
         match result {
             Ok(()) => {
                 stream::write_section(conn, Kind::Ready, &[])
@@ -772,6 +844,7 @@ impl Migrator {
         &self,
         vcpus: &[Vcpu],
         r: &mut BufReader<Box<dyn Connection>>,
+        touched: &mut bool,
     ) -> Result<(), MigrationError> {
         stream::read_header(r)?;
         let mut payload = Vec::new();
@@ -799,6 +872,8 @@ impl Migrator {
         // first section after the last Sync to End), parsing the state, restoring.
         let mut last_pass: Option<Instant> = None;
         let mut parse_ms = 0.0;
+        // The source was accepted: from here on the stream writes guest memory.
+        *touched = true;
         loop {
             let kind = stream::read_section(r, &mut payload)?;
             last_pass.get_or_insert_with(Instant::now);
@@ -918,11 +993,47 @@ impl IncomingListener {
         }
     }
 
-    fn accept(&self, tls: Option<&tls::Tls>) -> Result<Box<dyn Connection>, MigrationError> {
+    /// The next connection, TLS-wrapped when `tls` is given; [`MigrationError::NoSource`]
+    /// once `deadline` has passed without one.
+    fn accept(
+        &self,
+        tls: Option<&tls::Tls>,
+        deadline: Instant,
+    ) -> Result<Box<dyn Connection>, MigrationError> {
         let err = |source| MigrationError::Listen {
             addr: self.addr.clone(),
             source,
         };
+        let fd = match &self.listener {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l, _) => l.as_raw_fd(),
+        };
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(MigrationError::NoSource {
+                    addr: self.addr.clone(),
+                });
+            }
+            let mut fds = [libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+            // SAFETY: `fds` is one valid pollfd for the duration of the call, and the
+            // listener it names outlives it.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, ms) };
+            if n > 0 {
+                break;
+            }
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(err(e));
+                }
+            }
+        }
         let handshake = |source| MigrationError::Handshake {
             addr: self.addr.clone(),
             source,

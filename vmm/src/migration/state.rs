@@ -25,11 +25,27 @@ pub struct Shape {
     /// as their vCPU IDs). Absent from the JSON when `None`, as before topologies existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topology: Option<crate::config::CpuTopology>,
+    /// Which VM this is ([`MigrationConfig::vm_id`](super::MigrationConfig::vm_id)), when
+    /// it was given. Absent from the JSON when `None`, as before VM IDs existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_id: Option<String>,
 }
 
 impl Shape {
     /// Where `self` (the destination) differs from `source`, in words.
     pub fn mismatch(&self, source: &Shape) -> Option<String> {
+        // A destination for one VM takes no other: not a source without an ID either.
+        if let Some(ours) = &self.vm_id {
+            if source.vm_id.as_ref() != Some(ours) {
+                return Some(format!(
+                    "this destination is for VM {ours:?}, the source carries {} (--migration-vm-id)",
+                    source
+                        .vm_id
+                        .as_ref()
+                        .map_or_else(|| "a VM without an ID".to_string(), |id| format!("VM {id:?}"))
+                ));
+            }
+        }
         if self.memory_bytes != source.memory_bytes {
             return Some(format!(
                 "the source has {} MiB of memory, this VM {} MiB (--memory)",
@@ -363,6 +379,7 @@ mod tests {
             vcpus: 2,
             devices: vec!["block 1048576".into(), "net".into()],
             topology: None,
+            vm_id: None,
         };
         assert_eq!(a.mismatch(&a.clone()), None);
         let mut b = a.clone();
@@ -382,6 +399,32 @@ mod tests {
         });
         let why = a.mismatch(&b).unwrap();
         assert!(why.contains("--topology") && why.contains("1:1:2"), "{why}");
+    }
+
+    #[test]
+    fn migration_destination_with_a_vm_id_takes_only_a_source_with_the_same() {
+        let plain = Shape {
+            memory_bytes: 512 << 20,
+            vcpus: 2,
+            devices: vec!["net".into()],
+            topology: None,
+            vm_id: None,
+        };
+        let with = |id: &str| Shape {
+            vm_id: Some(id.into()),
+            ..plain.clone()
+        };
+        let dst = with("6a0f-uid-a");
+        assert_eq!(dst.mismatch(&with("6a0f-uid-a")), None);
+        let why = dst.mismatch(&with("77b2-uid-b")).unwrap();
+        assert!(
+            why.contains("77b2-uid-b") && why.contains("--migration-vm-id"),
+            "{why}"
+        );
+        let why = dst.mismatch(&plain).unwrap();
+        assert!(why.contains("without an ID"), "{why}");
+        // A destination without an ID takes what it always took.
+        assert_eq!(plain.mismatch(&with("6a0f-uid-a")), None);
     }
 
     #[test]
