@@ -66,6 +66,7 @@ fn nic_counters(m: &devices::virtio::net::NetMetrics) -> Value {
         "rx_dropped": get(&m.rx_dropped),
         "interrupts": get(&m.interrupts),
         "broken_queues": get(&m.broken_queues),
+        "tx_budget_spent": get(&m.tx_budget_spent),
         "vhost_active": get(&m.vhost_active),
         "announcements": get(&m.announcements),
         "nat": {
@@ -213,6 +214,7 @@ impl Control for VmControl {
                     "interrupts": get(&m.interrupts),
                     "broken_queues": get(&m.broken_queues),
                     "write_through_syncs": get(&m.write_through_syncs),
+                    "budget_spent": get(&m.budget_spent),
                 })
             })
             .collect();

@@ -282,11 +282,31 @@ impl Disk {
                     len,
                 )
                 .or_else(|e| {
-                    // Not every file system zeroes ranges; writing zeroes always works.
-                    if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
-                        self.write_zero_blocks(offset, len)
-                    } else {
-                        Err(e)
+                    // Not every file system zeroes ranges (tmpfs, memfd): a hole punched
+                    // and allocated again reads as zeroes and stays allocated, in metadata
+                    // operations only. Writing zeroes (the whole range through the event
+                    // loop) is the last resort, for file systems that punch no holes.
+                    if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                        return Err(e);
+                    }
+                    match self.fallocate(
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        offset,
+                        len,
+                    ) {
+                        Ok(()) => self.fallocate(0, offset, len).or_else(|e| {
+                            // A file system that cannot preallocate: the hole reads as
+                            // zeroes, which is what the guest asked for.
+                            if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                                Ok(())
+                            } else {
+                                Err(e)
+                            }
+                        }),
+                        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                            self.write_zero_blocks(offset, len)
+                        }
+                        Err(e) => Err(e),
                     }
                 }),
         }
@@ -410,6 +430,24 @@ mod tests {
         fn drop(&mut self) {
             let _ = std::fs::remove_file(&self.0);
         }
+    }
+
+    #[test]
+    fn disk_write_zeroes_without_unmap_on_a_file_system_without_zero_range_stays_allocated() {
+        // A memfd (shmem, like tmpfs) has no FALLOC_FL_ZERO_RANGE: the fallback runs.
+        let disk = crate::virtio::block::fuzzing::scratch_disk(false);
+        let len = 256 * 1024;
+        disk.write_at(&vec![0xa5; len], 0).unwrap();
+        disk.write_zeroes(4096, 128 * 1024, false).unwrap();
+        let mut back = vec![0xffu8; len];
+        disk.read_at(&mut back, 0).unwrap();
+        assert!(back[..4096].iter().all(|&b| b == 0xa5));
+        assert!(back[4096..4096 + 128 * 1024].iter().all(|&b| b == 0));
+        assert!(back[4096 + 128 * 1024..].iter().all(|&b| b == 0xa5));
+        // Still allocated: the guest did not allow unmapping.
+        use std::os::unix::fs::MetadataExt;
+        let blocks = disk.file.metadata().unwrap().blocks();
+        assert!(blocks * 512 >= len as u64, "{blocks} blocks");
     }
 
     #[test]

@@ -29,6 +29,13 @@ pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 /// Longest data descriptor, and the bounce buffer's size.
 pub const SIZE_MAX: u32 = 1 << 20;
 /// Most sectors one discard or write-zeroes segment may cover (1 GiB).
+/// Synchronous work one pass over the queue does before the event loop turns, in bytes
+/// moved or zeroed: a few milliseconds of disk time. A request costs at least
+/// [`MIN_REQUEST_COST`], a flush [`FLUSH_COST`], a discard or write-zeroes its range (the
+/// fallback that writes zeroes moves all of it); one request may overshoot, the next waits.
+pub const PASS_BUDGET: u64 = 8 << 20;
+const MIN_REQUEST_COST: u64 = 4096;
+const FLUSH_COST: u64 = 1 << 20;
 pub const MAX_DISCARD_SECTORS: u32 = (1 << 30) / SECTOR_SIZE as u32;
 /// Segments per discard or write-zeroes request.
 pub const MAX_DISCARD_SEG: u32 = 1;
@@ -95,6 +102,8 @@ pub struct Block {
     /// The log lines a guest can repeat (a queue broken after every reset, failing I/O).
     broken_log: crate::log_limit::LogLimit,
     io_error_log: crate::log_limit::LogLimit,
+    /// Synchronous work of the current pass over the queue, in bytes (see [`PASS_BUDGET`]).
+    pass_cost: u64,
     pub(crate) active: Option<Active>,
     /// Whether the event loop already watches the queue eventfd.
     pub(crate) queue_watched: bool,
@@ -173,6 +182,7 @@ impl Block {
             broken: false,
             broken_log: Default::default(),
             io_error_log: Default::default(),
+            pass_cost: 0,
             active: None,
             queue_watched: false,
             bounce: AlignedBuf::new(SIZE_MAX as usize),
@@ -203,7 +213,9 @@ impl Block {
     }
 
     /// Serves the requests the driver has made available (as many as the engine has room
-    /// for), then interrupts the guest if it asked for it. Returns false if the queue is
+    /// for, and synchronous work up to [`PASS_BUDGET`]: a pass that spent it leaves
+    /// notifications off and kicks the queue's eventfd, so the event loop serves the other
+    /// devices before the rest), then interrupts the guest if it asked for it. Returns false if the queue is
     /// broken: that is logged and counted here, once, and the queue is not served again
     /// until the driver resets the device (a guest kicking broken rings cannot flood the
     /// log or keep the event loop busy).
@@ -220,12 +232,13 @@ impl Block {
         let mut used_any = false;
         let mut empty_passes = 0;
         self.stalled = false;
+        self.pass_cost = 0;
         let healthy = loop {
             if active.queue.disable_notification(&active.mem).is_err() {
                 break false;
             }
             let mut popped = false;
-            while self.has_room() {
+            while self.has_room() && self.pass_cost < PASS_BUDGET {
                 let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) else {
                     break;
                 };
@@ -241,6 +254,14 @@ impl Block {
             if !self.has_room() {
                 // Completions free slots and call back here; notifications stay off meanwhile.
                 self.stalled = true;
+                break true;
+            }
+            if self.pass_cost >= PASS_BUDGET {
+                // Notifications stay off; the eventfd brings the loop back for the rest.
+                M::inc(&self.metrics.budget_spent);
+                if let Err(e) = self.queue_events[0].write(1) {
+                    tracing::error!(error = %e, "cannot reschedule the virtio-blk queue");
+                }
                 break true;
             }
             match active.queue.enable_notification(&active.mem) {
@@ -464,6 +485,10 @@ impl Block {
     /// guest.
     fn execute(&mut self, mem: &GuestMemoryMmap, req: &Request) -> (u32, u32) {
         let metrics = self.metrics.clone();
+        self.pass_cost += match req.request_type {
+            RequestType::Flush => FLUSH_COST,
+            _ => req.data_len.max(MIN_REQUEST_COST),
+        };
         let writes = matches!(
             req.request_type,
             RequestType::Out | RequestType::Discard | RequestType::WriteZeroes
@@ -516,7 +541,12 @@ impl Block {
             Err(Failure::Unsupported) => (VIRTIO_BLK_S_UNSUPP, 0),
             Err(Failure::Io(e)) => {
                 M::inc(&metrics.io_errors);
-                tracing::warn!(disk = %self.disk.path().display(), error = %e, "disk I/O failed");
+                crate::warn_limited!(
+                    self.io_error_log,
+                    disk = %self.disk.path().display(),
+                    error = %e,
+                    "disk I/O failed"
+                );
                 (VIRTIO_BLK_S_IOERR, 0)
             }
             Err(Failure::Memory) | Err(Failure::Invalid) => {
@@ -597,6 +627,7 @@ impl Block {
                     return Err(Failure::Invalid);
                 }
                 let (offset, bytes) = (sector * SECTOR_SIZE, u64::from(count) * SECTOR_SIZE);
+                self.pass_cost += bytes;
                 let unmap = flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
                 let done = if zero {
                     self.disk.write_zeroes(offset, bytes, unmap)

@@ -30,7 +30,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 
 use super::backend::{Disk, DiskOptions};
-use super::device::{Block, BlockConfig, IoEngine};
+use super::device::{Block, BlockConfig, IoEngine, PASS_BUDGET};
 use super::request::{Limits, ParseError, Request, RequestType, MAX_CHAIN_LEN, SECTOR_SIZE};
 use crate::irq::IrqTrigger;
 use crate::virtio::fuzz_util::{Cursor, Harness, QueueDevice};
@@ -625,6 +625,41 @@ mod tests {
         assert!(block.process_queue());
         let syncs = block.metrics.write_through_syncs.load(Ordering::Relaxed);
         (status_at(&mem, T_STATUS), syncs)
+    }
+
+    #[test]
+    fn blk_pass_ends_on_its_budget_of_synchronous_work() {
+        // 16 write-zeroes requests of the whole 1 MiB disk (one chain, made available 16
+        // times): a pass stops once it has zeroed PASS_BUDGET, the next serves the rest.
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let descs = [
+            raw(T_HDR, 16, NEXT, 1),
+            raw(T_BUF, 16, NEXT, 2),
+            raw(T_STATUS, 1, WRITE, 0),
+        ];
+        for (i, d) in descs.iter().enumerate() {
+            vq.desc_table().store(i as u16, *d).unwrap();
+        }
+        for i in 0..16 {
+            vq.avail().ring().ref_at(i).unwrap().store(0);
+        }
+        vq.avail().idx().store(16);
+        mem.write_obj(VIRTIO_BLK_T_WRITE_ZEROES.to_le(), GuestAddress(T_HDR))
+            .unwrap();
+        mem.write_obj(0u64, GuestAddress(T_BUF)).unwrap();
+        mem.write_obj(((DISK_SIZE / 512) as u32).to_le(), GuestAddress(T_BUF + 8))
+            .unwrap();
+        let mut block = scratch_block(false, None, u64::MAX);
+        activate(&mut block, &mem, vq.create_queue().unwrap());
+        let per_pass = PASS_BUDGET.div_ceil(DISK_SIZE + 4096);
+        assert!(block.process_queue());
+        assert_eq!(vq.used().idx().load(), per_pass as u16);
+        assert_eq!(block.metrics.budget_spent.load(Ordering::Relaxed), 1);
+        assert_eq!(block.queue_events()[0].read().unwrap(), 1, "rescheduled");
+        assert!(block.process_queue());
+        assert_eq!(vq.used().idx().load(), 16);
+        assert_eq!(status_at(&mem, T_STATUS), VIRTIO_BLK_S_OK);
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub struct BlockMetrics {
     pub read_only_violations: AtomicU64,
     /// Times the rings were found broken (each then unserved until the driver resets).
     pub broken_queues: AtomicU64,
+    /// Passes over the queue that ended on their budget of synchronous work with requests
+    /// left (served on the next turn of the event loop).
+    pub budget_spent: AtomicU64,
     /// fdatasyncs podvm made after a write, discard or write-zeroes because the driver did
     /// not negotiate FLUSH (it then expects each write durable on completion).
     pub write_through_syncs: AtomicU64,

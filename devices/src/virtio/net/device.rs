@@ -29,6 +29,8 @@ pub const QUEUE_SIZE: u16 = 256;
 /// Index of the receive queue, then the transmit queue.
 pub const RX: usize = 0;
 pub const TX: usize = 1;
+/// Most TX frames one pass sends before the event loop turns (a queue's worth).
+pub const TX_PASS_FRAMES: usize = QUEUE_SIZE as usize;
 /// Largest Ethernet frame podvm moves: a 65535-byte IP packet, the Ethernet header and a
 /// VLAN tag.
 pub const MAX_FRAME: usize = 65_535 + 14 + 4;
@@ -295,8 +297,12 @@ impl Net {
         }
     }
 
-    /// Sends every frame the guest queued to the backend. Returns false if the queue is
-    /// broken (logged and counted once; the queue then waits for a reset).
+    /// Sends the frames the guest queued to the backend, at most [`TX_PASS_FRAMES`] a pass:
+    /// a guest that keeps the ring full from another vCPU would otherwise hold the event
+    /// loop here for ever. A pass that spent its budget leaves notifications off and kicks
+    /// the TX queue's eventfd itself, so the loop serves everything else before the rest.
+    /// Returns false if the queue is broken (logged and counted once; the queue then waits
+    /// for a reset).
     pub(crate) fn process_tx(&mut self) -> bool {
         if self.broken[TX] {
             return false;
@@ -309,13 +315,18 @@ impl Net {
         };
         let mut used_any = false;
         let mut empty_passes = 0;
+        let mut budget = TX_PASS_FRAMES;
         let healthy = loop {
             if active.tx.disable_notification(&active.mem).is_err() {
                 break false;
             }
             let mut popped = false;
             let raw = self.backend.vnet_hdr();
-            while let Some(chain) = active.tx.pop_descriptor_chain(&active.mem) {
+            while budget > 0 {
+                let Some(chain) = active.tx.pop_descriptor_chain(&active.mem) else {
+                    break;
+                };
+                budget -= 1;
                 popped = true;
                 let head = chain.head_index();
                 match read_chain(&active.mem, chain, &mut self.tx_buf, raw) {
@@ -337,6 +348,14 @@ impl Net {
                     M::inc(&self.metrics.tx_invalid);
                 }
                 used_any = true;
+            }
+            if budget == 0 {
+                // Notifications stay off; the eventfd brings the loop back for the rest.
+                M::inc(&self.metrics.tx_budget_spent);
+                if let Err(e) = self.queue_events[TX].write(1) {
+                    tracing::error!(error = %e, "cannot reschedule the virtio-net TX queue");
+                }
+                break true;
             }
             match active.tx.enable_notification(&active.mem) {
                 Ok(true) => {
@@ -924,6 +943,59 @@ mod tests {
         assert_eq!(M::get(&net.metrics.interrupts), 1);
         let active = net.active.as_ref().unwrap();
         assert_eq!(active.interrupt.status(), 1, "the used-ring bit");
+    }
+
+    /// A guest on another vCPU that puts each TX chain back in the ring as soon as the
+    /// device took it: the ring is never empty.
+    struct Refiller {
+        mem: Mem,
+        avail_idx: u16,
+    }
+
+    impl NetBackend for Refiller {
+        fn send(&mut self, _frame: &[u8]) {
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+            let slot = TX_AVAIL + 4 + 2 * u64::from(self.avail_idx.wrapping_sub(1) % SIZE);
+            self.mem.write_obj(0u16, GuestAddress(slot)).unwrap();
+            self.mem
+                .write_obj(self.avail_idx, GuestAddress(TX_AVAIL + 2))
+                .unwrap();
+        }
+        fn rx_peek(&mut self) -> Option<&[u8]> {
+            None
+        }
+        fn rx_pop(&mut self) {}
+        fn event_fd(&self) -> std::os::fd::RawFd {
+            -1
+        }
+        fn process(&mut self) {}
+    }
+
+    #[test]
+    fn net_tx_pass_ends_on_its_budget_when_the_guest_never_stops_sending() {
+        crate::virtio::fuzz_util::testing::within_time_limit("endless TX ring", || {
+            let mem = Mem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+            let mut net = active_net(&mem, Vec::new());
+            // One 60-byte frame in descriptor 0, made available once; the backend puts it
+            // back after each send.
+            let at = BUFS + 0x8000;
+            mem.write_obj(at, GuestAddress(TX_DESC)).unwrap();
+            mem.write_obj((HDR_LEN + 60) as u32, GuestAddress(TX_DESC + 8))
+                .unwrap();
+            mem.write_obj(0u16, GuestAddress(TX_AVAIL + 4)).unwrap();
+            mem.write_obj(1u16, GuestAddress(TX_AVAIL + 2)).unwrap();
+            net.backend = Box::new(Refiller {
+                mem: mem.clone(),
+                avail_idx: 1,
+            });
+            assert!(net.process_tx(), "a busy ring is not a broken one");
+            assert_eq!(M::get(&net.metrics.tx_frames), TX_PASS_FRAMES as u64);
+            assert_eq!(M::get(&net.metrics.tx_budget_spent), 1);
+            // The pass asked the event loop to come back, and the next pass goes on.
+            assert_eq!(net.queue_events[TX].read().unwrap(), 1);
+            assert!(net.process_tx());
+            assert_eq!(M::get(&net.metrics.tx_frames), 2 * TX_PASS_FRAMES as u64);
+        });
     }
 
     #[test]

@@ -23,6 +23,9 @@ pub struct NetMetrics {
     pub interrupts: AtomicU64,
     /// Times a queue's rings were found broken (each then unserved until the driver resets).
     pub broken_queues: AtomicU64,
+    /// TX passes that ended on their frame budget with frames left (served on the next turn
+    /// of the event loop).
+    pub tx_budget_spent: AtomicU64,
     /// 1 while vhost-net moves the frames (a gauge).
     pub vhost_active: AtomicU64,
     /// RARP frames sent with the guest's MAC after a migration landed here, so that the
