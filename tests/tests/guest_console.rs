@@ -102,8 +102,16 @@ fn console_paste_of_4_kib_reaches_the_guest_byte_for_byte() {
     }
     let dir = TempDir::new("console-paste");
     let socket = dir.0.join("console.sock");
-    // Echo off: the guest prints the paste back once, after it has all of it.
-    let script = "stty -echo\necho PASTE-READY\nhead -c 4096 > /tmp/paste\n\
+    // Echo off: the guest prints the paste back once, after it has all of it. The reader
+    // is waiting in read(2) before the guest says it is ready: a canonical-mode tty with no
+    // reader holds at most 4095 bytes and throws away what does not fit, which would be the
+    // guest's doing, not the console's (the first version of this test pasted before `head`
+    // ran and once, under load, left the guest idle waiting for input; not seen since the
+    // reader waits first). The reader is a background job: the console goes to it as fd 3,
+    // since a background job's stdin is /dev/null before any redirection of its own.
+    let script = "stty -echo\nexec 3<&0\nhead -c 4096 <&3 > /tmp/paste &\nreader=$!\n\
+        until grep -q ') S ' /proc/$reader/stat || [ ! -e /proc/$reader ]; do :; done\n\
+        echo PASTE-READY\nwait $reader\n\
         echo PASTE-BEGIN\ncat /tmp/paste\necho \"PASTE-END $(wc -c < /tmp/paste)\"\n";
     let mut child = guest_command(script, &[])
         .arg("--console")
@@ -119,8 +127,23 @@ fn console_paste_of_4_kib_reaches_the_guest_byte_for_byte() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let client = UnixStream::connect(&socket).expect("connect");
+    // A guest that stops short fails the test with what it printed, not a hang.
+    client
+        .set_read_timeout(Some(Duration::from_secs(300)))
+        .unwrap();
     let mut out = BufReader::new(client.try_clone().unwrap());
-    read_until(&mut out, "PASTE-READY");
+    let mut step = |marker: &str| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            read_until(&mut out, marker)
+        }))
+        .unwrap_or_else(|_| {
+            let _ = child.kill();
+            let mut stderr = String::new();
+            let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+            panic!("no {marker:?} on the console; podvm's stderr:\n{stderr}");
+        })
+    };
+    step("PASTE-READY");
     // 64 lines of 63 letters and a newline, written in one go (a paste).
     let lines: Vec<String> = (0..64)
         .map(|i| {
@@ -132,8 +155,8 @@ fn console_paste_of_4_kib_reaches_the_guest_byte_for_byte() {
     let paste: String = lines.iter().map(|l| format!("{l}\n")).collect();
     assert_eq!(paste.len(), 4096);
     (&client).write_all(paste.as_bytes()).unwrap();
-    read_until(&mut out, "PASTE-BEGIN");
-    let back = read_until(&mut out, "PASTE-END");
+    step("PASTE-BEGIN");
+    let back = step("PASTE-END");
     let got: Vec<&str> = back
         .lines()
         .filter(|l| !l.starts_with("PASTE-END"))

@@ -9,6 +9,8 @@ pub mod block;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz_util;
 pub mod mmio;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod mmio_fuzzing;
 pub mod net;
 pub mod rng;
 

@@ -30,7 +30,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 
 use super::backend::{Disk, DiskOptions};
-use super::device::{Block, BlockConfig, IoEngine, PASS_BUDGET};
+use super::device::{Block, BlockConfig, IoEngine};
 use super::request::{Limits, ParseError, Request, RequestType, MAX_CHAIN_LEN, SECTOR_SIZE};
 use crate::irq::IrqTrigger;
 use crate::virtio::fuzz_util::{Cursor, Harness, QueueDevice};
@@ -652,7 +652,7 @@ mod tests {
             .unwrap();
         let mut block = scratch_block(false, None, u64::MAX);
         activate(&mut block, &mem, vq.create_queue().unwrap());
-        let per_pass = PASS_BUDGET.div_ceil(DISK_SIZE + 4096);
+        let per_pass = super::super::device::PASS_BUDGET.div_ceil(DISK_SIZE + 4096);
         assert!(block.process_queue());
         assert_eq!(vq.used().idx().load(), per_pass as u16);
         assert_eq!(block.metrics.budget_spent.load(Ordering::Relaxed), 1);
