@@ -266,6 +266,12 @@ pub struct RunArgs {
     /// migration address, `localhost` for a unix socket).
     #[arg(long, value_name = "NAME", requires = "migration_tls_cert")]
     pub migration_tls_server_name: Option<String>,
+    /// A secret only this VM's migrations share (16 to 4096 bytes; an operator mounts one
+    /// per-VM Secret into the source's and the destination's pods): the source proves it
+    /// holds it, bound to the TLS session, and a destination given one takes no source that
+    /// cannot, whatever certificate it has.
+    #[arg(long, value_name = "PATH", requires = "migration_tls_cert")]
+    pub migration_token_file: Option<PathBuf>,
     /// Run even though this host's KVM is PVM, which boots only PVM-enabled guest kernels
     /// (or tiny guests such as the benchmark's).
     #[arg(long)]

@@ -236,6 +236,7 @@ fn run(args: RunArgs) -> Result<u8, Error> {
                 key,
                 ca,
                 server_name: args.migration_tls_server_name,
+                token: args.migration_token_file,
             }),
             _ => None,
         },

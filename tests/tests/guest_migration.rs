@@ -200,6 +200,21 @@ fn migration_moves_a_running_guest_whose_counter_continues_and_disk_holds_the_la
     assert_eq!(on_disk, last);
 }
 
+/// Waits until `src`'s migration has failed; its migration status.
+fn wait_failed(src: &SocketVm) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let s = src.api_json(&["migration"]);
+        match s["state"].as_str() {
+            Some("failed") => return s,
+            Some("active") => {}
+            other => panic!("migration state {other:?}: {s}"),
+        }
+        assert!(Instant::now() < deadline, "the migration never ended: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn migration_failures_leave_the_source_running_and_a_later_migration_succeeds() {
     if !kvm_available() {
@@ -211,19 +226,6 @@ fn migration_failures_leave_the_source_running_and_a_later_migration_succeeds() 
     let mut src = SocketVm::start("migrate-fail-src", COUNTER, &refs(&args));
     src.wait_log("COUNT=2\n");
 
-    let wait_failed = |src: &SocketVm| {
-        let deadline = Instant::now() + Duration::from_secs(300);
-        loop {
-            let s = src.api_json(&["migration"]);
-            match s["state"].as_str() {
-                Some("failed") => return s,
-                Some("active") => {}
-                other => panic!("migration state {other:?}: {s}"),
-            }
-            assert!(Instant::now() < deadline, "the migration never ended: {s}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
     let still_counting = |src: &mut SocketVm| {
         let n = last_count(src);
         src.wait_log(&format!("COUNT={}\n", n + 2));
@@ -551,7 +553,13 @@ fn migration_over_mutual_tls_refuses_a_source_the_ca_did_not_sign() {
     let disk = tmp.sparse("disk.img", 1 << 20);
     let good = pki(&tmp, "good");
     let other = pki(&tmp, "other");
-    let args = tls_args(&disk, &good);
+    let token_a = tmp.file("token-a", b"per-vm-secret-a-0123456789\n");
+    let token_b = tmp.file("token-b", b"per-vm-secret-b-0123456789\n");
+    let with_token = |mut args: Vec<String>, token: &str| {
+        args.extend(["--migration-token-file".into(), token.into()]);
+        args
+    };
+    let args = with_token(tls_args(&disk, &good), &token_a);
     let mut src = SocketVm::start("migrate-tls-src", COUNTER, &refs(&args));
     src.wait_log("COUNT=2\n");
 
@@ -578,6 +586,30 @@ fn migration_over_mutual_tls_refuses_a_source_the_ca_did_not_sign() {
         "{out}"
     );
     assert!(out.stderr.contains("did not start here"), "{out}");
+    let n = last_count(&src);
+    src.wait_log(&format!("COUNT={}\n", n + 2));
+
+    // A destination with a certificate from the same CA but another VM's token: the source
+    // cannot prove it holds that token, so the destination refuses it (and waits on).
+    let mut stranger = with_token(tls_args(&disk, &good), &token_b);
+    stranger.extend(["--migration-timeout".into(), "20".into()]);
+    let (dst, addr) = SocketVm::incoming("migrate-tls-stranger", COUNTER, &refs(&stranger));
+    src.api_json(&["migrate", &addr]);
+    let status = wait_failed(&src);
+    assert!(
+        status["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("--migration-token-file"),
+        "{status}"
+    );
+    let out = dst.wait();
+    assert!(!out.status.success(), "{out}");
+    assert!(out.stderr.contains("did not prove"), "{out}");
+    assert!(
+        !out.stdout.contains("COUNT="),
+        "the guest ran at the stranger:\n{out}"
+    );
     let n = last_count(&src);
     src.wait_log(&format!("COUNT={}\n", n + 2));
 

@@ -322,6 +322,7 @@ fn populate(
             devices: devices.shape.clone(),
             topology: config.topology,
             vm_id: config.migration.vm_id.clone(),
+            proof: None,
         },
         msr_index,
         config.migration.clone(),

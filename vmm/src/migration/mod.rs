@@ -439,7 +439,11 @@ impl Migrator {
         Ok(())
     }
 
-    fn connect(&self, addr: &MigrationAddr) -> Result<Box<dyn Connection>, MigrationError> {
+    /// A connection to the destination, and its TLS session's binding (`None` in plaintext).
+    fn connect(
+        &self,
+        addr: &MigrationAddr,
+    ) -> Result<(Box<dyn Connection>, Option<tls::Binding>), MigrationError> {
         let err = |source| MigrationError::Connect {
             addr: addr.clone(),
             source,
@@ -472,8 +476,11 @@ impl Migrator {
                 s.set_write_timeout(Some(HANDOVER_TIMEOUT)).map_err(err)?;
                 let host = hostport.rsplit_once(':').map_or("", |(h, _)| h);
                 match &self.tls {
-                    Some(tls) => tls.connect(s, host).map_err(handshake)?,
-                    None => Box::new(s),
+                    Some(tls) => tls
+                        .connect(s, host)
+                        .map(|(c, b)| (c, Some(b)))
+                        .map_err(handshake)?,
+                    None => (Box::new(s), None),
                 }
             }
             MigrationAddr::Unix(path) => {
@@ -481,8 +488,11 @@ impl Migrator {
                 s.set_read_timeout(Some(HANDOVER_TIMEOUT)).map_err(err)?;
                 s.set_write_timeout(Some(HANDOVER_TIMEOUT)).map_err(err)?;
                 match &self.tls {
-                    Some(tls) => tls.connect(s, "localhost").map_err(handshake)?,
-                    None => Box::new(s),
+                    Some(tls) => tls
+                        .connect(s, "localhost")
+                        .map(|(c, b)| (c, Some(b)))
+                        .map_err(handshake)?,
+                    None => (Box::new(s), None),
                 }
             }
         })
@@ -494,11 +504,17 @@ impl Migrator {
 
     /// The source side; on error everything is as before the migration.
     fn send(&self, addr: &MigrationAddr) -> Result<(), MigrationError> {
-        let conn = self.connect(addr)?;
+        let (conn, binding) = self.connect(addr)?;
         let mut w = BufWriter::with_capacity(1 << 20, conn);
         let io = |e: std::io::Error| MigrationError::Stream(StreamError::Io(e));
         stream::write_header(&mut w).map_err(io)?;
-        let shape = serde_json::to_vec(&self.shape).expect("the shape serializes");
+        let mut shape = self.shape.clone();
+        shape.proof = self
+            .tls
+            .as_ref()
+            .zip(binding)
+            .and_then(|(t, b)| t.prove(&b));
+        let shape = serde_json::to_vec(&shape).expect("the shape serializes");
         stream::write_section(&mut w, Kind::Shape, &[&shape]).map_err(io)?;
         w.flush().map_err(io)?;
         // The destination checks the header and shape before any memory moves.
@@ -766,9 +782,9 @@ impl Migrator {
             let outcome = listener
                 .accept(self.tls.as_ref(), deadline)
                 .map_err(|e| (e, false))
-                .and_then(|conn| {
+                .and_then(|(conn, binding)| {
                     tracing::info!(from = %listener.addr, "migration connection accepted");
-                    self.receive_from(vcpus, conn)
+                    self.receive_from(vcpus, conn, binding)
                 });
             match outcome {
                 Ok(()) => return Ok(()),
@@ -794,10 +810,11 @@ impl Migrator {
         &self,
         vcpus: &[Vcpu],
         conn: Box<dyn Connection>,
+        binding: Option<tls::Binding>,
     ) -> Result<(), (MigrationError, bool)> {
         let mut r = BufReader::with_capacity(1 << 20, conn);
         let mut touched = false;
-        let result = self.receive_stream(vcpus, &mut r, &mut touched);
+        let result = self.receive_stream(vcpus, &mut r, binding, &mut touched);
         let conn = r.get_mut();
         self.finish_receive(conn, result).map_err(|e| (e, touched))
     }
@@ -844,6 +861,7 @@ impl Migrator {
         &self,
         vcpus: &[Vcpu],
         r: &mut BufReader<Box<dyn Connection>>,
+        binding: Option<tls::Binding>,
         touched: &mut bool,
     ) -> Result<(), MigrationError> {
         stream::read_header(r)?;
@@ -854,6 +872,10 @@ impl Migrator {
                     .map_err(|e| MigrationError::Invalid(format!("shape: {e}")))?;
                 if let Some(why) = self.shape.mismatch(&theirs) {
                     return Err(MigrationError::Shape(why));
+                }
+                if let (Some(tls), Some(binding)) = (&self.tls, binding) {
+                    tls.verify(&binding, theirs.proof.as_deref())
+                        .map_err(MigrationError::Shape)?;
                 }
                 let conn = r.get_mut();
                 stream::write_section(conn, Kind::Accept, &[])
@@ -999,7 +1021,7 @@ impl IncomingListener {
         &self,
         tls: Option<&tls::Tls>,
         deadline: Instant,
-    ) -> Result<Box<dyn Connection>, MigrationError> {
+    ) -> Result<(Box<dyn Connection>, Option<tls::Binding>), MigrationError> {
         let err = |source| MigrationError::Listen {
             addr: self.addr.clone(),
             source,
@@ -1044,16 +1066,22 @@ impl IncomingListener {
                 let _ = s.set_nodelay(true);
                 s.set_read_timeout(Some(HANDOVER_TIMEOUT)).map_err(err)?;
                 match tls {
-                    Some(tls) => tls.accept(s).map_err(handshake)?,
-                    None => Box::new(s),
+                    Some(tls) => tls
+                        .accept(s)
+                        .map(|(c, b)| (c, Some(b)))
+                        .map_err(handshake)?,
+                    None => (Box::new(s), None),
                 }
             }
             Listener::Unix(l, _) => {
                 let (s, _) = l.accept().map_err(err)?;
                 s.set_read_timeout(Some(HANDOVER_TIMEOUT)).map_err(err)?;
                 match tls {
-                    Some(tls) => tls.accept(s).map_err(handshake)?,
-                    None => Box::new(s),
+                    Some(tls) => tls
+                        .accept(s)
+                        .map(|(c, b)| (c, Some(b)))
+                        .map_err(handshake)?,
+                    None => (Box::new(s), None),
                 }
             }
         })

@@ -29,6 +29,10 @@ pub struct Shape {
     /// it was given. Absent from the JSON when `None`, as before VM IDs existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm_id: Option<String>,
+    /// The source's proof that it holds the VM's migration token, for this TLS session
+    /// (see `tls::Tls::prove`); not part of the shape's comparison.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof: Option<String>,
 }
 
 impl Shape {
@@ -380,6 +384,7 @@ mod tests {
             devices: vec!["block 1048576".into(), "net".into()],
             topology: None,
             vm_id: None,
+            proof: None,
         };
         assert_eq!(a.mismatch(&a.clone()), None);
         let mut b = a.clone();
@@ -409,6 +414,7 @@ mod tests {
             devices: vec!["net".into()],
             topology: None,
             vm_id: None,
+            proof: None,
         };
         let with = |id: &str| Shape {
             vm_id: Some(id.into()),
