@@ -599,9 +599,15 @@ mod tests {
         assert_eq!(used, vec![(0, 1)]);
     }
 
-    /// A write-zeroes request of one segment (sectors 8..16) on a device with `features`;
-    /// returns its status and the device's write-through syncs.
-    fn write_zeroes_with(features: u64) -> (u32, u64) {
+    /// Runs `f` on a device with `features`, activated on a 16-entry queue whose avail ring
+    /// offers one write-zeroes chain (head 0, one segment of `sectors` sectors from
+    /// `sector`) `times` times.
+    fn with_write_zeroes_queue<R>(
+        features: u64,
+        (sector, sectors): (u64, u32),
+        times: u16,
+        f: impl FnOnce(&GuestMemoryMmap, &MockSplitQueue<GuestMemoryMmap>, &mut Block) -> R,
+    ) -> R {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
         let vq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
         let descs = [
@@ -612,54 +618,45 @@ mod tests {
         for (i, d) in descs.iter().enumerate() {
             vq.desc_table().store(i as u16, *d).unwrap();
         }
-        vq.avail().ring().ref_at(0).unwrap().store(0);
-        vq.avail().idx().store(1);
+        for i in 0..usize::from(times) {
+            vq.avail().ring().ref_at(i).unwrap().store(0);
+        }
+        vq.avail().idx().store(times);
         mem.write_obj(VIRTIO_BLK_T_WRITE_ZEROES.to_le(), GuestAddress(T_HDR))
             .unwrap();
-        // Segment: sector 8, 8 sectors, no flags.
-        mem.write_obj(8u64.to_le(), GuestAddress(T_BUF)).unwrap();
-        mem.write_obj(8u32.to_le(), GuestAddress(T_BUF + 8))
+        mem.write_obj(sector.to_le(), GuestAddress(T_BUF)).unwrap();
+        mem.write_obj(sectors.to_le(), GuestAddress(T_BUF + 8))
             .unwrap();
         let mut block = scratch_block(false, None, features);
         activate(&mut block, &mem, vq.create_queue().unwrap());
-        assert!(block.process_queue());
-        let syncs = block.metrics.write_through_syncs.load(Ordering::Relaxed);
-        (status_at(&mem, T_STATUS), syncs)
+        f(&mem, &vq, &mut block)
     }
 
     #[test]
     fn blk_pass_ends_on_its_budget_of_synchronous_work() {
-        // 16 write-zeroes requests of the whole 1 MiB disk (one chain, made available 16
-        // times): a pass stops once it has zeroed PASS_BUDGET, the next serves the rest.
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
-        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
-        let descs = [
-            raw(T_HDR, 16, NEXT, 1),
-            raw(T_BUF, 16, NEXT, 2),
-            raw(T_STATUS, 1, WRITE, 0),
-        ];
-        for (i, d) in descs.iter().enumerate() {
-            vq.desc_table().store(i as u16, *d).unwrap();
-        }
-        for i in 0..16 {
-            vq.avail().ring().ref_at(i).unwrap().store(0);
-        }
-        vq.avail().idx().store(16);
-        mem.write_obj(VIRTIO_BLK_T_WRITE_ZEROES.to_le(), GuestAddress(T_HDR))
-            .unwrap();
-        mem.write_obj(0u64, GuestAddress(T_BUF)).unwrap();
-        mem.write_obj(((DISK_SIZE / 512) as u32).to_le(), GuestAddress(T_BUF + 8))
-            .unwrap();
-        let mut block = scratch_block(false, None, u64::MAX);
-        activate(&mut block, &mem, vq.create_queue().unwrap());
-        let per_pass = super::super::device::PASS_BUDGET.div_ceil(DISK_SIZE + 4096);
-        assert!(block.process_queue());
-        assert_eq!(vq.used().idx().load(), per_pass as u16);
-        assert_eq!(block.metrics.budget_spent.load(Ordering::Relaxed), 1);
-        assert_eq!(block.queue_events()[0].read().unwrap(), 1, "rescheduled");
-        assert!(block.process_queue());
-        assert_eq!(vq.used().idx().load(), 16);
-        assert_eq!(status_at(&mem, T_STATUS), VIRTIO_BLK_S_OK);
+        // 16 write-zeroes requests of the whole 1 MiB disk: a pass stops once it has zeroed
+        // PASS_BUDGET, the next serves the rest.
+        let whole_disk = (0, (DISK_SIZE / 512) as u32);
+        with_write_zeroes_queue(u64::MAX, whole_disk, 16, |mem, vq, block| {
+            let per_pass = super::super::device::PASS_BUDGET.div_ceil(DISK_SIZE + 4096);
+            assert!(block.process_queue());
+            assert_eq!(vq.used().idx().load(), per_pass as u16);
+            assert_eq!(block.metrics.budget_spent.load(Ordering::Relaxed), 1);
+            assert_eq!(block.queue_events()[0].read().unwrap(), 1, "rescheduled");
+            assert!(block.process_queue());
+            assert_eq!(vq.used().idx().load(), 16);
+            assert_eq!(status_at(mem, T_STATUS), VIRTIO_BLK_S_OK);
+        });
+    }
+
+    /// One write-zeroes request (sectors 8..16) on a device with `features`: its status and
+    /// the device's write-through syncs.
+    fn write_zeroes_with(features: u64) -> (u32, u64) {
+        with_write_zeroes_queue(features, (8, 8), 1, |mem, _, block| {
+            assert!(block.process_queue());
+            let syncs = block.metrics.write_through_syncs.load(Ordering::Relaxed);
+            (status_at(mem, T_STATUS), syncs)
+        })
     }
 
     #[test]
