@@ -503,11 +503,11 @@ fn migration_destination_drops_garbage_connections_and_takes_the_real_source() {
     let n = last_count(&src);
     finish(src);
     dst.wait_log(&format!("COUNT={}\n", n + 2));
-    // Its log named each dropped connection's reason.
+    // Its log named the first dropped connection (the port scan: the peer closed the
+    // stream), counted the others (their lines are rate-limited) and the total.
     let report = dst.kill_and_report();
-    for expect in expected {
-        assert!(report.contains(expect), "{expect}: {report}");
-    }
+    assert!(report.contains("the peer closed the stream"), "{report}");
+    assert!(report.contains("dropped=4"), "{report}");
 }
 
 /// A CA and a certificate it signed for `localhost`, as PEM files in `dir` named after

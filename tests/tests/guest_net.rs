@@ -731,3 +731,74 @@ fn net_user_ports_all_forwards_every_free_port_like_kubevirt_without_a_port_list
         after.saturating_sub(before) / 1024
     );
 }
+
+/// A guest sending UDP as fast as it can through the NAT (a flood of frames on the TX
+/// queue, each a datagram the NAT must handle) does not hold the event loop: the liveness
+/// probe keeps answering throughout, and the loop's longest silence stays below the
+/// liveness threshold. The measured figure is printed, not asserted against a budget.
+#[test]
+fn net_user_guest_flooding_tx_keeps_the_event_loop_and_probes_turning() {
+    if !kvm_available() {
+        return;
+    }
+    let port = 21_000 + (std::process::id() % 1000) as u16;
+    let listen = format!("127.0.0.1:{port}");
+    let script = "ip link set lo up\nip link set eth0 up\n\
+                  ip addr add 10.0.2.2/24 dev eth0\nip route add default via 10.0.2.1\n\
+                  echo FLOOD-START\n\
+                  dd if=/dev/zero bs=1400 count=50000 2>/dev/null | socat -b1400 -u - UDP-SENDTO:10.0.2.1:9 || true\n\
+                  echo FLOOD-DONE\nread -r line\n";
+    let mut vm = podvm_tests::SocketVm::start(
+        "net-tx-flood",
+        script,
+        &[
+            "--memory",
+            "256",
+            "--net",
+            "user",
+            "--status-listen",
+            &listen,
+        ],
+    );
+    vm.wait_log("FLOOD-START");
+    // Probes while the guest floods, as the kubelet would send them.
+    let mut probes = 0;
+    let mut failed = Vec::new();
+    while !vm.log_text().contains("FLOOD-DONE") {
+        let (code, body) = podvm_tests::http_get(port, "/healthz");
+        probes += 1;
+        if code != 200 {
+            failed.push(body);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(vm.running(), "podvm ended during the flood");
+    }
+    let (_, metrics) = podvm_tests::http_get(port, "/metrics");
+    let longest = podvm_tests::metric_sample(&metrics, "podvm_event_loop_longest_silence_seconds");
+    let frames = podvm_tests::metric_sample(&metrics, "podvm_nic_tx_frames_total{nic=\"0\"}");
+    let budget = podvm_tests::metric_sample(&metrics, "podvm_nic_tx_budget_spent_total{nic=\"0\"}");
+    let typist = std::os::unix::net::UnixStream::connect(&vm.console).unwrap();
+    (&typist).write_all(b"done\n").unwrap();
+    let out = vm.wait();
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(
+        failed.is_empty(),
+        "/healthz failed during the flood: {failed:?}"
+    );
+    assert!(
+        frames >= 50_000.0,
+        "the flood reached the NAT: {frames} frames"
+    );
+    assert!(
+        longest < vmm_wedged_after_s(),
+        "the event loop went {longest} s without turning"
+    );
+    eprintln!(
+        "TX flood: {frames} frames, {probes} probes all answered, {budget} passes ended on their budget, longest event-loop silence {longest} s"
+    );
+}
+
+/// The status endpoint's liveness threshold (`vmm::status::WEDGED_AFTER`).
+fn vmm_wedged_after_s() -> f64 {
+    10.0
+}

@@ -787,7 +787,15 @@ impl Migrator {
                     self.receive_from(vcpus, conn, binding)
                 });
             match outcome {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    if refused > 0 {
+                        tracing::info!(
+                            dropped = refused,
+                            "the migration came after connections that were dropped"
+                        );
+                    }
+                    return Ok(());
+                }
                 Err((e, false)) if e.is_refusable() => {
                     refused += 1;
                     if let Some(suppressed) = refusals.allow() {
