@@ -55,6 +55,19 @@ pub mod status {
     pub const FEATURES_OK: u32 = 8;
     pub const DEVICE_NEEDS_RESET: u32 = 64;
     pub const FAILED: u32 = 128;
+
+    /// Whether `value` is a status a driver can reach: only the bits above (the device's own
+    /// DEVICE_NEEDS_RESET only where `device_bits` has it), each stage on top of the one
+    /// before (ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK). A status that skips a stage
+    /// (DRIVER_OK without negotiated features, say) is refused, not taken.
+    pub fn is_valid(value: u32, device_bits: u32) -> bool {
+        let known = ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK | FAILED | device_bits;
+        let needs = |bit: u32, before: u32| value & bit == 0 || value & before != 0;
+        value & !known == 0
+            && needs(DRIVER, ACKNOWLEDGE)
+            && needs(FEATURES_OK, DRIVER)
+            && needs(DRIVER_OK, FEATURES_OK)
+    }
 }
 
 /// One virtio device behind the virtio-mmio register interface.
@@ -222,7 +235,9 @@ impl MmioTransport {
         }
         // Bits may only be added, one stage at a time (§3.1.1); FAILED may come any time.
         let added = value & !self.status;
-        if value & self.status != self.status {
+        if value & self.status != self.status
+            || !status::is_valid(value, self.status & status::DEVICE_NEEDS_RESET)
+        {
             self.invalid_accesses += 1;
             return;
         }
@@ -462,6 +477,12 @@ impl MmioTransport {
             .iter()
             .map(QueueSnapshot::to_queue)
             .collect::<Result<Vec<_>, _>>()?;
+        if !status::is_valid(state.status, status::DEVICE_NEEDS_RESET) {
+            return Err(RestoreError(format!(
+                "device status {:#x} is not one a driver can reach",
+                state.status
+            )));
+        }
         self.status = state.status;
         self.driver_features = state.driver_features;
         self.device_features_sel = state.device_features_sel;
@@ -593,6 +614,29 @@ mod tests {
     }
 
     const ALL: u32 = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+
+    #[test]
+    fn mmio_status_that_skips_a_stage_or_has_unknown_bits_is_refused() {
+        let mut t = transport();
+        // DRIVER_OK without the stages before it (found by the fuzz target: with FAILED and
+        // every unknown bit, 0xffff_fff7 was taken as the device status).
+        for bad in [
+            0xffff_fff7,
+            status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK,
+            status::DRIVER,
+            status::ACKNOWLEDGE | status::DEVICE_NEEDS_RESET,
+            status::ACKNOWLEDGE | 0x100,
+        ] {
+            write(&mut t, REG_STATUS, bad);
+            assert_eq!(read(&mut t, REG_STATUS), 0, "{bad:#x} was taken");
+        }
+        assert_eq!(t.invalid_accesses(), 5);
+        write(&mut t, REG_STATUS, status::ACKNOWLEDGE | status::FAILED);
+        assert_eq!(
+            read(&mut t, REG_STATUS),
+            status::ACKNOWLEDGE | status::FAILED
+        );
+    }
 
     #[test]
     fn mmio_bad_queue_size_is_refused_and_counted_on_every_write() {
