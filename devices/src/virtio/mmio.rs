@@ -242,8 +242,9 @@ impl MmioTransport {
             return;
         }
         if added & status::FEATURES_OK != 0 && !self.features_ok() {
-            // Not setting FEATURES_OK tells the driver its feature set was refused.
-            self.status = value & !status::FEATURES_OK;
+            // Not setting FEATURES_OK tells the driver its feature set was refused; nor
+            // DRIVER_OK, which needs it, if the driver wrote both at once.
+            self.status = value & !(status::FEATURES_OK | status::DRIVER_OK);
             return;
         }
         self.status = value;
@@ -635,6 +636,20 @@ mod tests {
         assert_eq!(
             read(&mut t, REG_STATUS),
             status::ACKNOWLEDGE | status::FAILED
+        );
+    }
+
+    #[test]
+    fn mmio_refused_features_with_driver_ok_in_the_same_write_leave_neither_set() {
+        // Found by the fuzz target: FEATURES_OK and DRIVER_OK at once, without VERSION_1.
+        let mut t = transport();
+        write(&mut t, REG_STATUS, status::ACKNOWLEDGE);
+        write(&mut t, REG_STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        let all = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+        write(&mut t, REG_STATUS, all);
+        assert_eq!(
+            read(&mut t, REG_STATUS),
+            status::ACKNOWLEDGE | status::DRIVER
         );
     }
 
