@@ -775,6 +775,7 @@ fn net_user_guest_flooding_tx_keeps_the_event_loop_and_probes_turning() {
     }
     let (_, metrics) = podvm_tests::http_get(port, "/metrics");
     let longest = podvm_tests::metric_sample(&metrics, "podvm_event_loop_longest_silence_seconds");
+    let busy = podvm_tests::metric_sample(&metrics, "podvm_event_loop_longest_silence_cpu_seconds");
     let frames = podvm_tests::metric_sample(&metrics, "podvm_nic_tx_frames_total{nic=\"0\"}");
     let budget = podvm_tests::metric_sample(&metrics, "podvm_nic_tx_budget_spent_total{nic=\"0\"}");
     let typist = std::os::unix::net::UnixStream::connect(&vm.console).unwrap();
@@ -794,7 +795,7 @@ fn net_user_guest_flooding_tx_keeps_the_event_loop_and_probes_turning() {
         "the event loop went {longest} s without turning"
     );
     eprintln!(
-        "TX flood: {frames} frames, {probes} probes all answered, {budget} passes ended on their budget, longest event-loop silence {longest} s"
+        "TX flood: {frames} frames, {probes} probes all answered, {budget} passes ended on their budget, longest event-loop silence {longest} s ({busy} s of it on the CPU)"
     );
 }
 

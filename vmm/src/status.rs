@@ -39,6 +39,11 @@ pub struct Heartbeat {
     /// The longest time between two beats so far: how long a device's pass (or anything
     /// else on the loop) held it at worst.
     longest_ms: AtomicU64,
+    /// CPU time of the beating thread at the last beat, and what it used during the
+    /// longest silence (µs): about the silence if the loop was busy, about nothing if it
+    /// was waiting for a CPU or a lock.
+    last_cpu_us: AtomicU64,
+    longest_cpu_us: AtomicU64,
 }
 
 impl Default for Heartbeat {
@@ -47,19 +52,44 @@ impl Default for Heartbeat {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
             longest_ms: AtomicU64::new(0),
+            last_cpu_us: AtomicU64::new(0),
+            longest_cpu_us: AtomicU64::new(0),
         }
     }
 }
 
+/// CPU time of the calling thread, in µs.
+fn thread_cpu_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer for the duration of the call.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
+}
+
 impl Heartbeat {
+    /// Called by one thread (the event loop) after every wake-up.
     pub fn beat(&self) {
         let ms = self.start.elapsed().as_millis() as u64;
+        let cpu = thread_cpu_us();
         let last = self.last_ms.swap(ms, Ordering::Relaxed);
+        let last_cpu = self.last_cpu_us.swap(cpu, Ordering::Relaxed);
         // The first beat ends the VM's setup, not a silence of the loop.
-        if last > 0 {
-            self.longest_ms
-                .fetch_max(ms.saturating_sub(last), Ordering::Relaxed);
+        let gap = ms.saturating_sub(last);
+        if last > 0 && gap > self.longest_ms.load(Ordering::Relaxed) {
+            self.longest_ms.store(gap, Ordering::Relaxed);
+            self.longest_cpu_us
+                .store(cpu.saturating_sub(last_cpu), Ordering::Relaxed);
         }
+    }
+
+    /// CPU time the beating thread used during [`Heartbeat::longest_silence`].
+    pub fn longest_silence_cpu(&self) -> Duration {
+        Duration::from_micros(self.longest_cpu_us.load(Ordering::Relaxed))
     }
 
     /// The longest time between two beats so far.
@@ -516,6 +546,13 @@ pub fn prometheus(source: &dyn StatusSource, heartbeat: &Heartbeat) -> String {
         "The longest time the event loop went without turning since the VM started (a device's pass over a busy queue, at worst)",
         &[],
         heartbeat.longest_silence().as_secs_f64(),
+    );
+    out.metric(
+        "podvm_event_loop_longest_silence_cpu_seconds",
+        "gauge",
+        "CPU time the event loop used during its longest silence: near the silence if it was busy, near zero if it waited for a CPU or a lock",
+        &[],
+        heartbeat.longest_silence_cpu().as_secs_f64(),
     );
     out.help(
         "podvm_seccomp_violations_total",
