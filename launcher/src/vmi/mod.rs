@@ -22,6 +22,9 @@ use vmm::config::{
 
 pub use seed::Seed;
 
+/// The largest emptyDisk: the largest file size (`off_t`), in whole 512-byte sectors.
+pub const MAX_EMPTY_DISK_BYTES: u64 = i64::MAX as u64 & !511;
+
 /// KubeVirt's default `terminationGracePeriodSeconds` for a VMI.
 pub const DEFAULT_GRACE_SECONDS: u64 = 180;
 
@@ -186,17 +189,46 @@ pub struct Plan {
     pub ignored: Vec<String>,
 }
 
-/// Parses a VMI document: JSON, or YAML (one document).
-pub fn parse_document(text: &str) -> Result<Value, Errors> {
-    let fail = |message: String| {
-        Errors(vec![FieldError {
-            path: "(document)".into(),
-            message,
-        }])
+/// The largest VMI document podvm reads. A VMI is a few KiB, cloud-init user-data included;
+/// the API server's own limit for an object is about 1.5 MiB.
+pub const MAX_DOCUMENT_BYTES: usize = 1 << 20;
+
+/// The deepest nesting of mappings and lists in a YAML VMI (KubeVirt's go below 10). The
+/// YAML loader and the conversion recurse per level.
+pub const MAX_YAML_DEPTH: usize = 64;
+
+fn document_error(message: String) -> Errors {
+    Errors(vec![FieldError {
+        path: "(document)".into(),
+        message,
+    }])
+}
+
+/// The error for a document of `len` bytes, more than [`MAX_DOCUMENT_BYTES`].
+pub fn document_too_large(len: usize) -> Errors {
+    // A file is read only up to one byte past the limit: its size is then unknown.
+    let shown = if len > MAX_DOCUMENT_BYTES + 1 {
+        format!(" ({len} bytes)")
+    } else {
+        String::new()
     };
+    document_error(format!(
+        "too large{shown}; a VirtualMachineInstance may have at most {MAX_DOCUMENT_BYTES} bytes (1 MiB): move large cloud-init data into the image or a PVC"
+    ))
+}
+
+/// Parses a VMI document: JSON, or YAML (one document), at most [`MAX_DOCUMENT_BYTES`].
+/// YAML anchors and aliases are refused before any tree is built: a few hundred bytes of
+/// nested aliases expand into gigabytes.
+pub fn parse_document(text: &str) -> Result<Value, Errors> {
+    let fail = document_error;
+    if text.len() > MAX_DOCUMENT_BYTES {
+        return Err(document_too_large(text.len()));
+    }
     if text.trim_start().starts_with('{') {
         return serde_json::from_str(text).map_err(|e| fail(format!("invalid JSON: {e}")));
     }
+    check_yaml_events(text).map_err(fail)?;
     let docs = yaml_rust2::YamlLoader::load_from_str(text)
         .map_err(|e| fail(format!("invalid YAML: {e}")))?;
     match docs.as_slice() {
@@ -206,6 +238,49 @@ pub fn parse_document(text: &str) -> Result<Value, Errors> {
             "{} YAML documents; give exactly one VirtualMachineInstance",
             docs.len()
         ))),
+    }
+}
+
+/// Reads the YAML events of `text` without building anything: refuses an anchor or an alias
+/// and nesting deeper than [`MAX_YAML_DEPTH`], so that loading `text` costs memory in
+/// proportion to its size and stack in proportion to its depth.
+fn check_yaml_events(text: &str) -> Result<(), String> {
+    use yaml_rust2::parser::{Event, Parser};
+    let mut parser = Parser::new_from_str(text);
+    let mut depth = 0usize;
+    loop {
+        let (event, mark) = parser
+            .next_token()
+            .map_err(|e| format!("invalid YAML: {e}"))?;
+        let at = format!("line {} column {}", mark.line(), mark.col() + 1);
+        let anchor = match &event {
+            Event::StreamEnd => return Ok(()),
+            Event::Alias(_) => {
+                return Err(format!(
+                    "{at}: a YAML alias (*name); podvm does not expand anchors and aliases (a few of them can expand a small document into gigabytes): write the value out"
+                ))
+            }
+            Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
+                depth += 1;
+                if depth > MAX_YAML_DEPTH {
+                    return Err(format!(
+                        "{at}: nested more than {MAX_YAML_DEPTH} levels deep; a VirtualMachineInstance needs far fewer"
+                    ));
+                }
+                *anchor
+            }
+            Event::SequenceEnd | Event::MappingEnd => {
+                depth = depth.saturating_sub(1);
+                0
+            }
+            Event::Scalar(_, _, anchor, _) => *anchor,
+            _ => 0,
+        };
+        if anchor != 0 {
+            return Err(format!(
+                "{at}: a YAML anchor (&name); podvm does not expand anchors and aliases (a few of them can expand a small document into gigabytes): write the values out"
+            ));
+        }
     }
 }
 
@@ -971,7 +1046,10 @@ fn volumes(
         let Some(vol) = w.object(&path, v, |k| match k {
             "name" | "persistentVolumeClaim" | "dataVolume" | "emptyDisk" | "cloudInitNoCloud"
             | "containerDisk" => Some(Key::Use),
-            "ephemeral" | "hostDisk" | "configMap" | "secret" | "serviceAccount" | "downwardAPI"
+            "hostDisk" => Some(Key::Refuse(
+                "is not supported: it names a file on the node, outside podvm's pod; put the image on a persistentVolumeClaim (a local or hostPath PersistentVolume reaches the same file) or use an emptyDisk for scratch space",
+            )),
+            "ephemeral" | "configMap" | "secret" | "serviceAccount" | "downwardAPI"
             | "downwardMetrics" | "cloudInitConfigDrive" | "sysprep" | "memoryDump" => Some(Key::Refuse(
                 "is not supported; use persistentVolumeClaim, dataVolume, emptyDisk, containerDisk or cloudInitNoCloud",
             )),
@@ -1037,13 +1115,21 @@ fn volumes(
                         w.error(&join(&kind_path, "capacity"), "must be more than 0");
                         None
                     }
-                    Some(capacity) => Some((
-                        run_file(".img"),
-                        DiskSource::EmptyDisk {
-                            capacity: capacity.div_ceil(512) * 512,
-                        },
-                        false,
-                    )),
+                    Some(capacity) => match capacity
+                        .checked_next_multiple_of(512)
+                        .filter(|c| *c <= MAX_EMPTY_DISK_BYTES)
+                    {
+                        Some(capacity) => {
+                            Some((run_file(".img"), DiskSource::EmptyDisk { capacity }, false))
+                        }
+                        None => {
+                            w.error(
+                                &join(&kind_path, "capacity"),
+                                format!("{capacity} bytes is larger than a disk file can be ({MAX_EMPTY_DISK_BYTES} bytes, about 8Ei); give a size such as 10Gi"),
+                            );
+                            None
+                        }
+                    },
                     None => {
                         if !w.errors.iter().any(|e| e.path.starts_with(&kind_path)) {
                             w.error(&join(&kind_path, "capacity"), "required, e.g. 2Gi");
@@ -1069,7 +1155,8 @@ fn volumes(
                     false,
                 )
             }),
-            _ => unreachable!("classified above"),
+            // A refused source: its error, naming the field, is already recorded.
+            _ => None,
         };
         if let Some((path, source, read_only)) = resolved {
             out.insert(

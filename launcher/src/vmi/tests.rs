@@ -544,3 +544,154 @@ fn vmi_mac_addresses_parse_with_colons_or_dashes() {
     assert_eq!(parse_mac("52:54:00:ab:cd"), None);
     assert_eq!(parse_mac("5254.00ab.cdef"), None);
 }
+
+#[test]
+fn vmi_host_disk_volume_is_refused_with_its_field_path() {
+    // KubeVirt's examples/vmi-host-disk.yaml: this panicked (unreachable!) before.
+    assert_refused(
+        (
+            "emptyDisk: {capacity: 2Gi}",
+            "hostDisk: {path: /data/disk.img, type: DiskOrCreate, capacity: 1Gi}",
+        ),
+        &[(
+            "spec.volumes[3].hostDisk",
+            "is not supported: it names a file on the node",
+        )],
+    );
+}
+
+#[test]
+fn vmi_every_refused_volume_source_is_an_error_not_a_panic() {
+    for kind in [
+        "ephemeral",
+        "configMap",
+        "secret",
+        "serviceAccount",
+        "downwardAPI",
+        "downwardMetrics",
+        "cloudInitConfigDrive",
+        "sysprep",
+        "memoryDump",
+    ] {
+        let text = FULL.replacen(
+            "emptyDisk: {capacity: 2Gi}",
+            &format!("{kind}: {{name: x}}"),
+            1,
+        );
+        let Err(Errors(e)) = plan_text(&text) else {
+            panic!("{kind}: accepted")
+        };
+        assert_eq!(e.len(), 1, "{kind}: {e:#?}");
+        assert_eq!(e[0].path, format!("spec.volumes[3].{kind}"), "{e:#?}");
+        assert!(e[0].message.contains("is not supported"), "{e:#?}");
+    }
+}
+
+#[test]
+fn vmi_empty_disk_capacity_near_u64_max_is_refused_not_overflowed() {
+    for capacity in ["18446744073709551615", "18446744073709551104", "15Ei"] {
+        assert_refused(
+            ("capacity: 2Gi", &format!("capacity: \"{capacity}\"")),
+            &[(
+                "spec.volumes[3].emptyDisk.capacity",
+                "is larger than a disk file can be",
+            )],
+        );
+    }
+    // The largest that fits is accepted, rounded up to whole sectors.
+    let text = FULL.replacen("capacity: 2Gi", "capacity: \"9223372036854775295\"", 1);
+    let plan = plan_text(&text).unwrap();
+    let scratch = plan.disks.iter().find(|d| d.name == "scratch").unwrap();
+    assert_eq!(
+        scratch.source,
+        DiskSource::EmptyDisk {
+            capacity: MAX_EMPTY_DISK_BYTES
+        }
+    );
+}
+
+/// A billion laughs in YAML: nine aliases per level, nine levels, 9^9 strings once expanded.
+pub(crate) const ALIAS_BOMB: &str = r#"apiVersion: kubevirt.io/v1
+kind: VirtualMachineInstance
+a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
+i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
+"#;
+
+fn document_error_of(text: &str) -> String {
+    match parse_document(text) {
+        Ok(v) => panic!("{text:.60?} parsed: {v:.60}"),
+        Err(Errors(e)) => {
+            assert_eq!(e.len(), 1, "{e:#?}");
+            assert_eq!(e[0].path, "(document)");
+            e[0].message.clone()
+        }
+    }
+}
+
+#[test]
+fn vmi_yaml_alias_bomb_is_refused_before_expansion() {
+    let message = document_error_of(ALIAS_BOMB);
+    assert!(
+        message.starts_with("line 3 column 7: a YAML anchor"),
+        "{message}"
+    );
+    assert!(message.contains("write the value"), "{message}");
+}
+
+#[test]
+fn vmi_yaml_aliases_and_anchors_are_refused() {
+    // An alias needs an anchor before it (the parser refuses one without), so the anchor is
+    // what is reported.
+    let alias = document_error_of("a: *x\n");
+    assert!(alias.contains("unknown anchor"), "{alias}");
+    let both = document_error_of("a: &x 1\nb: *x\n");
+    assert!(both.starts_with("line 1 column 7: a YAML anchor"), "{both}");
+    let anchored_scalar = document_error_of("a: &x 1\nb: 2\n");
+    assert!(
+        anchored_scalar.contains("a YAML anchor (&name)"),
+        "{anchored_scalar}"
+    );
+    let anchored_map = document_error_of("spec: &s\n  a: 1\n");
+    assert!(
+        anchored_map.contains("a YAML anchor (&name)"),
+        "{anchored_map}"
+    );
+}
+
+#[test]
+fn vmi_yaml_nested_too_deep_is_refused() {
+    let deep = format!("a: {}{}\n", "[".repeat(100), "]".repeat(100));
+    let message = document_error_of(&deep);
+    assert!(message.contains("nested more than 64 levels"), "{message}");
+    let block = (0..100).fold(String::new(), |s, i| format!("{s}{}k:\n", " ".repeat(i)));
+    let message = document_error_of(&block);
+    assert!(message.contains("nested more than 64 levels"), "{message}");
+    // Far deeper: the parser's own limit answers first, still an error, not a stack overflow.
+    let deeper = format!("a: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+    document_error_of(&deeper);
+    // 64 levels are fine.
+    let ok = format!("a: {}{}\n", "[".repeat(63), "]".repeat(63));
+    parse_document(&ok).unwrap();
+}
+
+#[test]
+fn vmi_document_larger_than_1_mib_is_refused() {
+    let big = format!("{FULL}\n# {}\n", "x".repeat(MAX_DOCUMENT_BYTES));
+    let message = document_error_of(&big);
+    assert!(
+        message.contains("at most 1048576 bytes (1 MiB)"),
+        "{message}"
+    );
+    // Just under the limit is parsed.
+    let padding = MAX_DOCUMENT_BYTES - FULL.len() - 4;
+    let fits = format!("{FULL}\n# {}\n", "x".repeat(padding));
+    assert_eq!(fits.len(), MAX_DOCUMENT_BYTES);
+    plan_text(&fits).unwrap();
+}
