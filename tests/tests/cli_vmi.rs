@@ -161,6 +161,18 @@ const BROKEN: &[(&str, &str, &str, &[&str])] = &[
         &["spec.volumes[1].emptyDisk.capacity: 18446744073709551615 bytes is larger than a disk file can be"],
     ),
     (
+        "volume name that is a path",
+        "    - name: cloudinit\n      cloudInit",
+        "    - name: ../../x\n      cloudInit",
+        &["spec.volumes[1].name: \"../../x\" is not a valid volume name (DNS-1123 label: lower-case letters, digits and '-', at most 63 characters); rename the volume"],
+    ),
+    (
+        "kernelPath out of its root",
+        "container: {image: example/kernel, kernelPath: ",
+        "container: {image: example/kernel, kernelPath: /../../etc/passwd, initrdPath: ",
+        &["spec.domain.firmware.kernelBoot.container.kernelPath: \"/../../etc/passwd\" has a `..` component"],
+    ),
+    (
         "several problems at once",
         "cores: 2, threads: 1",
         "cores: 2, threads: 1, model: Skylake}\n    clock: {timezone: Europe/Paris",

@@ -6,6 +6,7 @@
 //! fields that only matter to the cluster) accepted and reported in [`Plan::ignored`]. All
 //! problems are collected and reported at once.
 
+pub mod beneath;
 pub mod prepare;
 pub mod quantity;
 pub mod seed;
@@ -69,13 +70,33 @@ pub enum Probe {
     File,
     Dir,
     Other,
+    /// It resolves out of the root it was looked up in (only where openat2 is missing).
+    Outside,
 }
 
 /// The host as the mapping sees it.
 pub trait Host {
+    /// What `path`, a path the operator gave (`--volume`), is.
     fn probe(&self, path: &Path) -> Probe;
+    /// What `rel` (from [`beneath::relative`]) is under `root`, resolved as if `root` were
+    /// `/`, so that neither `..` nor a symlink leads out of it; and where it is (the path
+    /// to hand on: without symlinks left to follow when any was followed).
+    fn probe_in_root(&self, root: &Path, rel: &Path) -> (PathBuf, Probe);
     /// The regular files directly in `dir` (sorted), or `None` if it cannot be read.
     fn files_in(&self, dir: &Path) -> Option<Vec<PathBuf>>;
+}
+
+fn probe_metadata(m: &std::fs::Metadata) -> Probe {
+    use std::os::unix::fs::FileTypeExt;
+    if m.file_type().is_block_device() {
+        Probe::Block
+    } else if m.is_file() {
+        Probe::File
+    } else if m.is_dir() {
+        Probe::Dir
+    } else {
+        Probe::Other
+    }
 }
 
 /// The real file system.
@@ -83,13 +104,18 @@ pub struct RealHost;
 
 impl Host for RealHost {
     fn probe(&self, path: &Path) -> Probe {
-        use std::os::unix::fs::FileTypeExt;
         match std::fs::metadata(path) {
             Err(_) => Probe::Missing,
-            Ok(m) if m.file_type().is_block_device() => Probe::Block,
-            Ok(m) if m.is_file() => Probe::File,
-            Ok(m) if m.is_dir() => Probe::Dir,
-            Ok(_) => Probe::Other,
+            Ok(m) => probe_metadata(&m),
+        }
+    }
+
+    fn probe_in_root(&self, root: &Path, rel: &Path) -> (PathBuf, Probe) {
+        match beneath::open_in_root(root, rel) {
+            Ok(found) => (found.path, probe_metadata(&found.metadata)),
+            Err(beneath::NotFound::Missing) => (root.join(rel), Probe::Missing),
+            Err(beneath::NotFound::Escapes(to)) => (to, Probe::Outside),
+            Err(beneath::NotFound::Other) => (root.join(rel), Probe::Other),
         }
     }
 
@@ -980,15 +1006,25 @@ fn kernel_boot(w: &mut Walk, domain: &Map<String, Value>, paths: &Paths) -> Opti
         );
     }
     let mut file = |key: &str| -> Option<PathBuf> {
-        let rel = w.string(container, path, key)?;
-        let full = paths.kernel_boot_root.join(rel.trim_start_matches('/'));
-        match w.host.probe(&full) {
+        let text = w.string(container, path, key)?;
+        let rel = match beneath::relative(text) {
+            Ok(rel) => rel,
+            Err(e) => {
+                w.error(
+                    &join(path, key),
+                    format!("{e}; give the file's path inside the kernel image"),
+                );
+                return None;
+            }
+        };
+        let (full, found) = w.host.probe_in_root(&paths.kernel_boot_root, &rel);
+        match found {
             Probe::File => Some(full),
             found => {
                 w.error(
                     &join(path, key),
                     format!(
-                        "{} is {}; mount the kernel image's files under {} (podvm's --kernel-boot-root)",
+                        "{} is {}; mount the kernel image's files under {} (podvm's --kernel-boot-root; symlinks resolve inside it)",
                         full.display(),
                         describe(found),
                         paths.kernel_boot_root.display()
@@ -1017,8 +1053,21 @@ fn describe(p: Probe) -> &'static str {
         Probe::Block => "a block device, not a file",
         Probe::File => "a file",
         Probe::Dir => "a directory, not a file",
-        Probe::Other => "neither a file nor a block device",
+        Probe::Other => "neither a file nor a block device (or unreadable)",
+        Probe::Outside => "outside the directory it is looked up in (a symlink leads out)",
     }
+}
+
+/// Whether `name` is a DNS-1123 label, as Kubernetes requires of a volume's name: lower-case
+/// letters, digits and '-', starting and ending with a letter or digit, at most 63
+/// characters. Such a name is one safe path component.
+pub fn is_dns1123_label(name: &str) -> bool {
+    let b = name.as_bytes();
+    let inner = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    (1..=63).contains(&b.len())
+        && b.iter().all(|c| inner(c) || *c == b'-')
+        && inner(&b[0])
+        && inner(&b[b.len() - 1])
 }
 
 /// A volume, resolved to where its disk will be.
@@ -1041,6 +1090,8 @@ fn volumes(
 ) -> BTreeMap<String, Volume> {
     let mut out = BTreeMap::new();
     let mut seen = HashSet::new();
+    // The files podvm makes in the run directory: each volume its own.
+    let mut run_files: BTreeMap<PathBuf, usize> = BTreeMap::new();
     for (index, v) in w.array(spec, "spec", "volumes").to_vec().iter().enumerate() {
         let path = format!("spec.volumes[{index}]");
         let Some(vol) = w.object(&path, v, |k| match k {
@@ -1060,6 +1111,22 @@ fn volumes(
         let Some(vol_name) = w.name(vol, &path, &mut seen) else {
             continue;
         };
+        let placeholder = Volume {
+            index,
+            path: PathBuf::new(),
+            source: DiskSource::FilePvc,
+            read_only: true,
+            used: false,
+        };
+        if !is_dns1123_label(vol_name) {
+            w.error(
+                &join(&path, "name"),
+                format!("{vol_name:?} is not a valid volume name (DNS-1123 label: lower-case letters, digits and '-', at most 63 characters); rename the volume"),
+            );
+            // Known, so the disk that uses it does not fail as "no volume" too.
+            out.insert(vol_name.to_string(), placeholder);
+            continue;
+        }
         let sources: Vec<&String> = vol
             .keys()
             .filter(|k| *k != "name" && !vol[*k].is_null())
@@ -1077,10 +1144,11 @@ fn volumes(
         let kind = sources[0].as_str();
         let kind_path = join(&path, kind);
         let overridden = paths.volume_paths.get(vol_name).cloned();
-        let run_file = |suffix: &str| {
-            overridden
-                .clone()
-                .unwrap_or_else(|| paths.run_dir.join(format!("{vol_name}{suffix}")))
+        // A file podvm makes in the run directory (the name is a DNS-1123 label, so this is
+        // one component beneath it), unless --volume put the disk elsewhere.
+        let run_file = |suffix: &str| match &overridden {
+            Some(p) => Ok(p.clone()),
+            None => beneath::beneath(&paths.run_dir, &format!("{vol_name}{suffix}")),
         };
         let resolved = match kind {
             "persistentVolumeClaim" | "dataVolume" => {
@@ -1104,7 +1172,7 @@ fn volumes(
                     w.error(&join(&kind_path, required), "required");
                 }
                 pvc(w, &kind_path, vol_name, paths, overridden.as_deref())
-                    .map(|(p, source)| (p, source, read_only))
+                    .map(|(p, source)| (Ok(p), source, read_only))
             }
             "emptyDisk" => {
                 let src = w.object(&kind_path, &vol[kind], |k| {
@@ -1158,6 +1226,24 @@ fn volumes(
             // A refused source: its error, naming the field, is already recorded.
             _ => None,
         };
+        let resolved = match resolved {
+            Some((Ok(file), source, read_only)) => Some((file, source, read_only)),
+            Some((Err(e), ..)) => {
+                w.error(&join(&path, "name"), format!("{e}; rename the volume"));
+                None
+            }
+            None => None,
+        };
+        if let Some((file, _, _)) = &resolved {
+            if overridden.is_none() {
+                if let Some(other) = run_files.insert(file.clone(), index) {
+                    w.error(
+                        &join(&path, "name"),
+                        format!("{vol_name:?} would share the run directory's file {} with spec.volumes[{other}]; rename one of them", file.display()),
+                    );
+                }
+            }
+        }
         if let Some((path, source, read_only)) = resolved {
             out.insert(
                 vol_name.to_string(),
@@ -1171,16 +1257,7 @@ fn volumes(
             );
         } else {
             // Keep the name known so disks that use it do not also fail as "no volume".
-            out.insert(
-                vol_name.to_string(),
-                Volume {
-                    index,
-                    path: PathBuf::new(),
-                    source: DiskSource::FilePvc,
-                    read_only: true,
-                    used: false,
-                },
-            );
+            out.insert(vol_name.to_string(), placeholder);
         }
     }
     out
@@ -1203,12 +1280,19 @@ fn pvc(
             }
         };
     }
-    let block = paths.block_dir.join(name);
-    let file = paths.fs_dir.join(name).join("disk.img");
-    match (w.host.probe(&block), w.host.probe(&file)) {
+    // `name` is a DNS-1123 label (checked before): one component.
+    let (block, block_found) = w.host.probe_in_root(&paths.block_dir, Path::new(name));
+    let (file, file_found) = w
+        .host
+        .probe_in_root(&paths.fs_dir, &Path::new(name).join("disk.img"));
+    match (block_found, file_found) {
         (Probe::Block, _) => Some((block, DiskSource::BlockPvc)),
         (_, Probe::File) => Some((file, DiskSource::FilePvc)),
         _ => {
+            let (block, file) = (
+                paths.block_dir.join(name),
+                paths.fs_dir.join(name).join("disk.img"),
+            );
             w.error(
                 path,
                 format!(
@@ -1242,15 +1326,39 @@ fn container_disk(
         w.error(&join(path, "image"), "required");
     }
     let inner = w.string(src, path, "path").map(str::to_string);
+    // `name` is a DNS-1123 label (checked before): one component.
     let mount = paths.container_disk_dir.join(name);
-    let image = match (overridden, inner) {
-        (Some(p), _) => p.to_path_buf(),
-        (None, Some(inner)) => mount.join(inner.trim_start_matches('/')),
-        (None, None) => {
+    if let Some(p) = overridden {
+        return match w.host.probe(p) {
+            Probe::File | Probe::Block => Some(p.to_path_buf()),
+            found => {
+                w.error(
+                    path,
+                    format!("the disk image {} is {}", p.display(), describe(found)),
+                );
+                None
+            }
+        };
+    }
+    let rel = match inner {
+        Some(inner) => match beneath::relative(&inner) {
+            Ok(rel) => rel,
+            Err(e) => {
+                w.error(
+                    &join(path, "path"),
+                    format!("{e}; give the disk's path inside the containerDisk image"),
+                );
+                return None;
+            }
+        },
+        None => {
             // KubeVirt's containerDisk convention: the image's one file under /disk.
             let dir = mount.join("disk");
             match w.host.files_in(&dir).as_deref() {
-                Some([one]) => one.clone(),
+                Some([one]) => match one.file_name() {
+                    Some(file) => Path::new("disk").join(file),
+                    None => return None,
+                },
                 Some(files) => {
                     w.error(
                         path,
@@ -1276,12 +1384,17 @@ fn container_disk(
             }
         }
     };
-    match w.host.probe(&image) {
-        Probe::File | Probe::Block => Some(image),
-        found => {
+    match w.host.probe_in_root(&mount, &rel) {
+        (image, Probe::File | Probe::Block) => Some(image),
+        (image, found) => {
             w.error(
                 path,
-                format!("the disk image {} is {}", image.display(), describe(found)),
+                format!(
+                    "the disk image {} is {} (symlinks resolve inside {})",
+                    image.display(),
+                    describe(found),
+                    mount.display()
+                ),
             );
             None
         }

@@ -21,6 +21,12 @@ impl Host for FakeHost {
         }
     }
 
+    fn probe_in_root(&self, root: &Path, rel: &Path) -> (PathBuf, Probe) {
+        let path = root.join(rel);
+        let found = self.probe(&path);
+        (path, found)
+    }
+
     fn files_in(&self, dir: &Path) -> Option<Vec<PathBuf>> {
         let prefix = format!("{}/", dir.display());
         let found: Vec<PathBuf> = self
@@ -694,4 +700,232 @@ fn vmi_document_larger_than_1_mib_is_refused() {
     let fits = format!("{FULL}\n# {}\n", "x".repeat(padding));
     assert_eq!(fits.len(), MAX_DOCUMENT_BYTES);
     plan_text(&fits).unwrap();
+}
+
+#[test]
+fn vmi_volume_names_must_be_dns1123_labels() {
+    for bad in ["../x", "a/b", "Data", "-a", "a-", "a.b", "x\\u0000y"] {
+        // The disk still finds the volume by its name: one error, at the volume's name.
+        let text = FULL
+            .replacen(
+                "- name: scratch\n          disk",
+                &format!("- name: \"{bad}\"\n          disk"),
+                1,
+            )
+            .replacen(
+                "- name: scratch\n      emptyDisk",
+                &format!("- name: \"{bad}\"\n      emptyDisk"),
+                1,
+            );
+        let Err(Errors(e)) = plan_text(&text) else {
+            panic!("{bad:?} accepted")
+        };
+        assert_eq!(e.len(), 1, "{bad:?}: {e:#?}");
+        assert_eq!(e[0].path, "spec.volumes[3].name");
+        assert!(
+            e[0].message.ends_with("is not a valid volume name (DNS-1123 label: lower-case letters, digits and '-', at most 63 characters); rename the volume"),
+            "{e:#?}"
+        );
+    }
+    assert!(is_dns1123_label(&"a".repeat(63)));
+    assert!(!is_dns1123_label(&"a".repeat(64)));
+    assert!(is_dns1123_label("my-disk-0"));
+    assert!(!is_dns1123_label(""));
+}
+
+#[test]
+fn vmi_spec_paths_with_parent_components_are_refused() {
+    assert_refused(
+        ("kernelPath: /boot/vmlinuz", "kernelPath: /boot/../../etc/shadow"),
+        &[(
+            "spec.domain.firmware.kernelBoot.container.kernelPath",
+            "\"/boot/../../etc/shadow\" has a `..` component, which would leave the directory it is looked up in; give the file's path inside the kernel image",
+        )],
+    );
+    assert_refused(
+        ("initrdPath: /boot/initrd.img", "initrdPath: ../initrd.img"),
+        &[(
+            "spec.domain.firmware.kernelBoot.container.initrdPath",
+            "has a `..` component",
+        )],
+    );
+    assert_refused(
+        (
+            "containerDisk: {image: quay.io/containerdisks/fedora:40}",
+            "containerDisk: {image: x, path: /disk/../../../../../dev/sda}",
+        ),
+        &[(
+            "spec.volumes[4].containerDisk.path",
+            "has a `..` component, which would leave the directory it is looked up in; give the disk's path inside the containerDisk image",
+        )],
+    );
+}
+
+#[test]
+fn vmi_volumes_never_share_a_run_directory_file() {
+    // "cloudinit"'s seed is cloudinit-cidata.img, which an emptyDisk named
+    // "cloudinit-cidata" would be too.
+    let text = FULL
+        .replacen(
+            "- name: scratch\n          disk",
+            "- name: cloudinit-cidata\n          disk",
+            1,
+        )
+        .replacen(
+            "- name: scratch\n      emptyDisk",
+            "- name: cloudinit-cidata\n      emptyDisk",
+            1,
+        );
+    let Err(Errors(e)) = plan_text(&text) else {
+        panic!("accepted")
+    };
+    assert_eq!(e.len(), 1, "{e:#?}");
+    assert_eq!(e[0].path, "spec.volumes[3].name");
+    assert!(
+        e[0].message.contains("would share the run directory's file /var/run/podvm/cloudinit-cidata.img with spec.volumes[2]; rename one of them"),
+        "{e:#?}"
+    );
+}
+
+/// A tree on the real file system with a symlink out of each root, for [`RealHost`].
+struct Tree(PathBuf);
+
+impl Tree {
+    fn new(name: &str) -> Self {
+        let base = std::env::temp_dir().join(format!("podvm-vmi-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        for dir in ["kernel/boot", "pvcs/data", "cds/cd/disk", "run", "dev"] {
+            std::fs::create_dir_all(base.join(dir)).unwrap();
+        }
+        std::fs::write(base.join("kernel/boot/vmlinuz"), b"\x7fELF").unwrap();
+        std::fs::write(base.join("secret.img"), vec![7u8; 4096]).unwrap();
+        Tree(base)
+    }
+
+    fn paths(&self) -> Paths {
+        Paths {
+            block_dir: self.0.join("dev"),
+            fs_dir: self.0.join("pvcs"),
+            container_disk_dir: self.0.join("cds"),
+            kernel_boot_root: self.0.join("kernel"),
+            run_dir: self.0.join("run"),
+            volume_paths: BTreeMap::new(),
+        }
+    }
+
+    fn symlink_out(&self, at: &str) {
+        std::os::unix::fs::symlink(self.0.join("secret.img"), self.0.join(at)).unwrap();
+    }
+
+    fn plan(&self, text: &str) -> Result<Plan, Errors> {
+        plan(&parse_document(text)?, &self.paths(), &RealHost)
+    }
+}
+
+impl Drop for Tree {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const ON_DISK: &str = r#"
+apiVersion: kubevirt.io/v1
+kind: VirtualMachineInstance
+metadata: {name: vm}
+spec:
+  domain:
+    memory: {guest: 128Mi}
+    firmware:
+      kernelBoot:
+        container: {image: k, kernelPath: /boot/vmlinuz}
+    devices:
+      disks: [{name: data}, {name: cd}, {name: scratch}]
+  volumes:
+    - {name: data, persistentVolumeClaim: {claimName: data}}
+    - {name: cd, containerDisk: {image: cd}}
+    - {name: scratch, emptyDisk: {capacity: 1Mi}}
+"#;
+
+#[test]
+fn vmi_symlinks_out_of_a_root_are_not_followed() {
+    let tree = Tree::new("symlinks");
+    tree.symlink_out("pvcs/data/disk.img");
+    tree.symlink_out("cds/cd/disk/image.raw");
+    std::os::unix::fs::symlink("../../secret.img", tree.0.join("kernel/boot/up")).unwrap();
+    let text = ON_DISK.replace("kernelPath: /boot/vmlinuz", "kernelPath: /boot/up");
+    let Err(Errors(e)) = tree.plan(&text) else {
+        panic!("accepted")
+    };
+    let paths: Vec<&str> = e.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "spec.domain.firmware.kernelBoot.container.kernelPath",
+            "spec.volumes[0].persistentVolumeClaim",
+            "spec.volumes[1].containerDisk",
+        ],
+        "{e:#?}"
+    );
+    // Each resolves inside its root, where nothing is.
+    assert!(
+        e[0].message.contains("kernel/boot/up is missing"),
+        "{}",
+        e[0]
+    );
+    assert!(e[1].message.contains("the PVC is at neither"), "{}", e[1]);
+    assert!(
+        e[2].message.contains("disk/image.raw is missing"),
+        "{}",
+        e[2]
+    );
+}
+
+#[test]
+fn vmi_symlinks_inside_a_root_resolve_inside_it() {
+    let tree = Tree::new("inside");
+    std::fs::write(tree.0.join("pvcs/data/real.img"), [0u8; 4096]).unwrap();
+    std::os::unix::fs::symlink("real.img", tree.0.join("pvcs/data/disk.img")).unwrap();
+    std::fs::write(tree.0.join("cds/cd/disk/image.raw"), [0u8; 4096]).unwrap();
+    // An image's absolute symlink means the image's own root.
+    std::os::unix::fs::symlink("/boot/vmlinuz", tree.0.join("kernel/boot/current")).unwrap();
+    let text = ON_DISK.replace("kernelPath: /boot/vmlinuz", "kernelPath: /boot/current");
+    let plan = tree.plan(&text).unwrap();
+    assert_eq!(plan.config.kernel, tree.0.join("kernel/boot/vmlinuz"));
+    assert_eq!(plan.config.disks[0].path, tree.0.join("pvcs/data/real.img"));
+    assert_eq!(
+        plan.disks[1].source,
+        DiskSource::ContainerDisk {
+            image: tree.0.join("cds/cd/disk/image.raw"),
+            copy: true
+        }
+    );
+}
+
+#[test]
+fn vmi_prepare_does_not_write_through_a_symlink_in_the_run_dir() {
+    let tree = Tree::new("prepare");
+    std::fs::write(tree.0.join("pvcs/data/disk.img"), [0u8; 4096]).unwrap();
+    std::fs::write(tree.0.join("cds/cd/disk/image.raw"), [1u8; 4096]).unwrap();
+    let plan = tree.plan(ON_DISK).unwrap();
+    // Planted after the check, as another container sharing the emptyDir could.
+    tree.symlink_out("run/scratch.img");
+    let e = prepare::prepare(&plan, &tree.0.join("run")).unwrap_err();
+    assert!(e.to_string().contains("scratch.img"), "{e}");
+    assert_eq!(
+        std::fs::read(tree.0.join("secret.img")).unwrap(),
+        vec![7u8; 4096],
+        "the file outside was truncated"
+    );
+    std::fs::remove_file(tree.0.join("run/scratch.img")).unwrap();
+    prepare::prepare(&plan, &tree.0.join("run")).unwrap();
+    assert_eq!(
+        std::fs::metadata(tree.0.join("run/scratch.img"))
+            .unwrap()
+            .len(),
+        1 << 20
+    );
+    assert_eq!(
+        std::fs::read(tree.0.join("run/cd.img")).unwrap(),
+        vec![1u8; 4096]
+    );
 }
