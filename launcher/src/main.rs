@@ -7,11 +7,11 @@ mod logging;
 mod preflight;
 mod terminal;
 mod vm_socket;
-mod vmi;
 
 use std::process::ExitCode;
 
 use clap::Parser;
+use launcher::vmi;
 use vmm::config::{ConsoleConfig, VmConfig};
 use vmm::ExitReason;
 

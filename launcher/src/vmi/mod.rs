@@ -7,6 +7,7 @@
 //! problems are collected and reported at once.
 
 pub mod beneath;
+pub mod fuzzing;
 pub mod prepare;
 pub mod quantity;
 pub mod seed;
