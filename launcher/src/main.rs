@@ -52,6 +52,8 @@ enum Error {
     VmiPrepare(#[from] vmi::prepare::PrepareError),
     #[error("--incoming: the VMI's {0}; its contents live in the source pod's run directory and podvm migrates memory, not disks: use a PVC (shared storage) for a VM that migrates")]
     EphemeralDiskMigration(String),
+    #[error("--incoming: the VMI's disk {0:?} is a hostDisk without shared: true; its image is on the source node and podvm migrates memory, not disks: mark it shared (storage both nodes reach) or use a PVC")]
+    HostDiskMigration(String),
     #[error("--incoming: migration traffic carries all guest memory; give --migration-tls-cert, --migration-tls-key and --migration-tls-ca (mutual TLS), or --migration-insecure (on both podvms) to migrate in plaintext on a trusted link")]
     MigrationTls,
 }
@@ -288,6 +290,13 @@ fn run(args: RunArgs) -> Result<u8, Error> {
                     "disk {:?} is an emptyDisk or a writable containerDisk",
                     d.name
                 )));
+            }
+            if let Some(d) = plan
+                .disks
+                .iter()
+                .find(|d| matches!(d.source, vmi::DiskSource::HostDisk { shared: false, .. }))
+            {
+                return Err(Error::HostDiskMigration(d.name.clone()));
             }
         }
         vmi::prepare::prepare(plan, &args.vmi.run_dir)?;

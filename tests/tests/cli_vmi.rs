@@ -149,10 +149,10 @@ const BROKEN: &[(&str, &str, &str, &[&str])] = &[
         &["spec.domain.devices.interfaces[0].bridge: is not supported; podvm's binding is masquerade"],
     ),
     (
-        "hostDisk volume (KubeVirt's examples/vmi-host-disk.yaml)",
+        "hostDisk volume whose image is not there",
         "      cloudInitNoCloud: {userData: \"#cloud-config\\n\"}",
-        "      hostDisk: {path: /data/disk.img, type: DiskOrCreate, capacity: 1Gi}",
-        &["spec.volumes[1].hostDisk: is not supported: it names a file on the node"],
+        "      hostDisk: {path: /data/disk.img, type: Disk}",
+        &["spec.volumes[1].hostDisk: ", "pvcs/cloudinit/disk.img is missing; mount the node's directory of /data/disk.img at "],
     ),
     (
         "emptyDisk capacity near u64::MAX",
@@ -326,6 +326,56 @@ fn vmi_larger_than_1_mib_is_refused_without_reading_it_all() {
     assert!(
         out.stderr.contains(
             "(document): too large; a VirtualMachineInstance may have at most 1048576 bytes (1 MiB)"
+        ),
+        "{out}"
+    );
+}
+
+#[test]
+fn vmi_host_disk_of_kubevirts_example_is_validated() {
+    // KubeVirt's examples/vmi-host-disk.yaml's volume (validate panicked on it before): the
+    // node's /data mounted at <pvc-fs-dir>/cloudinit/, the image made at start.
+    let dir = TempDir::new("vmi-hostdisk");
+    let vmi = good_vmi(&dir).replace(
+        "      cloudInitNoCloud: {userData: \"#cloud-config\\n\"}",
+        "      hostDisk: {path: /data/disk.img, type: DiskOrCreate, capacity: 1Gi}",
+    );
+    std::fs::create_dir_all(dir.0.join("pvcs/cloudinit")).unwrap();
+    let out = podvm(&dir, &["validate"], &vmi);
+    assert!(out.status.success(), "{out}");
+    assert!(
+        out.stdout.contains(
+            "disk vdb: \"cloudinit\": hostDisk, made at start (1 GiB, sparse; kept from then on): "
+        ) && out.stdout.contains("pvcs/cloudinit/disk.img (read-write)"),
+        "{out}"
+    );
+    assert!(
+        !dir.0.join("pvcs/cloudinit/disk.img").exists(),
+        "validate made the image"
+    );
+}
+
+#[test]
+fn vmi_host_disk_not_shared_is_refused_at_a_migration_destination() {
+    let dir = TempDir::new("vmi-hostdisk-mig");
+    let vmi = good_vmi(&dir).replace(
+        "      cloudInitNoCloud: {userData: \"#cloud-config\\n\"}",
+        "      hostDisk: {path: /data/disk.img, type: Disk}",
+    );
+    std::fs::create_dir_all(dir.0.join("pvcs/cloudinit")).unwrap();
+    dir.file("pvcs/cloudinit/disk.img", &[0u8; 4096]);
+    let incoming = [
+        "run",
+        "--allow-pvm",
+        "--incoming",
+        "tcp:127.0.0.1:0",
+        "--migration-insecure",
+    ];
+    let out = podvm(&dir, &incoming, &vmi);
+    assert_eq!(out.status.code(), Some(1), "{out}");
+    assert!(
+        out.stderr.contains(
+            "--incoming: the VMI's disk \"cloudinit\" is a hostDisk without shared: true"
         ),
         "{out}"
     );

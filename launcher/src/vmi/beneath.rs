@@ -171,13 +171,22 @@ use std::os::unix::fs::OpenOptionsExt;
 /// or truncates it, mode 0600, following no symlink: a symlink planted at `name` is an
 /// error (ELOOP), not a file written elsewhere.
 pub fn create_beneath(dir: &File, name: &str) -> io::Result<File> {
+    create_in(dir, name, libc::O_TRUNC)
+}
+
+/// Like [`create_beneath`], but `name` must not exist yet (O_EXCL): nothing is truncated.
+pub fn create_new_beneath(dir: &File, name: &str) -> io::Result<File> {
+    create_in(dir, name, libc::O_EXCL)
+}
+
+fn create_in(dir: &File, name: &str, extra: i32) -> io::Result<File> {
     if name.contains('/') || name == ".." || name == "." || name.is_empty() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("{name:?} is not a file name"),
         ));
     }
-    let flags = libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW;
+    let flags = libc::O_RDWR | libc::O_CREAT | libc::O_NOFOLLOW | extra;
     match openat2(
         dir,
         Path::new(name),

@@ -92,6 +92,10 @@ pub fn fuzz_vmi(data: &[u8]) {
                 assert_eq!(config.path.parent(), Some(paths.run_dir.as_path()));
                 assert!(made.insert(config.path.clone()), "{:?} twice", config.path);
             }
+            DiskSource::HostDisk { create, .. } => {
+                assert!(config.path.starts_with(&paths.fs_dir));
+                assert!(create.is_none_or(|c| c > 0 && c % 512 == 0));
+            }
             DiskSource::BlockPvc | DiskSource::FilePvc | DiskSource::ContainerDisk { .. } => {
                 assert!(FILES
                     .iter()

@@ -176,6 +176,10 @@ pub enum DiskSource {
     /// A sparse file of `capacity` bytes, made fresh at each start (KubeVirt's emptyDisk is
     /// ephemeral too).
     EmptyDisk { capacity: u64 },
+    /// A hostDisk's image (KubeVirt's node directory mounted in the pod), made sparse with
+    /// `create` bytes at start when it is missing (`DiskOrCreate`), kept as it is otherwise.
+    /// `shared`: the same image is reachable from other nodes, so the VM may migrate.
+    HostDisk { create: Option<u64>, shared: bool },
     /// A NoCloud seed disk podvm writes at start.
     CloudInit(Seed),
     /// A containerDisk's image at `image`; copied (sparse) into the run directory at start,
@@ -1097,13 +1101,10 @@ fn volumes(
         let path = format!("spec.volumes[{index}]");
         let Some(vol) = w.object(&path, v, |k| match k {
             "name" | "persistentVolumeClaim" | "dataVolume" | "emptyDisk" | "cloudInitNoCloud"
-            | "containerDisk" => Some(Key::Use),
-            "hostDisk" => Some(Key::Refuse(
-                "is not supported: it names a file on the node, outside podvm's pod; put the image on a persistentVolumeClaim (a local or hostPath PersistentVolume reaches the same file) or use an emptyDisk for scratch space",
-            )),
+            | "containerDisk" | "hostDisk" => Some(Key::Use),
             "ephemeral" | "configMap" | "secret" | "serviceAccount" | "downwardAPI"
             | "downwardMetrics" | "cloudInitConfigDrive" | "sysprep" | "memoryDump" => Some(Key::Refuse(
-                "is not supported; use persistentVolumeClaim, dataVolume, emptyDisk, containerDisk or cloudInitNoCloud",
+                "is not supported; use persistentVolumeClaim, dataVolume, emptyDisk, containerDisk, hostDisk or cloudInitNoCloud",
             )),
             _ => None,
         }) else {
@@ -1136,7 +1137,7 @@ fn volumes(
             w.error(
                 &path,
                 format!(
-                    "give exactly one volume source (persistentVolumeClaim, dataVolume, emptyDisk, containerDisk or cloudInitNoCloud), not {}",
+                    "give exactly one volume source (persistentVolumeClaim, dataVolume, emptyDisk, containerDisk, hostDisk or cloudInitNoCloud), not {}",
                     sources.len()
                 ),
             );
@@ -1179,26 +1180,10 @@ fn volumes(
                 let src = w.object(&kind_path, &vol[kind], |k| {
                     (k == "capacity").then_some(Key::Use)
                 });
-                match src.and_then(|s| w.quantity(s, &kind_path, "capacity")) {
-                    Some(0) => {
-                        w.error(&join(&kind_path, "capacity"), "must be more than 0");
-                        None
+                match src.and_then(|s| capacity(w, s, &kind_path)) {
+                    Some(capacity) => {
+                        Some((run_file(".img"), DiskSource::EmptyDisk { capacity }, false))
                     }
-                    Some(capacity) => match capacity
-                        .checked_next_multiple_of(512)
-                        .filter(|c| *c <= MAX_EMPTY_DISK_BYTES)
-                    {
-                        Some(capacity) => {
-                            Some((run_file(".img"), DiskSource::EmptyDisk { capacity }, false))
-                        }
-                        None => {
-                            w.error(
-                                &join(&kind_path, "capacity"),
-                                format!("{capacity} bytes is larger than a disk file can be ({MAX_EMPTY_DISK_BYTES} bytes, about 8Ei); give a size such as 10Gi"),
-                            );
-                            None
-                        }
-                    },
                     None => {
                         if !w.errors.iter().any(|e| e.path.starts_with(&kind_path)) {
                             w.error(&join(&kind_path, "capacity"), "required, e.g. 2Gi");
@@ -1209,6 +1194,15 @@ fn volumes(
             }
             "cloudInitNoCloud" => cloud_init(w, &kind_path, &vol[kind], name, namespace, hostname)
                 .map(|seed| (run_file("-cidata.img"), DiskSource::CloudInit(seed), true)),
+            "hostDisk" => host_disk(
+                w,
+                &kind_path,
+                &vol[kind],
+                vol_name,
+                paths,
+                overridden.as_deref(),
+            )
+            .map(|(p, source)| (Ok(p), source, false)),
             "containerDisk" => container_disk(
                 w,
                 &kind_path,
@@ -1302,6 +1296,141 @@ fn pvc(
                     file.display(),
                     paths.fs_dir.join(name).display()
                 ),
+            );
+            None
+        }
+    }
+}
+
+/// A disk's `capacity`: more than 0, rounded up to whole sectors, at most
+/// [`MAX_EMPTY_DISK_BYTES`]. `None` (with an error when it was given) otherwise.
+fn capacity(w: &mut Walk, src: &Map<String, Value>, path: &str) -> Option<u64> {
+    let field = join(path, "capacity");
+    match w.quantity(src, path, "capacity")? {
+        0 => {
+            w.error(&field, "must be more than 0");
+            None
+        }
+        bytes => match bytes
+            .checked_next_multiple_of(512)
+            .filter(|c| *c <= MAX_EMPTY_DISK_BYTES)
+        {
+            Some(rounded) => Some(rounded),
+            None => {
+                w.error(
+                    &field,
+                    format!("{bytes} bytes is larger than a disk file can be ({MAX_EMPTY_DISK_BYTES} bytes, about 8Ei); give a size such as 10Gi"),
+                );
+                None
+            }
+        },
+    }
+}
+
+/// A hostDisk, as KubeVirt runs one: the node's directory of `path` is mounted in the pod
+/// at `<fs_dir>/<volume name>/` (a hostPath volume) and the disk is the file of `path`'s
+/// base name there; `DiskOrCreate` makes it, sparse, of `capacity`, when it is missing.
+fn host_disk(
+    w: &mut Walk,
+    path: &str,
+    value: &Value,
+    name: &str,
+    paths: &Paths,
+    overridden: Option<&Path>,
+) -> Option<(PathBuf, DiskSource)> {
+    let src = w.object(path, value, |k| match k {
+        "path" | "type" | "capacity" | "shared" => Some(Key::Use),
+        _ => None,
+    })?;
+    let text = w.string(src, path, "path");
+    let create = match w.string(src, path, "type") {
+        Some("Disk") => false,
+        Some("DiskOrCreate") => true,
+        Some(other) => {
+            w.error(
+                &join(path, "type"),
+                format!("{other:?} is not a hostDisk type; use Disk (the image exists) or DiskOrCreate (podvm makes it when it is missing)"),
+            );
+            return None;
+        }
+        None => {
+            w.error(&join(path, "type"), "required: Disk or DiskOrCreate");
+            return None;
+        }
+    };
+    let shared = w.boolean(src, path, "shared").unwrap_or(false);
+    let capacity = if src.get("capacity").is_some_and(|c| !c.is_null()) {
+        Some(capacity(w, src, path)?)
+    } else {
+        None
+    };
+    let Some(text) = text else {
+        w.error(
+            &join(path, "path"),
+            "required: the image's path on the node",
+        );
+        return None;
+    };
+    // Only the base name counts: the node's directory is what is mounted.
+    let base = match Path::new(text).components().next_back() {
+        Some(std::path::Component::Normal(base))
+            if text.starts_with('/') && !text.ends_with('/') =>
+        {
+            PathBuf::from(base)
+        }
+        _ => {
+            w.error(
+                &join(path, "path"),
+                format!("{text:?} is not an absolute path to a file; give the image's path on the node, such as /data/disk.img"),
+            );
+            return None;
+        }
+    };
+    let dir = paths.fs_dir.join(name);
+    let (image, found) = match overridden {
+        Some(p) => (p.to_path_buf(), w.host.probe(p)),
+        None => w
+            .host
+            .probe_in_root(&paths.fs_dir, &Path::new(name).join(&base)),
+    };
+    let dir_found = match overridden {
+        Some(p) => p.parent().map_or(Probe::Missing, |d| w.host.probe(d)),
+        None => w.host.probe_in_root(&paths.fs_dir, Path::new(name)).1,
+    };
+    let mount = format!("mount the node's directory of {text} at {} (a hostPath volume, as KubeVirt's virt-launcher has it) or give podvm --volume {name}=PATH", dir.display());
+    match (found, create, capacity) {
+        (Probe::File | Probe::Block, ..) => Some((
+            image,
+            DiskSource::HostDisk {
+                create: None,
+                shared,
+            },
+        )),
+        (Probe::Missing, true, Some(capacity)) if dir_found == Probe::Dir => Some((
+            image,
+            DiskSource::HostDisk {
+                create: Some(capacity),
+                shared,
+            },
+        )),
+        (Probe::Missing, true, None) => {
+            w.error(
+                &join(path, "capacity"),
+                "required with type DiskOrCreate: the size of the image podvm makes, e.g. 10Gi",
+            );
+            None
+        }
+        (Probe::Missing, true, Some(_)) => {
+            w.error(
+                path,
+                format!("{} is {}; {mount}", dir.display(), describe(dir_found)),
+            );
+            None
+        }
+        (found, ..) => {
+            w.error(
+                path,
+                format!("{} is {}; {mount}", image.display(), describe(found)),
             );
             None
         }

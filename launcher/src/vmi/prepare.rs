@@ -43,6 +43,17 @@ pub fn prepare(plan: &Plan, run_dir: &Path) -> Result<(), PrepareError> {
         let create = || create_file(&dir, run_dir, path);
         match &disk.source {
             DiskSource::BlockPvc | DiskSource::FilePvc => {}
+            DiskSource::HostDisk { create: None, .. } => {}
+            DiskSource::HostDisk {
+                create: Some(capacity),
+                ..
+            } => {
+                let file = create_new(path).map_err(fail("cannot create the hostDisk", path))?;
+                file.set_len(*capacity)
+                    .map_err(fail("cannot size the hostDisk", path))?;
+                file.sync_all()
+                    .map_err(fail("cannot sync the hostDisk", path))?;
+            }
             DiskSource::ContainerDisk { copy: false, .. } => {}
             DiskSource::EmptyDisk { capacity } => {
                 let file = create().map_err(fail("cannot create the emptyDisk", path))?;
@@ -81,6 +92,24 @@ fn create_file(dir: &std::fs::File, run_dir: &Path, path: &Path) -> io::Result<s
             .mode(0o600)
             .open(path),
     }
+}
+
+/// `path` made anew (mode 0600), in its directory without following a symlink: an existing
+/// file or symlink there (one that appeared since the plan looked) is an error, never
+/// truncated or written through.
+fn create_new(path: &Path) -> io::Result<std::fs::File> {
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str()))
+    else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a file path",
+        ));
+    };
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(parent)?;
+    super::beneath::create_new_beneath(&dir, name)
 }
 
 /// Copies `from` into `dst` (empty), leaving holes where `from` has them
@@ -165,6 +194,10 @@ pub fn describe(plan: &Plan) -> String {
         let what = match &disk.source {
             DiskSource::BlockPvc => "block PVC".to_string(),
             DiskSource::FilePvc => "filesystem PVC".to_string(),
+            DiskSource::HostDisk { create: None, .. } => "hostDisk".to_string(),
+            DiskSource::HostDisk { create: Some(capacity), .. } => {
+                format!("hostDisk, made at start ({}, sparse; kept from then on)", size(*capacity))
+            }
             DiskSource::EmptyDisk { capacity } => format!("emptyDisk of {}, made at start", size(*capacity)),
             DiskSource::CloudInit(seed) => format!(
                 "cloudInitNoCloud seed ({}, FAT, label CIDATA: user-data, meta-data{}), made at start",

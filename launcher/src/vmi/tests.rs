@@ -551,19 +551,117 @@ fn vmi_mac_addresses_parse_with_colons_or_dashes() {
     assert_eq!(parse_mac("5254.00ab.cdef"), None);
 }
 
+/// FULL with its emptyDisk `scratch` replaced by a hostDisk.
+fn with_host_disk(host_disk: &str) -> String {
+    FULL.replacen(
+        "emptyDisk: {capacity: 2Gi}",
+        &format!("hostDisk: {host_disk}"),
+        1,
+    )
+}
+
+fn host_with_dirs(files: &[&'static str]) -> FakeHost {
+    let mut host = host();
+    host.files.extend_from_slice(files);
+    host
+}
+
 #[test]
-fn vmi_host_disk_volume_is_refused_with_its_field_path() {
-    // KubeVirt's examples/vmi-host-disk.yaml: this panicked (unreachable!) before.
-    assert_refused(
-        (
-            "emptyDisk: {capacity: 2Gi}",
-            "hostDisk: {path: /data/disk.img, type: DiskOrCreate, capacity: 1Gi}",
-        ),
-        &[(
-            "spec.volumes[3].hostDisk",
-            "is not supported: it names a file on the node",
-        )],
+fn vmi_host_disk_or_create_is_made_in_the_mounted_node_directory() {
+    // KubeVirt's examples/vmi-host-disk.yaml: this panicked (unreachable!) before. The
+    // node's /data is mounted at <fs_dir>/scratch/ (here holding some other file).
+    let host = host_with_dirs(&["/var/run/kubevirt-private/vmi-disks/scratch/other"]);
+    let text = with_host_disk("{path: /data/disk.img, type: DiskOrCreate, capacity: 1Gi}");
+    let plan = plan_with(&text, &host).unwrap();
+    let i = plan.disks.iter().position(|d| d.name == "scratch").unwrap();
+    assert_eq!(
+        plan.disks[i].source,
+        DiskSource::HostDisk {
+            create: Some(1 << 30),
+            shared: false
+        }
     );
+    assert_eq!(
+        plan.config.disks[i].path,
+        Path::new("/var/run/kubevirt-private/vmi-disks/scratch/disk.img")
+    );
+    assert!(!plan.config.disks[i].read_only);
+}
+
+#[test]
+fn vmi_host_disk_that_exists_is_used_as_it_is() {
+    let host = host_with_dirs(&["/var/run/kubevirt-private/vmi-disks/scratch/disk.img"]);
+    for kind in ["Disk", "DiskOrCreate"] {
+        let text = with_host_disk(&format!(
+            "{{path: /data/disk.img, type: {kind}, capacity: 1Gi, shared: true}}"
+        ));
+        let plan = plan_with(&text, &host).unwrap();
+        let d = plan.disks.iter().find(|d| d.name == "scratch").unwrap();
+        assert_eq!(
+            d.source,
+            DiskSource::HostDisk {
+                create: None,
+                shared: true
+            },
+            "{kind}"
+        );
+    }
+}
+
+#[test]
+fn vmi_host_disk_problems_are_field_path_errors() {
+    let mounted = host_with_dirs(&["/var/run/kubevirt-private/vmi-disks/scratch/other"]);
+    for (spec, host, field, part) in [
+        (
+            "{path: /data/disk.img, type: Disk}",
+            &mounted,
+            "spec.volumes[3].hostDisk",
+            "/var/run/kubevirt-private/vmi-disks/scratch/disk.img is missing; mount the node's directory of /data/disk.img at /var/run/kubevirt-private/vmi-disks/scratch",
+        ),
+        (
+            "{path: /data/disk.img, type: DiskOrCreate, capacity: 1Gi}",
+            &host(),
+            "spec.volumes[3].hostDisk",
+            "/var/run/kubevirt-private/vmi-disks/scratch is missing; mount the node's directory",
+        ),
+        (
+            "{path: /data/disk.img, type: DiskOrCreate}",
+            &mounted,
+            "spec.volumes[3].hostDisk.capacity",
+            "required with type DiskOrCreate",
+        ),
+        (
+            "{path: /data/disk.img, type: DiskOrCreate, capacity: \"18446744073709551615\"}",
+            &mounted,
+            "spec.volumes[3].hostDisk.capacity",
+            "is larger than a disk file can be",
+        ),
+        (
+            "{path: /data/disk.img, type: Directory}",
+            &mounted,
+            "spec.volumes[3].hostDisk.type",
+            "\"Directory\" is not a hostDisk type",
+        ),
+        (
+            "{path: /data/.., type: Disk}",
+            &mounted,
+            "spec.volumes[3].hostDisk.path",
+            "is not an absolute path to a file",
+        ),
+        (
+            "{path: disk.img, type: Disk}",
+            &mounted,
+            "spec.volumes[3].hostDisk.path",
+            "is not an absolute path to a file",
+        ),
+    ] {
+        let Err(Errors(e)) = plan_with(&with_host_disk(spec), host) else {
+            panic!("{spec}: accepted")
+        };
+        assert_eq!(e.len(), 1, "{spec}: {e:#?}");
+        assert_eq!(e[0].path, field, "{spec}: {e:#?}");
+        assert!(e[0].message.contains(part), "{spec}: {e:#?}");
+    }
 }
 
 #[test]
@@ -928,4 +1026,50 @@ fn vmi_prepare_does_not_write_through_a_symlink_in_the_run_dir() {
         std::fs::read(tree.0.join("run/cd.img")).unwrap(),
         vec![1u8; 4096]
     );
+}
+
+#[test]
+fn vmi_host_disk_or_create_is_made_sparse_once_and_kept() {
+    let tree = Tree::new("hostdisk");
+    std::fs::write(tree.0.join("pvcs/data/disk.img"), [0u8; 4096]).unwrap();
+    std::fs::write(tree.0.join("cds/cd/disk/image.raw"), [1u8; 4096]).unwrap();
+    std::fs::create_dir_all(tree.0.join("pvcs/scratch")).unwrap();
+    let text = ON_DISK.replace(
+        "emptyDisk: {capacity: 1Mi}",
+        "hostDisk: {path: /data/disk.img, type: DiskOrCreate, capacity: 64Mi}",
+    );
+    let image = tree.0.join("pvcs/scratch/disk.img");
+    // A symlink planted after the plan looked is not written through.
+    let plan = tree.plan(&text).unwrap();
+    tree.symlink_out("pvcs/scratch/disk.img");
+    let e = prepare::prepare(&plan, &tree.0.join("run")).unwrap_err();
+    assert!(e.to_string().contains("cannot create the hostDisk"), "{e}");
+    assert_eq!(
+        std::fs::read(tree.0.join("secret.img")).unwrap(),
+        vec![7u8; 4096]
+    );
+    std::fs::remove_file(&image).unwrap();
+
+    prepare::prepare(&plan, &tree.0.join("run")).unwrap();
+    let meta = std::fs::metadata(&image).unwrap();
+    assert_eq!(meta.len(), 64 << 20);
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        meta.blocks() * 512 < 1 << 20,
+        "not sparse: {} blocks",
+        meta.blocks()
+    );
+    // The guest wrote to it; the next start keeps it.
+    std::fs::write(&image, b"guest data").unwrap();
+    let plan = tree.plan(&text).unwrap();
+    let d = plan.disks.iter().find(|d| d.name == "scratch").unwrap();
+    assert_eq!(
+        d.source,
+        DiskSource::HostDisk {
+            create: None,
+            shared: false
+        }
+    );
+    prepare::prepare(&plan, &tree.0.join("run")).unwrap();
+    assert_eq!(std::fs::read(&image).unwrap(), b"guest data");
 }
