@@ -510,13 +510,21 @@ pub fn plan(doc: &Value, paths: &Paths, host: &dyn Host) -> Result<Plan, Errors>
         ignored: Vec::new(),
         host,
     };
-    let plan = plan_inner(&mut w, doc, paths);
-    if w.errors.is_empty() {
-        let mut plan = plan.expect("a plan without errors");
-        plan.ignored = w.ignored;
-        Ok(plan)
-    } else {
-        Err(Errors(w.errors))
+    match (plan_inner(&mut w, doc, paths), w.errors.is_empty()) {
+        (Some(mut plan), true) => {
+            plan.ignored = w.ignored;
+            Ok(plan)
+        }
+        (None, true) => {
+            // A field given up on without saying why: a bug (tests and fuzzing stop here),
+            // still an error for a user, never a panic.
+            debug_assert!(false, "the VMI was refused without an error");
+            Err(Errors(vec![FieldError {
+                path: "(document)".into(),
+                message: "cannot be mapped (podvm found no error to name; please report it with the spec)".into(),
+            }]))
+        }
+        (_, false) => Err(Errors(w.errors)),
     }
 }
 
@@ -962,7 +970,7 @@ type KernelFiles = (PathBuf, Option<PathBuf>, Option<String>);
 
 fn kernel_boot(w: &mut Walk, domain: &Map<String, Value>, paths: &Paths) -> Option<KernelFiles> {
     let need = "podvm boots the guest's kernel directly: give spec.domain.firmware.kernelBoot with container.kernelPath (and initrdPath, kernelArgs)";
-    let Some(firmware) = domain.get("firmware") else {
+    let Some(firmware) = domain.get("firmware").filter(|v| !v.is_null()) else {
         w.error(
             "spec.domain.firmware.kernelBoot",
             format!("required; {need}"),
@@ -979,7 +987,7 @@ fn kernel_boot(w: &mut Walk, domain: &Map<String, Value>, paths: &Paths) -> Opti
         "acpi" => Some(Key::Refuse("is not supported; podvm writes its own ACPI tables")),
         _ => None,
     })?;
-    let Some(kb) = firmware.get("kernelBoot") else {
+    let Some(kb) = firmware.get("kernelBoot").filter(|v| !v.is_null()) else {
         w.error(
             "spec.domain.firmware.kernelBoot",
             format!("required; {need}"),
@@ -992,7 +1000,7 @@ fn kernel_boot(w: &mut Walk, domain: &Map<String, Value>, paths: &Paths) -> Opti
         _ => None,
     })?;
     let cmdline = w.string(kb, path, "kernelArgs").map(str::to_string);
-    let Some(container) = kb.get("container") else {
+    let Some(container) = kb.get("container").filter(|v| !v.is_null()) else {
         w.error(&join(path, "container"), format!("required; {need}"));
         return None;
     };

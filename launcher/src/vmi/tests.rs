@@ -1073,3 +1073,35 @@ fn vmi_host_disk_or_create_is_made_sparse_once_and_kept() {
     prepare::prepare(&plan, &tree.0.join("run")).unwrap();
     assert_eq!(std::fs::read(&image).unwrap(), b"guest data");
 }
+
+#[test]
+fn vmi_null_firmware_kernel_boot_or_container_is_an_error_not_a_panic() {
+    // Found by the fuzzer: `kernelBoot:` with nothing after it (null) was given up on
+    // without an error, and plan() panicked on "a plan without errors".
+    for (from, to, field) in [
+        (
+            "    firmware: {kernelBoot: {container: {image: k, kernelPath: boot/vmlinuz}}}",
+            "    firmware:",
+            "spec.domain.firmware.kernelBoot",
+        ),
+        (
+            "    firmware: {kernelBoot: {container: {image: k, kernelPath: boot/vmlinuz}}}",
+            "    firmware: {kernelBoot: null}",
+            "spec.domain.firmware.kernelBoot",
+        ),
+        (
+            "    firmware: {kernelBoot: {container: {image: k, kernelPath: boot/vmlinuz}}}",
+            "    firmware: {kernelBoot: {container: null}}",
+            "spec.domain.firmware.kernelBoot.container",
+        ),
+    ] {
+        let text = MINIMAL.replacen(from, to, 1);
+        assert_ne!(text, MINIMAL);
+        let Err(Errors(e)) = plan_text(&text) else {
+            panic!("{to}: accepted")
+        };
+        assert_eq!(e.len(), 1, "{to}: {e:#?}");
+        assert_eq!(e[0].path, field, "{to}: {e:#?}");
+        assert!(e[0].message.starts_with("required"), "{to}: {e:#?}");
+    }
+}
