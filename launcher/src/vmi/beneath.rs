@@ -179,6 +179,11 @@ pub fn create_new_beneath(dir: &File, name: &str) -> io::Result<File> {
     create_in(dir, name, libc::O_EXCL)
 }
 
+/// Like [`create_beneath`], but an existing `name` is kept and written at its end.
+pub fn append_beneath(dir: &File, name: &str) -> io::Result<File> {
+    create_in(dir, name, libc::O_APPEND)
+}
+
 fn create_in(dir: &File, name: &str, extra: i32) -> io::Result<File> {
     if name.contains('/') || name == ".." || name == "." || name.is_empty() {
         return Err(io::Error::new(

@@ -38,6 +38,18 @@ pub fn prepare(plan: &Plan, run_dir: &Path) -> Result<(), PrepareError> {
         .custom_flags(libc::O_DIRECTORY)
         .open(run_dir)
         .map_err(fail("cannot open the run directory", run_dir))?;
+    // The console log is vmm's to open (appending, by path); made here first, beneath the
+    // run directory without following symlinks, so that a symlink planted in its place is
+    // an error rather than the console appended to a file elsewhere.
+    if let ConsoleConfig::Socket { log: Some(log), .. } = &plan.config.console {
+        if let (Some(parent), Some(name)) = (log.parent(), log.file_name().and_then(|n| n.to_str()))
+        {
+            if parent == run_dir {
+                super::beneath::append_beneath(&dir, name)
+                    .map_err(fail("cannot create the console log", log))?;
+            }
+        }
+    }
     for (disk, config) in plan.disks.iter().zip(&plan.config.disks) {
         let path = &config.path;
         let create = || create_file(&dir, run_dir, path);

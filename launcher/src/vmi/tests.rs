@@ -1015,6 +1015,19 @@ fn vmi_prepare_does_not_write_through_a_symlink_in_the_run_dir() {
         "the file outside was truncated"
     );
     std::fs::remove_file(tree.0.join("run/scratch.img")).unwrap();
+    // The console log, which vmm appends to, neither.
+    let logged = tree
+        .plan(&ON_DISK.replace("devices:\n", "devices:\n      logSerialConsole: true\n"))
+        .unwrap();
+    tree.symlink_out("run/console.log");
+    let e = prepare::prepare(&logged, &tree.0.join("run")).unwrap_err();
+    assert!(
+        e.to_string().contains("cannot create the console log"),
+        "{e}"
+    );
+    std::fs::remove_file(tree.0.join("run/console.log")).unwrap();
+    prepare::prepare(&logged, &tree.0.join("run")).unwrap();
+    assert!(tree.0.join("run/console.log").is_file());
     prepare::prepare(&plan, &tree.0.join("run")).unwrap();
     assert_eq!(
         std::fs::metadata(tree.0.join("run/scratch.img"))
