@@ -1052,7 +1052,7 @@ fn kernel_boot(w: &mut Walk, domain: &Map<String, Value>, paths: &Paths) -> Opti
     match kernel {
         Some(k) => Some((k, initrd, cmdline)),
         None => {
-            if container.get("kernelPath").is_none() {
+            if container.get("kernelPath").is_none_or(Value::is_null) {
                 w.error(&join(path, "kernelPath"), format!("required; {need}"));
             }
             None
@@ -1803,7 +1803,7 @@ fn interfaces(
                 networks.insert(name.to_string(), (i, false));
             }
             None => {
-                if net.get("multus").is_none() {
+                if net.get("multus").is_none_or(Value::is_null) {
                     w.error(&path, "give the network's source: pod: {}");
                 }
                 refused.insert(name.to_string());

@@ -1118,3 +1118,25 @@ fn vmi_null_firmware_kernel_boot_or_container_is_an_error_not_a_panic() {
         assert!(e[0].message.starts_with("required"), "{to}: {e:#?}");
     }
 }
+
+#[test]
+fn vmi_null_kernel_path_is_required() {
+    // Found by the fuzzer: `kernelPath:` with nothing after it (null) had no error.
+    assert_refused(
+        ("kernelPath: /boot/vmlinuz", "kernelPath:"),
+        &[(
+            "spec.domain.firmware.kernelBoot.container.kernelPath",
+            "required",
+        )],
+    );
+}
+
+#[test]
+fn vmi_network_with_a_null_source_is_refused() {
+    // `multus:` with nothing after it is no source at all, not a refused multus network
+    // whose interface then silently joined the pod network.
+    assert_refused(
+        ("      pod: {}", "      multus:"),
+        &[("spec.networks[0]", "give the network's source: pod: {}")],
+    );
+}
