@@ -493,7 +493,9 @@ impl Walk<'_> {
     }
 }
 
+/// `path.key`; an empty key shows as `""`, so that every error names a field.
 fn join(path: &str, key: &str) -> String {
+    let key = if key.is_empty() { "\"\"" } else { key };
     if path.is_empty() {
         key.to_string()
     } else {

@@ -1140,3 +1140,16 @@ fn vmi_network_with_a_null_source_is_refused() {
         &[("spec.networks[0]", "give the network's source: pod: {}")],
     );
 }
+
+#[test]
+fn vmi_empty_key_is_named_in_its_error() {
+    // Found by the fuzzer: an empty key's error had an empty field path (": unknown field").
+    assert_refused(
+        ("  nodeSelector: {disk: ssd}", "  \"\": 1"),
+        &[("spec.\"\"", "unknown field")],
+    );
+    let Err(Errors(e)) = plan_text(&format!("{FULL}\n\"\": x\n")) else {
+        panic!("accepted")
+    };
+    assert_eq!(e[0].path, "\"\"", "{e:#?}");
+}
