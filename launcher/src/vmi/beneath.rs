@@ -20,6 +20,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
 /// `text`, a path from the spec, as a relative path without `.` or empty components: a
@@ -164,8 +165,6 @@ fn resolve_by_path(root: &Path, joined: &Path) -> Result<Found, NotFound> {
     let metadata = std::fs::metadata(&path).map_err(missing_or)?;
     Ok(Found { path, metadata })
 }
-
-use std::os::unix::fs::OpenOptionsExt;
 
 /// Creates `name` (one file name, no `/`) in the directory `dir` for reading and writing,
 /// or truncates it, mode 0600, following no symlink: a symlink planted at `name` is an
