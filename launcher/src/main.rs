@@ -7,11 +7,11 @@ mod logging;
 mod preflight;
 mod terminal;
 mod vm_socket;
-mod vmi;
 
 use std::process::ExitCode;
 
 use clap::Parser;
+use launcher::vmi;
 use vmm::config::{ConsoleConfig, VmConfig};
 use vmm::ExitReason;
 
@@ -52,6 +52,8 @@ enum Error {
     VmiPrepare(#[from] vmi::prepare::PrepareError),
     #[error("--incoming: the VMI's {0}; its contents live in the source pod's run directory and podvm migrates memory, not disks: use a PVC (shared storage) for a VM that migrates")]
     EphemeralDiskMigration(String),
+    #[error("--incoming: the VMI's disk {0:?} is a hostDisk without shared: true; its image is on the source node and podvm migrates memory, not disks: mark it shared (storage both nodes reach) or use a PVC")]
+    HostDiskMigration(String),
     #[error("--incoming: migration traffic carries all guest memory; give --migration-tls-cert, --migration-tls-key and --migration-tls-ca (mutual TLS), or --migration-insecure (on both podvms) to migrate in plaintext on a trusted link")]
     MigrationTls,
 }
@@ -88,6 +90,11 @@ impl Error {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // First: every error of run and validate, a bad VMI or a failed preflight too, is the
+    // pod's termination message (console and api, run through kubectl exec, leave it alone).
+    if matches!(cli.command, Command::Run(_) | Command::Validate(_)) {
+        podvm_seccomp::open_termination_log();
+    }
     let from_vmi = matches!(&cli.command, Command::Run(a) if a.vmi.vmi.is_some() || a.vmi.vmi_inline.is_some());
     logging::init(cli.log_format, from_vmi);
     let result = match cli.command {
@@ -136,9 +143,7 @@ fn main() -> ExitCode {
 /// Reads and maps the VMI of `--vmi` or `PODVM_VMI`, if one is given.
 fn load_vmi(args: &VmiArgs) -> Result<Option<vmi::Plan>, Error> {
     let text = match (&args.vmi, &args.vmi_inline) {
-        (Some(path), _) => {
-            std::fs::read_to_string(path).map_err(|e| Error::VmiRead(path.clone(), e))?
-        }
+        (Some(path), _) => read_vmi(path)?,
         (None, Some(text)) => text.clone(),
         (None, None) => return Ok(None),
     };
@@ -152,6 +157,24 @@ fn load_vmi(args: &VmiArgs) -> Result<Option<vmi::Plan>, Error> {
         volume_paths: args.volume_paths.iter().cloned().collect(),
     };
     Ok(Some(vmi::plan(&doc, &paths, &vmi::RealHost)?))
+}
+
+/// The text of the VMI file at `path`, reading no more than the largest VMI podvm takes
+/// (a path to a huge file, or to /dev/zero, is refused without filling memory).
+fn read_vmi(path: &std::path::Path) -> Result<String, Error> {
+    use std::io::Read;
+    let fail = |e| Error::VmiRead(path.to_path_buf(), e);
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .map_err(fail)?
+        .take(vmi::MAX_DOCUMENT_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(fail)?;
+    if bytes.len() > vmi::MAX_DOCUMENT_BYTES {
+        return Err(vmi::document_too_large(bytes.len()).into());
+    }
+    String::from_utf8(bytes)
+        .map_err(|e| fail(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
 }
 
 /// `podvm validate`: the VM a VMI describes, or every problem in it.
@@ -269,6 +292,13 @@ fn run(args: RunArgs) -> Result<u8, Error> {
                     "disk {:?} is an emptyDisk or a writable containerDisk",
                     d.name
                 )));
+            }
+            if let Some(d) = plan
+                .disks
+                .iter()
+                .find(|d| matches!(d.source, vmi::DiskSource::HostDisk { shared: false, .. }))
+            {
+                return Err(Error::HostDiskMigration(d.name.clone()));
             }
         }
         vmi::prepare::prepare(plan, &args.vmi.run_dir)?;

@@ -129,9 +129,18 @@ fn mode_code(mode: Mode) -> u8 {
     }
 }
 
+/// Opens the container's termination message file (see [`TERMINATION_LOG_ENV`]) if there is
+/// one, so that [`termination_message`] reaches it. Call it first thing in `main`: an error
+/// before [`set_mode`] (a bad spec, a failed preflight) is a reason to report too.
+/// [`set_mode`] opens it as well, for library users that do not call this; either keeps the
+/// descriptor the first call opened.
+pub fn open_termination_log() {
+    sigsys::open_termination_log();
+}
+
 /// Writes `line` (and a newline) to the container's termination message file, when there
-/// is one (see [`TERMINATION_LOG_ENV`]; opened by [`set_mode`]): why podvm ended, shown as
-/// the pod's `lastState.terminated.message`.
+/// is one (see [`TERMINATION_LOG_ENV`]; opened by [`open_termination_log`] or
+/// [`set_mode`]): why podvm ended, shown as the pod's `lastState.terminated.message`.
 pub fn termination_message(line: &str) {
     sigsys::write_termination_log(format!("{line}\n").as_bytes());
 }

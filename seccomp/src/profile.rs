@@ -22,6 +22,9 @@ const STARTUP: &[(&str, i64)] = &[
     ("sigaltstack", libc::SYS_sigaltstack),
     ("poll", libc::SYS_poll),
     ("openat", libc::SYS_openat),
+    // A VMI's files: looked up inside their roots, made in the run directory without
+    // following symlinks (launcher::vmi::beneath).
+    ("openat2", libc::SYS_openat2),
     ("open", libc::SYS_open),
     ("newfstatat", libc::SYS_newfstatat),
     ("fstat", libc::SYS_fstat),

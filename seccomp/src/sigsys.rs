@@ -30,8 +30,12 @@ static TERMINATION_LOG: AtomicI32 = AtomicI32::new(-1);
 pub const TERMINATION_LOG_ENV: &str = "PODVM_TERMINATION_LOG";
 const TERMINATION_LOG_DEFAULT: &str = "/dev/termination-log";
 
-/// Opens the termination message file if there is one (it is never created).
+/// Opens the termination message file if there is one (it is never created); once: a
+/// second call keeps the file the first opened.
 pub(crate) fn open_termination_log() {
+    if TERMINATION_LOG.load(Ordering::SeqCst) >= 0 {
+        return;
+    }
     let path =
         std::env::var_os(TERMINATION_LOG_ENV).unwrap_or_else(|| TERMINATION_LOG_DEFAULT.into());
     if let Ok(file) = std::fs::OpenOptions::new().append(true).open(path) {

@@ -149,6 +149,30 @@ const BROKEN: &[(&str, &str, &str, &[&str])] = &[
         &["spec.domain.devices.interfaces[0].bridge: is not supported; podvm's binding is masquerade"],
     ),
     (
+        "hostDisk volume whose image is not there",
+        "      cloudInitNoCloud: {userData: \"#cloud-config\\n\"}",
+        "      hostDisk: {path: /data/disk.img, type: Disk}",
+        &["spec.volumes[1].hostDisk: ", "pvcs/cloudinit/disk.img is missing; mount the node's directory of /data/disk.img at "],
+    ),
+    (
+        "emptyDisk capacity near u64::MAX",
+        "      cloudInitNoCloud: {userData: \"#cloud-config\\n\"}",
+        "      emptyDisk: {capacity: \"18446744073709551615\"}",
+        &["spec.volumes[1].emptyDisk.capacity: 18446744073709551615 bytes is larger than a disk file can be"],
+    ),
+    (
+        "volume name that is a path",
+        "    - name: cloudinit\n      cloudInit",
+        "    - name: ../../x\n      cloudInit",
+        &["spec.volumes[1].name: \"../../x\" is not a valid volume name (DNS-1123 label: lower-case letters, digits and '-', at most 63 characters); rename the volume"],
+    ),
+    (
+        "kernelPath out of its root",
+        "container: {image: example/kernel, kernelPath: ",
+        "container: {image: example/kernel, kernelPath: /../../etc/passwd, initrdPath: ",
+        &["spec.domain.firmware.kernelBoot.container.kernelPath: \"/../../etc/passwd\" has a `..` component"],
+    ),
+    (
         "several problems at once",
         "cores: 2, threads: 1",
         "cores: 2, threads: 1, model: Skylake}\n    clock: {timezone: Europe/Paris",
@@ -207,4 +231,152 @@ fn vmi_and_vm_flags_conflict() {
     });
     assert_eq!(out.status.code(), Some(1), "{out}");
     assert!(out.stderr.contains("give the VM: --kernel PATH"), "{out}");
+}
+
+#[test]
+fn vmi_error_reaches_the_termination_log() {
+    let dir = TempDir::new("vmi-termlog");
+    let vmi = good_vmi(&dir).replace(
+        "bus: virtio}\n        - name: cloudinit",
+        "bus: sata}\n        - name: cloudinit",
+    );
+    let file = dir.file("vmi.yaml", vmi.as_bytes());
+    let log = dir.file("termination-log", b"");
+    for command in ["validate", "run"] {
+        std::fs::write(&log, b"").unwrap();
+        let mut cmd = Command::new(podvm_bin());
+        cmd.args([command, "--vmi", &file, "--pvc-fs-dir"])
+            .arg(dir.0.join("pvcs"))
+            .arg("--run-dir")
+            .arg(dir.0.join("run"))
+            .env("PODVM_TERMINATION_LOG", &log);
+        let out = run_command(cmd);
+        assert_eq!(out.status.code(), Some(1), "{command}\n{out}");
+        let message = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            message.starts_with("podvm: error: the VirtualMachineInstance has 1 problem:")
+                && message.contains("spec.domain.devices.disks[0].disk.bus: sata is not supported"),
+            "{command}: termination message {message:?}\n{out}"
+        );
+    }
+}
+
+/// A billion laughs: a few hundred bytes of nested YAML aliases, 9^9 strings once expanded.
+const ALIAS_BOMB: &str = r#"apiVersion: kubevirt.io/v1
+kind: VirtualMachineInstance
+a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
+i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
+"#;
+
+/// `podvm` under an address-space limit of `limit` bytes (RLIMIT_AS), so a document that
+/// expands without bound ends in an allocation failure here, not by filling the machine.
+fn podvm_limited(limit: u64, args: &[&str]) -> Outcome {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(podvm_bin());
+    cmd.args(args);
+    // SAFETY: the closure runs in the child between fork and exec and calls only setrlimit,
+    // which is async-signal-safe, on a limit struct that lives on its own stack.
+    unsafe {
+        cmd.pre_exec(move || {
+            let rlim = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &rlim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    run_command(cmd)
+}
+
+#[test]
+fn vmi_yaml_alias_bomb_is_refused_not_expanded() {
+    let dir = TempDir::new("vmi-bomb");
+    let file = dir.file("bomb.yaml", ALIAS_BOMB.as_bytes());
+    assert!(ALIAS_BOMB.len() < 600);
+    for command in ["validate", "run"] {
+        let out = podvm_limited(256 << 20, &[command, "--vmi", &file]);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{command}: not a clean error\n{out}"
+        );
+        assert!(
+            out.stderr.contains("(document): line 3 column 7: a YAML anchor (&name); podvm does not expand anchors and aliases"),
+            "{command}\n{out}"
+        );
+    }
+}
+
+#[test]
+fn vmi_larger_than_1_mib_is_refused_without_reading_it_all() {
+    let dir = TempDir::new("vmi-huge");
+    let huge = dir.sparse("huge.yaml", 64 << 30);
+    let out = podvm_limited(256 << 20, &["validate", "--vmi", &huge]);
+    assert_eq!(out.status.code(), Some(1), "{out}");
+    assert!(
+        out.stderr.contains(
+            "(document): too large; a VirtualMachineInstance may have at most 1048576 bytes (1 MiB)"
+        ),
+        "{out}"
+    );
+}
+
+#[test]
+fn vmi_host_disk_of_kubevirts_example_is_validated() {
+    // KubeVirt's examples/vmi-host-disk.yaml's volume (validate panicked on it before): the
+    // node's /data mounted at <pvc-fs-dir>/cloudinit/, the image made at start.
+    let dir = TempDir::new("vmi-hostdisk");
+    let vmi = good_vmi(&dir).replace(
+        "      cloudInitNoCloud: {userData: \"#cloud-config\\n\"}",
+        "      hostDisk: {path: /data/disk.img, type: DiskOrCreate, capacity: 1Gi}",
+    );
+    std::fs::create_dir_all(dir.0.join("pvcs/cloudinit")).unwrap();
+    let out = podvm(&dir, &["validate"], &vmi);
+    assert!(out.status.success(), "{out}");
+    assert!(
+        out.stdout.contains(
+            "disk vdb: \"cloudinit\": hostDisk, made at start (1 GiB, sparse; kept from then on): "
+        ) && out.stdout.contains("pvcs/cloudinit/disk.img (read-write)"),
+        "{out}"
+    );
+    assert!(
+        !dir.0.join("pvcs/cloudinit/disk.img").exists(),
+        "validate made the image"
+    );
+}
+
+#[test]
+fn vmi_host_disk_not_shared_is_refused_at_a_migration_destination() {
+    let dir = TempDir::new("vmi-hostdisk-mig");
+    let vmi = good_vmi(&dir).replace(
+        "      cloudInitNoCloud: {userData: \"#cloud-config\\n\"}",
+        "      hostDisk: {path: /data/disk.img, type: Disk}",
+    );
+    std::fs::create_dir_all(dir.0.join("pvcs/cloudinit")).unwrap();
+    dir.file("pvcs/cloudinit/disk.img", &[0u8; 4096]);
+    let incoming = [
+        "run",
+        "--allow-pvm",
+        "--incoming",
+        "tcp:127.0.0.1:0",
+        "--migration-insecure",
+    ];
+    let out = podvm(&dir, &incoming, &vmi);
+    assert_eq!(out.status.code(), Some(1), "{out}");
+    assert!(
+        out.stderr.contains(
+            "--incoming: the VMI's disk \"cloudinit\" is a hostDisk without shared: true"
+        ),
+        "{out}"
+    );
 }

@@ -6,6 +6,8 @@
 //! fields that only matter to the cluster) accepted and reported in [`Plan::ignored`]. All
 //! problems are collected and reported at once.
 
+pub mod beneath;
+pub mod fuzzing;
 pub mod prepare;
 pub mod quantity;
 pub mod seed;
@@ -21,6 +23,9 @@ use vmm::config::{
 };
 
 pub use seed::Seed;
+
+/// The largest emptyDisk: the largest file size (`off_t`), in whole 512-byte sectors.
+pub const MAX_EMPTY_DISK_BYTES: u64 = i64::MAX as u64 & !511;
 
 /// KubeVirt's default `terminationGracePeriodSeconds` for a VMI.
 pub const DEFAULT_GRACE_SECONDS: u64 = 180;
@@ -66,13 +71,33 @@ pub enum Probe {
     File,
     Dir,
     Other,
+    /// It resolves out of the root it was looked up in (only where openat2 is missing).
+    Outside,
 }
 
 /// The host as the mapping sees it.
 pub trait Host {
+    /// What `path`, a path the operator gave (`--volume`), is.
     fn probe(&self, path: &Path) -> Probe;
+    /// What `rel` (from [`beneath::relative`]) is under `root`, resolved as if `root` were
+    /// `/`, so that neither `..` nor a symlink leads out of it; and where it is (the path
+    /// to hand on: without symlinks left to follow when any was followed).
+    fn probe_in_root(&self, root: &Path, rel: &Path) -> (PathBuf, Probe);
     /// The regular files directly in `dir` (sorted), or `None` if it cannot be read.
     fn files_in(&self, dir: &Path) -> Option<Vec<PathBuf>>;
+}
+
+fn probe_metadata(m: &std::fs::Metadata) -> Probe {
+    use std::os::unix::fs::FileTypeExt;
+    if m.file_type().is_block_device() {
+        Probe::Block
+    } else if m.is_file() {
+        Probe::File
+    } else if m.is_dir() {
+        Probe::Dir
+    } else {
+        Probe::Other
+    }
 }
 
 /// The real file system.
@@ -80,13 +105,18 @@ pub struct RealHost;
 
 impl Host for RealHost {
     fn probe(&self, path: &Path) -> Probe {
-        use std::os::unix::fs::FileTypeExt;
         match std::fs::metadata(path) {
             Err(_) => Probe::Missing,
-            Ok(m) if m.file_type().is_block_device() => Probe::Block,
-            Ok(m) if m.is_file() => Probe::File,
-            Ok(m) if m.is_dir() => Probe::Dir,
-            Ok(_) => Probe::Other,
+            Ok(m) => probe_metadata(&m),
+        }
+    }
+
+    fn probe_in_root(&self, root: &Path, rel: &Path) -> (PathBuf, Probe) {
+        match beneath::open_in_root(root, rel) {
+            Ok(found) => (found.path, probe_metadata(&found.metadata)),
+            Err(beneath::NotFound::Missing) => (root.join(rel), Probe::Missing),
+            Err(beneath::NotFound::Escapes(to)) => (to, Probe::Outside),
+            Err(beneath::NotFound::Other) => (root.join(rel), Probe::Other),
         }
     }
 
@@ -146,6 +176,10 @@ pub enum DiskSource {
     /// A sparse file of `capacity` bytes, made fresh at each start (KubeVirt's emptyDisk is
     /// ephemeral too).
     EmptyDisk { capacity: u64 },
+    /// A hostDisk's image (KubeVirt's node directory mounted in the pod), made sparse with
+    /// `create` bytes at start when it is missing (`DiskOrCreate`), kept as it is otherwise.
+    /// `shared`: the same image is reachable from other nodes, so the VM may migrate.
+    HostDisk { create: Option<u64>, shared: bool },
     /// A NoCloud seed disk podvm writes at start.
     CloudInit(Seed),
     /// A containerDisk's image at `image`; copied (sparse) into the run directory at start,
@@ -186,17 +220,46 @@ pub struct Plan {
     pub ignored: Vec<String>,
 }
 
-/// Parses a VMI document: JSON, or YAML (one document).
-pub fn parse_document(text: &str) -> Result<Value, Errors> {
-    let fail = |message: String| {
-        Errors(vec![FieldError {
-            path: "(document)".into(),
-            message,
-        }])
+/// The largest VMI document podvm reads. A VMI is a few KiB, cloud-init user-data included;
+/// the API server's own limit for an object is about 1.5 MiB.
+pub const MAX_DOCUMENT_BYTES: usize = 1 << 20;
+
+/// The deepest nesting of mappings and lists in a YAML VMI (KubeVirt's go below 10). The
+/// YAML loader and the conversion recurse per level.
+pub const MAX_YAML_DEPTH: usize = 64;
+
+fn document_error(message: String) -> Errors {
+    Errors(vec![FieldError {
+        path: "(document)".into(),
+        message,
+    }])
+}
+
+/// The error for a document of `len` bytes, more than [`MAX_DOCUMENT_BYTES`].
+pub fn document_too_large(len: usize) -> Errors {
+    // A file is read only up to one byte past the limit: its size is then unknown.
+    let shown = if len > MAX_DOCUMENT_BYTES + 1 {
+        format!(" ({len} bytes)")
+    } else {
+        String::new()
     };
+    document_error(format!(
+        "too large{shown}; a VirtualMachineInstance may have at most {MAX_DOCUMENT_BYTES} bytes (1 MiB): move large cloud-init data into the image or a PVC"
+    ))
+}
+
+/// Parses a VMI document: JSON, or YAML (one document), at most [`MAX_DOCUMENT_BYTES`].
+/// YAML anchors and aliases are refused before any tree is built: a few hundred bytes of
+/// nested aliases expand into gigabytes.
+pub fn parse_document(text: &str) -> Result<Value, Errors> {
+    let fail = document_error;
+    if text.len() > MAX_DOCUMENT_BYTES {
+        return Err(document_too_large(text.len()));
+    }
     if text.trim_start().starts_with('{') {
         return serde_json::from_str(text).map_err(|e| fail(format!("invalid JSON: {e}")));
     }
+    check_yaml_events(text).map_err(fail)?;
     let docs = yaml_rust2::YamlLoader::load_from_str(text)
         .map_err(|e| fail(format!("invalid YAML: {e}")))?;
     match docs.as_slice() {
@@ -206,6 +269,49 @@ pub fn parse_document(text: &str) -> Result<Value, Errors> {
             "{} YAML documents; give exactly one VirtualMachineInstance",
             docs.len()
         ))),
+    }
+}
+
+/// Reads the YAML events of `text` without building anything: refuses an anchor or an alias
+/// and nesting deeper than [`MAX_YAML_DEPTH`], so that loading `text` costs memory in
+/// proportion to its size and stack in proportion to its depth.
+fn check_yaml_events(text: &str) -> Result<(), String> {
+    use yaml_rust2::parser::{Event, Parser};
+    let mut parser = Parser::new_from_str(text);
+    let mut depth = 0usize;
+    loop {
+        let (event, mark) = parser
+            .next_token()
+            .map_err(|e| format!("invalid YAML: {e}"))?;
+        let at = format!("line {} column {}", mark.line(), mark.col() + 1);
+        let anchor = match &event {
+            Event::StreamEnd => return Ok(()),
+            Event::Alias(_) => {
+                return Err(format!(
+                    "{at}: a YAML alias (*name); podvm does not expand anchors and aliases (a few of them can expand a small document into gigabytes): write the value out"
+                ))
+            }
+            Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
+                depth += 1;
+                if depth > MAX_YAML_DEPTH {
+                    return Err(format!(
+                        "{at}: nested more than {MAX_YAML_DEPTH} levels deep; a VirtualMachineInstance needs far fewer"
+                    ));
+                }
+                *anchor
+            }
+            Event::SequenceEnd | Event::MappingEnd => {
+                depth = depth.saturating_sub(1);
+                0
+            }
+            Event::Scalar(_, _, anchor, _) => *anchor,
+            _ => 0,
+        };
+        if anchor != 0 {
+            return Err(format!(
+                "{at}: a YAML anchor (&name); podvm does not expand anchors and aliases (a few of them can expand a small document into gigabytes): write the values out"
+            ));
+        }
     }
 }
 
@@ -387,7 +493,9 @@ impl Walk<'_> {
     }
 }
 
+/// `path.key`; an empty key shows as `""`, so that every error names a field.
 fn join(path: &str, key: &str) -> String {
+    let key = if key.is_empty() { "\"\"" } else { key };
     if path.is_empty() {
         key.to_string()
     } else {
@@ -404,13 +512,21 @@ pub fn plan(doc: &Value, paths: &Paths, host: &dyn Host) -> Result<Plan, Errors>
         ignored: Vec::new(),
         host,
     };
-    let plan = plan_inner(&mut w, doc, paths);
-    if w.errors.is_empty() {
-        let mut plan = plan.expect("a plan without errors");
-        plan.ignored = w.ignored;
-        Ok(plan)
-    } else {
-        Err(Errors(w.errors))
+    match (plan_inner(&mut w, doc, paths), w.errors.is_empty()) {
+        (Some(mut plan), true) => {
+            plan.ignored = w.ignored;
+            Ok(plan)
+        }
+        (None, true) => {
+            // A field given up on without saying why: a bug (tests and fuzzing stop here),
+            // still an error for a user, never a panic.
+            debug_assert!(false, "the VMI was refused without an error");
+            Err(Errors(vec![FieldError {
+                path: "(document)".into(),
+                message: "cannot be mapped (podvm found no error to name; please report it with the spec)".into(),
+            }]))
+        }
+        (_, false) => Err(Errors(w.errors)),
     }
 }
 
@@ -856,7 +972,7 @@ type KernelFiles = (PathBuf, Option<PathBuf>, Option<String>);
 
 fn kernel_boot(w: &mut Walk, domain: &Map<String, Value>, paths: &Paths) -> Option<KernelFiles> {
     let need = "podvm boots the guest's kernel directly: give spec.domain.firmware.kernelBoot with container.kernelPath (and initrdPath, kernelArgs)";
-    let Some(firmware) = domain.get("firmware") else {
+    let Some(firmware) = domain.get("firmware").filter(|v| !v.is_null()) else {
         w.error(
             "spec.domain.firmware.kernelBoot",
             format!("required; {need}"),
@@ -873,7 +989,7 @@ fn kernel_boot(w: &mut Walk, domain: &Map<String, Value>, paths: &Paths) -> Opti
         "acpi" => Some(Key::Refuse("is not supported; podvm writes its own ACPI tables")),
         _ => None,
     })?;
-    let Some(kb) = firmware.get("kernelBoot") else {
+    let Some(kb) = firmware.get("kernelBoot").filter(|v| !v.is_null()) else {
         w.error(
             "spec.domain.firmware.kernelBoot",
             format!("required; {need}"),
@@ -886,7 +1002,7 @@ fn kernel_boot(w: &mut Walk, domain: &Map<String, Value>, paths: &Paths) -> Opti
         _ => None,
     })?;
     let cmdline = w.string(kb, path, "kernelArgs").map(str::to_string);
-    let Some(container) = kb.get("container") else {
+    let Some(container) = kb.get("container").filter(|v| !v.is_null()) else {
         w.error(&join(path, "container"), format!("required; {need}"));
         return None;
     };
@@ -905,15 +1021,25 @@ fn kernel_boot(w: &mut Walk, domain: &Map<String, Value>, paths: &Paths) -> Opti
         );
     }
     let mut file = |key: &str| -> Option<PathBuf> {
-        let rel = w.string(container, path, key)?;
-        let full = paths.kernel_boot_root.join(rel.trim_start_matches('/'));
-        match w.host.probe(&full) {
+        let text = w.string(container, path, key)?;
+        let rel = match beneath::relative(text) {
+            Ok(rel) => rel,
+            Err(e) => {
+                w.error(
+                    &join(path, key),
+                    format!("{e}; give the file's path inside the kernel image"),
+                );
+                return None;
+            }
+        };
+        let (full, found) = w.host.probe_in_root(&paths.kernel_boot_root, &rel);
+        match found {
             Probe::File => Some(full),
             found => {
                 w.error(
                     &join(path, key),
                     format!(
-                        "{} is {}; mount the kernel image's files under {} (podvm's --kernel-boot-root)",
+                        "{} is {}; mount the kernel image's files under {} (podvm's --kernel-boot-root; symlinks resolve inside it)",
                         full.display(),
                         describe(found),
                         paths.kernel_boot_root.display()
@@ -928,7 +1054,7 @@ fn kernel_boot(w: &mut Walk, domain: &Map<String, Value>, paths: &Paths) -> Opti
     match kernel {
         Some(k) => Some((k, initrd, cmdline)),
         None => {
-            if container.get("kernelPath").is_none() {
+            if container.get("kernelPath").is_none_or(Value::is_null) {
                 w.error(&join(path, "kernelPath"), format!("required; {need}"));
             }
             None
@@ -942,8 +1068,21 @@ fn describe(p: Probe) -> &'static str {
         Probe::Block => "a block device, not a file",
         Probe::File => "a file",
         Probe::Dir => "a directory, not a file",
-        Probe::Other => "neither a file nor a block device",
+        Probe::Other => "neither a file nor a block device (or unreadable)",
+        Probe::Outside => "outside the directory it is looked up in (a symlink leads out)",
     }
+}
+
+/// Whether `name` is a DNS-1123 label, as Kubernetes requires of a volume's name: lower-case
+/// letters, digits and '-', starting and ending with a letter or digit, at most 63
+/// characters. Such a name is one safe path component.
+pub fn is_dns1123_label(name: &str) -> bool {
+    let b = name.as_bytes();
+    let inner = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    (1..=63).contains(&b.len())
+        && b.iter().all(|c| inner(c) || *c == b'-')
+        && inner(&b[0])
+        && inner(&b[b.len() - 1])
 }
 
 /// A volume, resolved to where its disk will be.
@@ -966,14 +1105,16 @@ fn volumes(
 ) -> BTreeMap<String, Volume> {
     let mut out = BTreeMap::new();
     let mut seen = HashSet::new();
+    // The files podvm makes in the run directory: each volume its own.
+    let mut run_files: BTreeMap<PathBuf, usize> = BTreeMap::new();
     for (index, v) in w.array(spec, "spec", "volumes").to_vec().iter().enumerate() {
         let path = format!("spec.volumes[{index}]");
         let Some(vol) = w.object(&path, v, |k| match k {
             "name" | "persistentVolumeClaim" | "dataVolume" | "emptyDisk" | "cloudInitNoCloud"
-            | "containerDisk" => Some(Key::Use),
-            "ephemeral" | "hostDisk" | "configMap" | "secret" | "serviceAccount" | "downwardAPI"
+            | "containerDisk" | "hostDisk" => Some(Key::Use),
+            "ephemeral" | "configMap" | "secret" | "serviceAccount" | "downwardAPI"
             | "downwardMetrics" | "cloudInitConfigDrive" | "sysprep" | "memoryDump" => Some(Key::Refuse(
-                "is not supported; use persistentVolumeClaim, dataVolume, emptyDisk, containerDisk or cloudInitNoCloud",
+                "is not supported; use persistentVolumeClaim, dataVolume, emptyDisk, containerDisk, hostDisk or cloudInitNoCloud",
             )),
             _ => None,
         }) else {
@@ -982,6 +1123,22 @@ fn volumes(
         let Some(vol_name) = w.name(vol, &path, &mut seen) else {
             continue;
         };
+        let placeholder = Volume {
+            index,
+            path: PathBuf::new(),
+            source: DiskSource::FilePvc,
+            read_only: true,
+            used: false,
+        };
+        if !is_dns1123_label(vol_name) {
+            w.error(
+                &join(&path, "name"),
+                format!("{vol_name:?} is not a valid volume name (DNS-1123 label: lower-case letters, digits and '-', at most 63 characters); rename the volume"),
+            );
+            // Known, so the disk that uses it does not fail as "no volume" too.
+            out.insert(vol_name.to_string(), placeholder);
+            continue;
+        }
         let sources: Vec<&String> = vol
             .keys()
             .filter(|k| *k != "name" && !vol[*k].is_null())
@@ -990,7 +1147,7 @@ fn volumes(
             w.error(
                 &path,
                 format!(
-                    "give exactly one volume source (persistentVolumeClaim, dataVolume, emptyDisk, containerDisk or cloudInitNoCloud), not {}",
+                    "give exactly one volume source (persistentVolumeClaim, dataVolume, emptyDisk, containerDisk, hostDisk or cloudInitNoCloud), not {}",
                     sources.len()
                 ),
             );
@@ -999,10 +1156,11 @@ fn volumes(
         let kind = sources[0].as_str();
         let kind_path = join(&path, kind);
         let overridden = paths.volume_paths.get(vol_name).cloned();
-        let run_file = |suffix: &str| {
-            overridden
-                .clone()
-                .unwrap_or_else(|| paths.run_dir.join(format!("{vol_name}{suffix}")))
+        // A file podvm makes in the run directory (the name is a DNS-1123 label, so this is
+        // one component beneath it), unless --volume put the disk elsewhere.
+        let run_file = |suffix: &str| match &overridden {
+            Some(p) => Ok(p.clone()),
+            None => beneath::beneath(&paths.run_dir, &format!("{vol_name}{suffix}")),
         };
         let resolved = match kind {
             "persistentVolumeClaim" | "dataVolume" => {
@@ -1026,24 +1184,16 @@ fn volumes(
                     w.error(&join(&kind_path, required), "required");
                 }
                 pvc(w, &kind_path, vol_name, paths, overridden.as_deref())
-                    .map(|(p, source)| (p, source, read_only))
+                    .map(|(p, source)| (Ok(p), source, read_only))
             }
             "emptyDisk" => {
                 let src = w.object(&kind_path, &vol[kind], |k| {
                     (k == "capacity").then_some(Key::Use)
                 });
-                match src.and_then(|s| w.quantity(s, &kind_path, "capacity")) {
-                    Some(0) => {
-                        w.error(&join(&kind_path, "capacity"), "must be more than 0");
-                        None
+                match src.and_then(|s| capacity(w, s, &kind_path)) {
+                    Some(capacity) => {
+                        Some((run_file(".img"), DiskSource::EmptyDisk { capacity }, false))
                     }
-                    Some(capacity) => Some((
-                        run_file(".img"),
-                        DiskSource::EmptyDisk {
-                            capacity: capacity.div_ceil(512) * 512,
-                        },
-                        false,
-                    )),
                     None => {
                         if !w.errors.iter().any(|e| e.path.starts_with(&kind_path)) {
                             w.error(&join(&kind_path, "capacity"), "required, e.g. 2Gi");
@@ -1054,6 +1204,15 @@ fn volumes(
             }
             "cloudInitNoCloud" => cloud_init(w, &kind_path, &vol[kind], name, namespace, hostname)
                 .map(|seed| (run_file("-cidata.img"), DiskSource::CloudInit(seed), true)),
+            "hostDisk" => host_disk(
+                w,
+                &kind_path,
+                &vol[kind],
+                vol_name,
+                paths,
+                overridden.as_deref(),
+            )
+            .map(|(p, source)| (Ok(p), source, false)),
             "containerDisk" => container_disk(
                 w,
                 &kind_path,
@@ -1069,8 +1228,27 @@ fn volumes(
                     false,
                 )
             }),
-            _ => unreachable!("classified above"),
+            // A refused source: its error, naming the field, is already recorded.
+            _ => None,
         };
+        let resolved = match resolved {
+            Some((Ok(file), source, read_only)) => Some((file, source, read_only)),
+            Some((Err(e), ..)) => {
+                w.error(&join(&path, "name"), format!("{e}; rename the volume"));
+                None
+            }
+            None => None,
+        };
+        if let Some((file, _, _)) = &resolved {
+            if overridden.is_none() {
+                if let Some(other) = run_files.insert(file.clone(), index) {
+                    w.error(
+                        &join(&path, "name"),
+                        format!("{vol_name:?} would share the run directory's file {} with spec.volumes[{other}]; rename one of them", file.display()),
+                    );
+                }
+            }
+        }
         if let Some((path, source, read_only)) = resolved {
             out.insert(
                 vol_name.to_string(),
@@ -1084,16 +1262,7 @@ fn volumes(
             );
         } else {
             // Keep the name known so disks that use it do not also fail as "no volume".
-            out.insert(
-                vol_name.to_string(),
-                Volume {
-                    index,
-                    path: PathBuf::new(),
-                    source: DiskSource::FilePvc,
-                    read_only: true,
-                    used: false,
-                },
-            );
+            out.insert(vol_name.to_string(), placeholder);
         }
     }
     out
@@ -1116,12 +1285,19 @@ fn pvc(
             }
         };
     }
-    let block = paths.block_dir.join(name);
-    let file = paths.fs_dir.join(name).join("disk.img");
-    match (w.host.probe(&block), w.host.probe(&file)) {
+    // `name` is a DNS-1123 label (checked before): one component.
+    let (block, block_found) = w.host.probe_in_root(&paths.block_dir, Path::new(name));
+    let (file, file_found) = w
+        .host
+        .probe_in_root(&paths.fs_dir, &Path::new(name).join("disk.img"));
+    match (block_found, file_found) {
         (Probe::Block, _) => Some((block, DiskSource::BlockPvc)),
         (_, Probe::File) => Some((file, DiskSource::FilePvc)),
         _ => {
+            let (block, file) = (
+                paths.block_dir.join(name),
+                paths.fs_dir.join(name).join("disk.img"),
+            );
             w.error(
                 path,
                 format!(
@@ -1130,6 +1306,141 @@ fn pvc(
                     file.display(),
                     paths.fs_dir.join(name).display()
                 ),
+            );
+            None
+        }
+    }
+}
+
+/// A disk's `capacity`: more than 0, rounded up to whole sectors, at most
+/// [`MAX_EMPTY_DISK_BYTES`]. `None` (with an error when it was given) otherwise.
+fn capacity(w: &mut Walk, src: &Map<String, Value>, path: &str) -> Option<u64> {
+    let field = join(path, "capacity");
+    match w.quantity(src, path, "capacity")? {
+        0 => {
+            w.error(&field, "must be more than 0");
+            None
+        }
+        bytes => match bytes
+            .checked_next_multiple_of(512)
+            .filter(|c| *c <= MAX_EMPTY_DISK_BYTES)
+        {
+            Some(rounded) => Some(rounded),
+            None => {
+                w.error(
+                    &field,
+                    format!("{bytes} bytes is larger than a disk file can be ({MAX_EMPTY_DISK_BYTES} bytes, about 8Ei); give a size such as 10Gi"),
+                );
+                None
+            }
+        },
+    }
+}
+
+/// A hostDisk, as KubeVirt runs one: the node's directory of `path` is mounted in the pod
+/// at `<fs_dir>/<volume name>/` (a hostPath volume) and the disk is the file of `path`'s
+/// base name there; `DiskOrCreate` makes it, sparse, of `capacity`, when it is missing.
+fn host_disk(
+    w: &mut Walk,
+    path: &str,
+    value: &Value,
+    name: &str,
+    paths: &Paths,
+    overridden: Option<&Path>,
+) -> Option<(PathBuf, DiskSource)> {
+    let src = w.object(path, value, |k| match k {
+        "path" | "type" | "capacity" | "shared" => Some(Key::Use),
+        _ => None,
+    })?;
+    let text = w.string(src, path, "path");
+    let create = match w.string(src, path, "type") {
+        Some("Disk") => false,
+        Some("DiskOrCreate") => true,
+        Some(other) => {
+            w.error(
+                &join(path, "type"),
+                format!("{other:?} is not a hostDisk type; use Disk (the image exists) or DiskOrCreate (podvm makes it when it is missing)"),
+            );
+            return None;
+        }
+        None => {
+            w.error(&join(path, "type"), "required: Disk or DiskOrCreate");
+            return None;
+        }
+    };
+    let shared = w.boolean(src, path, "shared").unwrap_or(false);
+    let capacity = if src.get("capacity").is_some_and(|c| !c.is_null()) {
+        Some(capacity(w, src, path)?)
+    } else {
+        None
+    };
+    let Some(text) = text else {
+        w.error(
+            &join(path, "path"),
+            "required: the image's path on the node",
+        );
+        return None;
+    };
+    // Only the base name counts: the node's directory is what is mounted.
+    let base = match Path::new(text).components().next_back() {
+        Some(std::path::Component::Normal(base))
+            if text.starts_with('/') && !text.ends_with('/') =>
+        {
+            PathBuf::from(base)
+        }
+        _ => {
+            w.error(
+                &join(path, "path"),
+                format!("{text:?} is not an absolute path to a file; give the image's path on the node, such as /data/disk.img"),
+            );
+            return None;
+        }
+    };
+    let dir = paths.fs_dir.join(name);
+    let (image, found) = match overridden {
+        Some(p) => (p.to_path_buf(), w.host.probe(p)),
+        None => w
+            .host
+            .probe_in_root(&paths.fs_dir, &Path::new(name).join(&base)),
+    };
+    let dir_found = match overridden {
+        Some(p) => p.parent().map_or(Probe::Missing, |d| w.host.probe(d)),
+        None => w.host.probe_in_root(&paths.fs_dir, Path::new(name)).1,
+    };
+    let mount = format!("mount the node's directory of {text} at {} (a hostPath volume, as KubeVirt's virt-launcher has it) or give podvm --volume {name}=PATH", dir.display());
+    match (found, create, capacity) {
+        (Probe::File | Probe::Block, ..) => Some((
+            image,
+            DiskSource::HostDisk {
+                create: None,
+                shared,
+            },
+        )),
+        (Probe::Missing, true, Some(capacity)) if dir_found == Probe::Dir => Some((
+            image,
+            DiskSource::HostDisk {
+                create: Some(capacity),
+                shared,
+            },
+        )),
+        (Probe::Missing, true, None) => {
+            w.error(
+                &join(path, "capacity"),
+                "required with type DiskOrCreate: the size of the image podvm makes, e.g. 10Gi",
+            );
+            None
+        }
+        (Probe::Missing, true, Some(_)) => {
+            w.error(
+                path,
+                format!("{} is {}; {mount}", dir.display(), describe(dir_found)),
+            );
+            None
+        }
+        (found, ..) => {
+            w.error(
+                path,
+                format!("{} is {}; {mount}", image.display(), describe(found)),
             );
             None
         }
@@ -1155,15 +1466,39 @@ fn container_disk(
         w.error(&join(path, "image"), "required");
     }
     let inner = w.string(src, path, "path").map(str::to_string);
+    // `name` is a DNS-1123 label (checked before): one component.
     let mount = paths.container_disk_dir.join(name);
-    let image = match (overridden, inner) {
-        (Some(p), _) => p.to_path_buf(),
-        (None, Some(inner)) => mount.join(inner.trim_start_matches('/')),
-        (None, None) => {
+    if let Some(p) = overridden {
+        return match w.host.probe(p) {
+            Probe::File | Probe::Block => Some(p.to_path_buf()),
+            found => {
+                w.error(
+                    path,
+                    format!("the disk image {} is {}", p.display(), describe(found)),
+                );
+                None
+            }
+        };
+    }
+    let rel = match inner {
+        Some(inner) => match beneath::relative(&inner) {
+            Ok(rel) => rel,
+            Err(e) => {
+                w.error(
+                    &join(path, "path"),
+                    format!("{e}; give the disk's path inside the containerDisk image"),
+                );
+                return None;
+            }
+        },
+        None => {
             // KubeVirt's containerDisk convention: the image's one file under /disk.
             let dir = mount.join("disk");
             match w.host.files_in(&dir).as_deref() {
-                Some([one]) => one.clone(),
+                Some([one]) => match one.file_name() {
+                    Some(file) => Path::new("disk").join(file),
+                    None => return None,
+                },
                 Some(files) => {
                     w.error(
                         path,
@@ -1189,12 +1524,17 @@ fn container_disk(
             }
         }
     };
-    match w.host.probe(&image) {
-        Probe::File | Probe::Block => Some(image),
-        found => {
+    match w.host.probe_in_root(&mount, &rel) {
+        (image, Probe::File | Probe::Block) => Some(image),
+        (image, found) => {
             w.error(
                 path,
-                format!("the disk image {} is {}", image.display(), describe(found)),
+                format!(
+                    "the disk image {} is {} (symlinks resolve inside {})",
+                    image.display(),
+                    describe(found),
+                    mount.display()
+                ),
             );
             None
         }
@@ -1465,7 +1805,7 @@ fn interfaces(
                 networks.insert(name.to_string(), (i, false));
             }
             None => {
-                if net.get("multus").is_none() {
+                if net.get("multus").is_none_or(Value::is_null) {
                     w.error(&path, "give the network's source: pod: {}");
                 }
                 refused.insert(name.to_string());

@@ -33,45 +33,103 @@ fn fail<'p>(what: &'static str, path: &'p Path) -> impl FnOnce(io::Error) -> Pre
 /// ephemeral disks).
 pub fn prepare(plan: &Plan, run_dir: &Path) -> Result<(), PrepareError> {
     std::fs::create_dir_all(run_dir).map_err(fail("cannot create the run directory", run_dir))?;
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(run_dir)
+        .map_err(fail("cannot open the run directory", run_dir))?;
+    // The console log is vmm's to open (appending, by path); made here first, beneath the
+    // run directory without following symlinks, so that a symlink planted in its place is
+    // an error rather than the console appended to a file elsewhere.
+    if let ConsoleConfig::Socket { log: Some(log), .. } = &plan.config.console {
+        if let (Some(parent), Some(name)) = (log.parent(), log.file_name().and_then(|n| n.to_str()))
+        {
+            if parent == run_dir {
+                super::beneath::append_beneath(&dir, name)
+                    .map_err(fail("cannot create the console log", log))?;
+            }
+        }
+    }
     for (disk, config) in plan.disks.iter().zip(&plan.config.disks) {
         let path = &config.path;
+        let create = || create_file(&dir, run_dir, path);
         match &disk.source {
             DiskSource::BlockPvc | DiskSource::FilePvc => {}
+            DiskSource::HostDisk { create: None, .. } => {}
+            DiskSource::HostDisk {
+                create: Some(capacity),
+                ..
+            } => {
+                let file = create_new(path).map_err(fail("cannot create the hostDisk", path))?;
+                file.set_len(*capacity)
+                    .map_err(fail("cannot size the hostDisk", path))?;
+                file.sync_all()
+                    .map_err(fail("cannot sync the hostDisk", path))?;
+            }
             DiskSource::ContainerDisk { copy: false, .. } => {}
             DiskSource::EmptyDisk { capacity } => {
-                let file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(path)
-                    .map_err(fail("cannot create the emptyDisk", path))?;
+                let file = create().map_err(fail("cannot create the emptyDisk", path))?;
                 file.set_len(*capacity)
                     .map_err(fail("cannot size the emptyDisk", path))?;
             }
             DiskSource::CloudInit(seed) => {
-                seed.write(path)
+                let file =
+                    create().map_err(fail("cannot create the cloud-init seed disk", path))?;
+                seed.write(file)
                     .map_err(fail("cannot write the cloud-init seed disk", path))?;
             }
             DiskSource::ContainerDisk { image, copy: true } => {
-                copy_sparse(image, path).map_err(fail("cannot copy the containerDisk to", path))?;
+                let file = create().map_err(fail("cannot create the containerDisk copy", path))?;
+                copy_sparse(image, file).map_err(fail("cannot copy the containerDisk to", path))?;
             }
         }
     }
     Ok(())
 }
 
-/// Copies `from` to `to`, leaving holes where `from` has them (SEEK_DATA/SEEK_HOLE).
-pub fn copy_sparse(from: &Path, to: &Path) -> io::Result<()> {
+/// `path` created (mode 0600) or truncated, for reading and writing. A file of the run
+/// directory `dir` (what a VMI's volume names) is made beneath it following no symlink, so a
+/// symlink planted there cannot make podvm truncate a file elsewhere; a path the operator
+/// chose with `--volume` is opened as given.
+fn create_file(dir: &std::fs::File, run_dir: &Path, path: &Path) -> io::Result<std::fs::File> {
+    match (path.parent(), path.file_name().and_then(|n| n.to_str())) {
+        (Some(parent), Some(name)) if parent == run_dir => {
+            super::beneath::create_beneath(dir, name)
+        }
+        _ => std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path),
+    }
+}
+
+/// `path` made anew (mode 0600), in its directory without following a symlink: an existing
+/// file or symlink there (one that appeared since the plan looked) is an error, never
+/// truncated or written through.
+fn create_new(path: &Path) -> io::Result<std::fs::File> {
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str()))
+    else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a file path",
+        ));
+    };
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(parent)?;
+    super::beneath::create_new_beneath(&dir, name)
+}
+
+/// Copies `from` into `dst` (empty), leaving holes where `from` has them
+/// (SEEK_DATA/SEEK_HOLE), and syncs it.
+pub fn copy_sparse(from: &Path, mut dst: std::fs::File) -> io::Result<()> {
     use std::io::{Read, Seek, SeekFrom, Write};
     let mut src = std::fs::File::open(from)?;
     let len = src.metadata()?.len();
-    let mut dst = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(to)?;
     dst.set_len(len)?;
     let mut buf = vec![0u8; 1 << 20];
     let mut offset = 0u64;
@@ -148,6 +206,10 @@ pub fn describe(plan: &Plan) -> String {
         let what = match &disk.source {
             DiskSource::BlockPvc => "block PVC".to_string(),
             DiskSource::FilePvc => "filesystem PVC".to_string(),
+            DiskSource::HostDisk { create: None, .. } => "hostDisk".to_string(),
+            DiskSource::HostDisk { create: Some(capacity), .. } => {
+                format!("hostDisk, made at start ({}, sparse; kept from then on)", size(*capacity))
+            }
             DiskSource::EmptyDisk { capacity } => format!("emptyDisk of {}, made at start", size(*capacity)),
             DiskSource::CloudInit(seed) => format!(
                 "cloudInitNoCloud seed ({}, FAT, label CIDATA: user-data, meta-data{}), made at start",
@@ -248,7 +310,7 @@ mod tests {
             f.seek(SeekFrom::Start(40 << 20)).unwrap();
             f.write_all(&[7u8; 8192]).unwrap();
         }
-        copy_sparse(&from, &to).unwrap();
+        copy_sparse(&from, std::fs::File::create(&to).unwrap()).unwrap();
         assert_eq!(std::fs::read(&from).unwrap(), std::fs::read(&to).unwrap());
         use std::os::unix::fs::MetadataExt;
         let blocks = std::fs::metadata(&to).unwrap().blocks();

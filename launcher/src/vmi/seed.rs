@@ -3,7 +3,6 @@
 //! anything else that reads the NoCloud data source) finds by its label.
 
 use std::io::{Seek, Write};
-use std::path::Path;
 
 /// The files of a seed disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,14 +33,8 @@ impl Seed {
         (data + data / 8 + MIB / 4).div_ceil(MIB) * MIB
     }
 
-    /// Writes the image to `path` (created, or truncated and rewritten).
-    pub fn write(&self, path: &Path) -> std::io::Result<()> {
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)?;
+    /// Writes the image into `file` (empty, open for reading and writing) and syncs it.
+    pub fn write(&self, mut file: std::fs::File) -> std::io::Result<()> {
         file.set_len(self.image_size())?;
         self.write_into(&mut file)?;
         file.sync_all()
