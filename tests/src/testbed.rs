@@ -1,0 +1,138 @@
+//! What the tests tell the test bed beyond pass and fail: a retry, a skip, a heartbeat.
+//!
+//! libtest captures what a test prints with `eprintln!` and shows it only when the test
+//! fails, so a retry or a skip inside a test that then passed would be invisible. These
+//! lines are written to the process's stderr directly (`std::io::stderr().write_all`, which
+//! libtest does not capture), each on a line of its own:
+//!
+//! - `PODVM-RETRY layer=harness test=NAME reason=...`: the harness booted a guest once more;
+//!   tests/sandbox/cargo-runner, which sees the sandbox's output, copies it into the retry
+//!   log (`PODVM_TEST_RETRY_LOG`) that tests/run.sh summarises;
+//! - `PODVM-SKIP test=NAME reason=...`: a test skipped (only without `PODVM_REQUIRE_KVM=1`,
+//!   under which a skip is a failure);
+//! - `PODVM-HEARTBEAT ...`: inside the KVM sandbox, every [`heartbeat`] while a test runs,
+//!   so the sandbox's silence limit (`PODVM_SANDBOX_SILENCE`, 600 s) never ends a test that
+//!   waits: a stuck podvm meets the harness's own timeouts, which report its threads and
+//!   fail the test. A wedged sandbox stops its heartbeat too, so the limit still catches it.
+//!
+//! The runner removes these lines from the text it parses for libtest's results (a line
+//! may have cut `test NAME ... ` from its `ok`); the rules are in tests/sandbox/README.md.
+
+use std::io::Write;
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+/// How often a test inside the KVM sandbox prints a heartbeat line: every 120 s, or a
+/// quarter of the sandbox's silence limit (`PODVM_SANDBOX_SILENCE`, passed in by the
+/// runner) if that is shorter.
+pub fn heartbeat() -> Duration {
+    let silence = std::env::var("PODVM_SANDBOX_SILENCE")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(600);
+    Duration::from_secs((silence / 4).clamp(1, 120))
+}
+
+/// Whether the test bed may run something again (`PODVM_TEST_RETRIES=0` turns every retry
+/// layer off: this harness's and cargo-runner's).
+pub fn retries_enabled() -> bool {
+    std::env::var("PODVM_TEST_RETRIES").as_deref() != Ok("0")
+}
+
+/// Whether a skipped precondition is a failure here (`PODVM_REQUIRE_KVM=1`, set by CI).
+pub fn skips_forbidden() -> bool {
+    std::env::var("PODVM_REQUIRE_KVM").as_deref() == Ok("1")
+}
+
+/// The running test's name (libtest names each test's thread after it).
+fn test_name() -> String {
+    std::thread::current()
+        .name()
+        .unwrap_or("unknown")
+        .to_string()
+}
+
+/// One line on the real stderr, past libtest's capture, on a line of its own.
+fn announce(line: &str) {
+    let one_line = line.replace(['\n', '\r'], " ");
+    let _ = std::io::stderr().write_all(format!("\n{one_line}\n").as_bytes());
+}
+
+/// Records that the harness runs something again, and why (see the module doc).
+pub(crate) fn log_retry(reason: &str) {
+    announce(&format!(
+        "PODVM-RETRY layer=harness test={} reason={reason}",
+        test_name()
+    ));
+}
+
+/// Ends a test whose precondition `why` does not hold here: a loud skip, or a failure under
+/// `PODVM_REQUIRE_KVM=1`. Call it and `return`:
+///
+/// ```ignore
+/// if !have("setpriv") {
+///     return podvm_tests::skip("needs setpriv (util-linux)");
+/// }
+/// ```
+pub fn skip(why: &str) {
+    if skips_forbidden() {
+        panic!("PODVM_REQUIRE_KVM=1 and this test cannot run here: {why}");
+    }
+    eprintln!("\n*** SKIPPED: {why} ***\n");
+    announce(&format!("PODVM-SKIP test={} reason={why}", test_name()));
+}
+
+/// Inside the KVM sandbox, starts (once per test binary) a thread that prints a heartbeat
+/// line every [`heartbeat`], so waiting is never mistaken for a wedged sandbox.
+pub(crate) fn start_heartbeat() {
+    static STARTED: Once = Once::new();
+    STARTED.call_once(|| {
+        let begin = Instant::now();
+        let every = heartbeat();
+        let _ = std::thread::Builder::new()
+            .name("heartbeat".into())
+            .spawn(move || loop {
+                std::thread::sleep(every);
+                announce(&format!(
+                    "PODVM-HEARTBEAT the tests are running ({} s)",
+                    begin.elapsed().as_secs()
+                ));
+            });
+    });
+}
+
+/// What in podvm's output rules out booting a guest once more: these are podvm's faults or
+/// the guest's, never the sandbox losing a guest (tests/sandbox/README.md, "Retries").
+pub(crate) fn never_retried(stdout: &str, stderr: &str, status: &str) -> Option<&'static str> {
+    let all = [stdout, stderr, status];
+    let has = |s: &str| all.iter().any(|t| t.contains(s));
+    if has("podvm: seccomp:") || has("SIGSYS") {
+        Some("a seccomp kill")
+    } else if has("panicked at") || has("SIGABRT") {
+        Some("a podvm panic")
+    } else if has("triple-faulted") || has("triple fault") {
+        Some("a triple fault")
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::never_retried;
+
+    #[test]
+    fn podvm_faults_are_never_retried() {
+        let seccomp = "podvm: seccomp: the vcpu thread made system call getcwd (79)";
+        assert_eq!(never_retried("", seccomp, ""), Some("a seccomp kill"));
+        assert_eq!(
+            never_retried("", "", "signal: 31 (SIGSYS) (core dumped)"),
+            Some("a seccomp kill")
+        );
+        let panic = "thread 'vcpu0' panicked at vmm/src/vcpu/mod.rs:1:1:";
+        assert_eq!(never_retried("", panic, ""), Some("a podvm panic"));
+        let fault = "INFO vcpu: guest triple-faulted vcpu=0";
+        assert_eq!(never_retried("", fault, ""), Some("a triple fault"));
+        assert_eq!(never_retried("booting", "", "signal: 9 (SIGKILL)"), None);
+    }
+}
