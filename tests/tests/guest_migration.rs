@@ -265,7 +265,7 @@ fn migration_failures_leave_the_source_running_and_a_later_migration_succeeds() 
         src.api_json(&["migrate", &format!("unix:{}", sock.display())]);
         let s = wait_failed(&src);
         assert!(
-            reader.join().unwrap(),
+            podvm_tests::join_within(reader, "the fake destination"),
             "the fake destination did not reach {stop:?}"
         );
         assert!(s["error"].is_string(), "{s}");
