@@ -126,8 +126,9 @@ pub struct Outcome {
     pub status: ExitStatus,
     pub stdout: String,
     pub stderr: String,
-    /// The harness killed podvm because its guest did not reach its script in time.
-    boot_timed_out: bool,
+    /// The harness killed podvm because its guest did not reach its script in time: podvm's
+    /// threads just before.
+    boot_stalled: Option<String>,
 }
 
 impl Outcome {
@@ -309,6 +310,7 @@ fn run_watched(
         None => thread_report(pid),
     };
     let boot_timed_out = status.is_none() && !started.load(Ordering::Acquire);
+    let boot_stalled = boot_timed_out.then(|| threads.clone());
     let outcome = Outcome {
         status: status.unwrap_or_else(|| {
             let _ = child.kill();
@@ -316,7 +318,7 @@ fn run_watched(
         }),
         stdout: watcher.join().expect("stdout reader"),
         stderr: stderr.join().expect("stderr reader"),
-        boot_timed_out,
+        boot_stalled,
     };
     match status {
         Some(_) => {}
@@ -482,7 +484,12 @@ fn run_guest_with_retry(mut make: impl FnMut() -> Outcome) -> Outcome {
         return first;
     }
     let status = first.status.to_string();
-    match boot_retry(first.boot_timed_out, &first.stdout, &first.stderr, &status) {
+    match boot_retry(
+        first.boot_stalled.as_deref(),
+        &first.stdout,
+        &first.stderr,
+        &status,
+    ) {
         Ok(reason) => {
             eprintln!("*** {reason}; booting it once more. First attempt:\n{first}");
             testbed::log_retry(&reason);
@@ -499,13 +506,14 @@ fn run_guest_with_retry(mut make: impl FnMut() -> Outcome) -> Outcome {
 
 /// Whether a guest that never reached its script is booted once more: `Ok(reason)` only
 /// inside the KVM sandbox, with retries on (`PODVM_TEST_RETRIES` not 0), when the harness
-/// had to kill a podvm that was still running at the boot timeout and its output shows no
-/// seccomp kill, panic or triple fault. A podvm that exited by itself before the script
-/// (an error, a signal, the guest's reset or power-off) is never booted again: that is
-/// podvm's or the guest's doing, not the sandbox's. `Err(Some(why))` says why a sandbox
-/// boot failure is not retried.
+/// had to kill a podvm that was still running at the boot timeout (`stalled`: its threads
+/// then), no vCPU thread of it waited on a lock (a podvm deadlock, not a lost guest) and
+/// its output shows no seccomp kill, panic or triple fault. A podvm that exited by itself
+/// before the script (an error, a signal, the guest's reset or power-off) is never booted
+/// again: that is podvm's or the guest's doing, not the sandbox's. `Err(Some(why))` says
+/// why a sandbox boot failure is not retried.
 fn boot_retry(
-    boot_timed_out: bool,
+    stalled: Option<&str>,
     stdout: &str,
     stderr: &str,
     status: &str,
@@ -519,9 +527,14 @@ fn boot_retry(
     if let Some(fault) = testbed::never_retried(stdout, stderr, status) {
         return Err(Some(format!("podvm's output shows {fault}")));
     }
-    if !boot_timed_out {
+    let Some(threads) = stalled else {
         return Err(Some(format!(
             "podvm exited by itself ({status}), it was not the sandbox losing the guest"
+        )));
+    };
+    if let Some(thread) = testbed::vcpu_on_a_lock(threads) {
+        return Err(Some(format!(
+            "a vCPU thread waited on a lock (futex), podvm's doing: {thread}"
         )));
     }
     Ok(format!(
@@ -732,7 +745,8 @@ impl SocketVm {
             Ok(vm) => return vm,
             Err(first) => first,
         };
-        match boot_retry(first.timed_out, &first.console, &first.stderr, &first.why) {
+        let stalled = first.timed_out.then_some(first.threads.as_str());
+        match boot_retry(stalled, &first.console, &first.stderr, &first.why) {
             Ok(reason) => {
                 eprintln!("*** {reason}; booting it once more. First attempt:\n{first}");
                 testbed::log_retry(&reason);
@@ -1010,7 +1024,7 @@ impl SocketVm {
             status,
             stdout: self.log_text(),
             stderr: self.take_stderr(),
-            boot_timed_out: false,
+            boot_stalled: None,
         }
     }
 

@@ -117,9 +117,31 @@ pub(crate) fn never_retried(stdout: &str, stderr: &str, status: &str) -> Option<
     }
 }
 
+/// The line of a thread report (see `thread_report` in lib.rs: `TID NAME: STATE wchan=...
+/// syscall=NR ...`) of a vCPU thread blocked in futex (system call 202): waiting on a lock
+/// of podvm's, not running its guest (a vCPU runs its guest in ioctl, 16).
+pub(crate) fn vcpu_on_a_lock(threads: &str) -> Option<&str> {
+    threads.lines().map(str::trim).find(|line| {
+        let mut words = line.split_whitespace();
+        let name = words.nth(1).unwrap_or("");
+        name.starts_with("vcpu") && line.contains(" syscall=202 ")
+    })
+}
+
 #[cfg(test)]
 mod tests {
-    use super::never_retried;
+    use super::{never_retried, vcpu_on_a_lock};
+
+    #[test]
+    fn a_vcpu_waiting_on_a_lock_is_found_in_a_thread_report() {
+        let running = "  122 vcpu0: S (sleeping) wchan=kvm_vcpu_block syscall=16 0xb 0xae80 \
+                       stack=kvm_vcpu_block+0x52/0xc0\n  120 podvm: S (sleeping) wchan=futex \
+                       syscall=202 0x7f 0x80 stack=\n";
+        assert_eq!(vcpu_on_a_lock(running), None);
+        let locked =
+            "  123 vcpu1: S (sleeping) wchan=futex_wait_queue syscall=202 0x7f 0x80 stack=";
+        assert_eq!(vcpu_on_a_lock(locked), Some(locked.trim()));
+    }
 
     #[test]
     fn podvm_faults_are_never_retried() {
