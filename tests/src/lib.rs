@@ -1043,6 +1043,12 @@ impl SocketVm {
         self.stderr_text()
     }
 
+    /// Fails the test as a hang (see [`HANG`]): `what` never happened; kills podvm and
+    /// reports its threads, stderr and console log.
+    pub fn hang(&mut self, what: &str) -> ! {
+        panic!("{HANG} {what}: {}", self.kill_and_report())
+    }
+
     /// Kills podvm and returns its stderr and console log, for a failure message.
     pub fn kill_and_report(&mut self) -> String {
         let threads = self.threads();

@@ -267,7 +267,12 @@ fn console_client_that_never_reads_does_not_hold_the_guest_back() {
             if now > last.0 {
                 last = (now, Instant::now());
             }
-            if !vm.running() || last.1.elapsed() > Duration::from_secs(300) {
+            if vm.running() && last.1.elapsed() > Duration::from_secs(300) {
+                vm.hang(&format!(
+                    "the guest printed nothing after SEQ {now} {what} for 300 s"
+                ));
+            }
+            if !vm.running() {
                 panic!(
                     "the guest stopped at SEQ {now} {what} (podvm {}):\n{}",
                     if vm.running() {
