@@ -10,7 +10,7 @@
 //!   log (`PODVM_TEST_RETRY_LOG`) that tests/run.sh summarises;
 //! - `PODVM-SKIP test=NAME reason=...`: a test skipped (only without `PODVM_REQUIRE_KVM=1`,
 //!   under which a skip is a failure);
-//! - `PODVM-HEARTBEAT ...`: inside the KVM sandbox, every [`heartbeat`] while a test runs,
+//! - `PODVM-HEARTBEAT test=NAME has run for N s`: inside the KVM sandbox, every [`heartbeat`],
 //!   so the sandbox's silence limit (`PODVM_SANDBOX_SILENCE`, 600 s) never ends a test that
 //!   waits: a stuck podvm meets the harness's own timeouts, which report its threads and
 //!   fail the test. A wedged sandbox stops its heartbeat too, so the limit still catches it.
@@ -19,7 +19,7 @@
 //! may have cut `test NAME ... ` from its `ok`); the rules are in tests/sandbox/README.md.
 
 use std::io::Write;
-use std::sync::Once;
+use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
 
 /// How often a test inside the KVM sandbox prints a heartbeat line: every 120 s, or a
@@ -82,21 +82,32 @@ pub fn skip(why: &str) {
     announce(&format!("PODVM-SKIP test={} reason={why}", test_name()));
 }
 
-/// Inside the KVM sandbox, starts (once per test binary) a thread that prints a heartbeat
-/// line every [`heartbeat`], so waiting is never mistaken for a wedged sandbox.
+/// The test that last started inside the KVM sandbox, and when (tests run one at a time
+/// there), for the heartbeat line.
+static CURRENT: Mutex<Option<(String, Instant)>> = Mutex::new(None);
+
+/// Inside the KVM sandbox, notes that the calling test starts and starts (once per test
+/// binary) a thread that prints a heartbeat line every [`heartbeat`] naming it, so waiting
+/// is never mistaken for a wedged sandbox.
 pub(crate) fn start_heartbeat() {
     static STARTED: Once = Once::new();
+    if let Ok(mut current) = CURRENT.lock() {
+        *current = Some((test_name(), Instant::now()));
+    }
     STARTED.call_once(|| {
-        let begin = Instant::now();
         let every = heartbeat();
         let _ = std::thread::Builder::new()
             .name("heartbeat".into())
             .spawn(move || loop {
                 std::thread::sleep(every);
-                announce(&format!(
-                    "PODVM-HEARTBEAT the tests are running ({} s)",
-                    begin.elapsed().as_secs()
-                ));
+                let line = match CURRENT.lock().ok().and_then(|c| c.clone()) {
+                    Some((test, since)) => format!(
+                        "PODVM-HEARTBEAT test={test} has run for {} s",
+                        since.elapsed().as_secs()
+                    ),
+                    None => "PODVM-HEARTBEAT".to_string(),
+                };
+                announce(&line);
             });
     });
 }
