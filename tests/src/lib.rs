@@ -17,9 +17,12 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 
+mod bounded;
 pub mod netns;
 pub mod pod;
 pub mod testbed;
+
+pub use bounded::{join_within, read_within, wait_within};
 
 pub use testbed::skip;
 
@@ -178,65 +181,6 @@ pub fn run_timeout() -> Duration {
     Duration::from_secs(secs)
 }
 
-/// Joins `handle` (a helper thread of a test: a server the guest talks to, a fake
-/// destination) within [`run_timeout`]; a thread still running then fails the test as a
-/// hang. A thread's panic goes on as the test's.
-pub fn join_within<T>(handle: std::thread::JoinHandle<T>, what: &str) -> T {
-    let deadline = Instant::now() + run_timeout();
-    while !handle.is_finished() {
-        if Instant::now() > deadline {
-            panic!("{HANG} {what} did not finish within {:?}", run_timeout());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    handle
-        .join()
-        .unwrap_or_else(|e| std::panic::resume_unwind(e))
-}
-
-/// Waits for `child` (a podvm, or a `podvm console` client) within [`run_timeout`]; one
-/// still running then is killed and fails the test as a hang, with its threads.
-pub fn wait_within(child: &mut Child, what: &str) -> ExitStatus {
-    let never = AtomicBool::new(true);
-    if let Some(status) = wait_with_timeout(child, run_timeout(), &never) {
-        return status;
-    }
-    let threads = thread_report(child.id() as i32);
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!(
-        "{HANG} {what} did not exit within {:?}; killed. Its threads (name, state, kernel \
-         wait, system call, kernel stack):\n{threads}",
-        run_timeout()
-    );
-}
-
-/// Reads from `pipe` (a child's stdout or stderr) into `buf`, waiting up to [`run_timeout`]
-/// for something to read; nothing by then fails the test as a hang. Returns what `read`
-/// returned (0: the end).
-pub fn read_within(
-    pipe: &mut (impl Read + std::os::fd::AsRawFd),
-    buf: &mut [u8],
-    what: &str,
-) -> std::io::Result<usize> {
-    let mut fds = [libc::pollfd {
-        fd: pipe.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    }];
-    let millis = libc::c_int::try_from(run_timeout().as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: `fds` is one valid pollfd for the duration of the call, and the length passed
-    // is its length; poll only writes its revents.
-    let ready = unsafe { libc::poll(fds.as_mut_ptr(), 1, millis) };
-    if ready < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    if ready == 0 {
-        panic!("{HANG} nothing from {what} within {:?}", run_timeout());
-    }
-    pipe.read(buf)
-}
-
 /// Runs `podvm` with `args`, stdin closed, and waits for it (killing it after the timeout).
 pub fn run_podvm(args: &[&str]) -> Outcome {
     let mut cmd = Command::new(podvm_bin());
@@ -341,7 +285,7 @@ fn run_watched(
 /// What each thread of process `pid` is doing: name, state, kernel wait channel, system call
 /// and the top of its kernel stack, for the report of a VM that hangs (a vCPU in KVM_RUN,
 /// system call 16 = ioctl, runs its guest; a thread in futex waits for a lock).
-fn thread_report(pid: i32) -> String {
+pub(crate) fn thread_report(pid: i32) -> String {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", pid)) else {
         return String::new();
     };
@@ -394,7 +338,7 @@ fn reader(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Strin
 
 /// Waits for `child` up to `timeout`, and only up to the boot timeout while `started` is
 /// false.
-fn wait_with_timeout(
+pub(crate) fn wait_with_timeout(
     child: &mut Child,
     timeout: Duration,
     started: &AtomicBool,
@@ -466,7 +410,7 @@ fn guest_command_with_cmdline(cmdline: &str, extra: &[&str]) -> Command {
 pub const SCRIPT_START: &str = "PODVM-SCRIPT-START";
 
 /// How long a guest may take to reach its script before the harness calls the boot failed.
-fn boot_timeout() -> Duration {
+pub(crate) fn boot_timeout() -> Duration {
     let secs = std::env::var("PODVM_BOOT_TIMEOUT")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -476,7 +420,7 @@ fn boot_timeout() -> Duration {
 
 /// Runs a guest command built by `make`; in the KVM sandbox, a guest that stalled before its
 /// script (nested SVM under TCG has lost guests during early boot: a stall before /init) is
-/// booted once more, loudly and logged (see [`boot_retry`]). Anything that happens after
+/// booted once more, loudly and logged (see [`testbed::boot_retry`]). Anything that happens after
 /// the script started is never retried.
 fn run_guest_with_retry(mut make: impl FnMut() -> Outcome) -> Outcome {
     let first = make();
@@ -484,7 +428,7 @@ fn run_guest_with_retry(mut make: impl FnMut() -> Outcome) -> Outcome {
         return first;
     }
     let status = first.status.to_string();
-    match boot_retry(
+    match testbed::boot_retry(
         first.boot_stalled.as_deref(),
         &first.stdout,
         &first.stderr,
@@ -502,46 +446,6 @@ fn run_guest_with_retry(mut make: impl FnMut() -> Outcome) -> Outcome {
             first
         }
     }
-}
-
-/// Whether a guest that never reached its script is booted once more: `Ok(reason)` only
-/// inside the KVM sandbox, with retries on (`PODVM_TEST_RETRIES` not 0), when the harness
-/// had to kill a podvm that was still running at the boot timeout (`stalled`: its threads
-/// then), no vCPU thread of it waited on a lock (a podvm deadlock, not a lost guest) and
-/// its output shows no seccomp kill, panic or triple fault. A podvm that exited by itself
-/// before the script (an error, a signal, the guest's reset or power-off) is never booted
-/// again: that is podvm's or the guest's doing, not the sandbox's. `Err(Some(why))` says
-/// why a sandbox boot failure is not retried.
-fn boot_retry(
-    stalled: Option<&str>,
-    stdout: &str,
-    stderr: &str,
-    status: &str,
-) -> Result<String, Option<String>> {
-    if std::env::var_os("PODVM_IN_SANDBOX").is_none() {
-        return Err(None);
-    }
-    if !testbed::retries_enabled() {
-        return Err(Some("PODVM_TEST_RETRIES=0".into()));
-    }
-    if let Some(fault) = testbed::never_retried(stdout, stderr, status) {
-        return Err(Some(format!("podvm's output shows {fault}")));
-    }
-    let Some(threads) = stalled else {
-        return Err(Some(format!(
-            "podvm exited by itself ({status}), it was not the sandbox losing the guest"
-        )));
-    };
-    if let Some(thread) = testbed::vcpu_on_a_lock(threads) {
-        return Err(Some(format!(
-            "a vCPU thread waited on a lock (futex), podvm's doing: {thread}"
-        )));
-    }
-    Ok(format!(
-        "the guest stalled before its script: podvm was still running after {:?} and was \
-         killed",
-        boot_timeout()
-    ))
 }
 
 /// Boots the test guest running `script`, and each time a console line contains the first
@@ -739,14 +643,14 @@ impl SocketVm {
 
     /// Runs `attempt` (which spawns a podvm and waits for its script); in the KVM sandbox
     /// a guest that stalled before its script is booted once more, loudly and logged, under
-    /// the rules of [`boot_retry`].
+    /// the rules of [`testbed::boot_retry`].
     fn start_with_retry(attempt: impl Fn() -> Result<Self, BootFailure>) -> Self {
         let first = match attempt() {
             Ok(vm) => return vm,
             Err(first) => first,
         };
         let stalled = first.timed_out.then_some(first.threads.as_str());
-        match boot_retry(stalled, &first.console, &first.stderr, &first.why) {
+        match testbed::boot_retry(stalled, &first.console, &first.stderr, &first.why) {
             Ok(reason) => {
                 eprintln!("*** {reason}; booting it once more. First attempt:\n{first}");
                 testbed::log_retry(&reason);

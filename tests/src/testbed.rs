@@ -128,6 +128,46 @@ pub(crate) fn never_retried(stdout: &str, stderr: &str, status: &str) -> Option<
     }
 }
 
+/// Whether a guest that never reached its script is booted once more: `Ok(reason)` only
+/// inside the KVM sandbox, with retries on (`PODVM_TEST_RETRIES` not 0), when the harness
+/// had to kill a podvm that was still running at the boot timeout (`stalled`: its threads
+/// then), no vCPU thread of it waited on a lock (a podvm deadlock, not a lost guest) and
+/// its output shows no seccomp kill, panic or triple fault. A podvm that exited by itself
+/// before the script (an error, a signal, the guest's reset or power-off) is never booted
+/// again: that is podvm's or the guest's doing, not the sandbox's. `Err(Some(why))` says
+/// why a sandbox boot failure is not retried.
+pub(crate) fn boot_retry(
+    stalled: Option<&str>,
+    stdout: &str,
+    stderr: &str,
+    status: &str,
+) -> Result<String, Option<String>> {
+    if std::env::var_os("PODVM_IN_SANDBOX").is_none() {
+        return Err(None);
+    }
+    if !retries_enabled() {
+        return Err(Some("PODVM_TEST_RETRIES=0".into()));
+    }
+    if let Some(fault) = never_retried(stdout, stderr, status) {
+        return Err(Some(format!("podvm's output shows {fault}")));
+    }
+    let Some(threads) = stalled else {
+        return Err(Some(format!(
+            "podvm exited by itself ({status}), it was not the sandbox losing the guest"
+        )));
+    };
+    if let Some(thread) = vcpu_on_a_lock(threads) {
+        return Err(Some(format!(
+            "a vCPU thread waited on a lock (futex), podvm's doing: {thread}"
+        )));
+    }
+    Ok(format!(
+        "the guest stalled before its script: podvm was still running after {:?} and was \
+         killed",
+        crate::boot_timeout()
+    ))
+}
+
 /// The line of a thread report (see `thread_report` in lib.rs: `TID NAME: STATE wchan=...
 /// syscall=NR ...`) of a vCPU thread blocked in futex (system call 202): waiting on a lock
 /// of podvm's, not running its guest (a vCPU runs its guest in ioctl, 16).
