@@ -3,8 +3,17 @@
 # of the workspace. Guest-booting tests run directly on a hardware-KVM host; elsewhere cargo's
 # runner (tests/sandbox/cargo-runner, set in .cargo/config.toml) runs them inside the KVM
 # sandbox, which it builds on first use. Extra arguments go to `cargo test`.
+#
+# Every retry of every layer (the harness booting a guest again, the runner restarting a
+# sandbox or running a failed test again) is recorded in target/test-retries.log and
+# summarised at the end, with a FLAKY line for each test that passed only after a retry
+# (tests/sandbox/README.md, "Retries"). PODVM_TEST_RETRIES=0 turns every retry off.
 set -euo pipefail
 cd "$(dirname -- "${BASH_SOURCE[0]}")/.."
+
+mkdir -p target
+export PODVM_TEST_RETRY_LOG=$PWD/target/test-retries.log
+: >"$PODVM_TEST_RETRY_LOG"
 
 tests/guest/build.sh
 benches/guest/build.sh
@@ -16,4 +25,5 @@ cargo test --workspace --no-fail-fast "$@" || status=$?
 # resources/: the image (built without a container engine), the manifests against the
 # Kubernetes schemas and Pod Security "restricted", the seccomp profile against the lists.
 tests/resources/run.sh || status=$?
+tests/sandbox/retry-summary "$PODVM_TEST_RETRY_LOG" || echo "tests/run.sh: the retry summary failed" >&2
 exit "$status"

@@ -5,7 +5,8 @@
 //! directly; on a host whose KVM cannot run a stock kernel (PVM), cargo's runner
 //! (`tests/sandbox/cargo-runner`) ships the whole test binary into the KVM sandbox, where
 //! `PODVM_IN_SANDBOX=1` is set. Where neither works, tests skip loudly, and fail instead
-//! when `PODVM_REQUIRE_KVM=1`.
+//! when `PODVM_REQUIRE_KVM=1` (see [`skip`]). Retries, skips and heartbeats are reported
+//! past libtest's capture ([`testbed`]); the rules are in tests/sandbox/README.md, "Retries".
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -16,8 +17,14 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 
+mod bounded;
 pub mod netns;
 pub mod pod;
+pub mod testbed;
+
+pub use bounded::{join_within, read_within, wait_within};
+
+pub use testbed::skip;
 
 /// podvm's default kernel command line (kept equal to `vmm::config::DEFAULT_CMDLINE`).
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
@@ -92,8 +99,9 @@ fn host_kvm() -> Option<KvmKind> {
     (hw && !Path::new("/sys/module/kvm_pvm").exists()).then_some(KvmKind::Hardware)
 }
 
-/// Whether guest tests can run here. Prints once how they run; when they cannot, prints a
-/// loud skip, or panics if `PODVM_REQUIRE_KVM=1`.
+/// Whether guest tests can run here. Prints once how they run (inside the KVM sandbox, it
+/// starts the heartbeat: see [`testbed`]); when they cannot, [`skip`]s (a failure under
+/// `PODVM_REQUIRE_KVM=1`).
 pub fn kvm_available() -> bool {
     static SAID: Once = Once::new();
     let kind = host_kvm();
@@ -102,13 +110,15 @@ pub fn kvm_available() -> bool {
         Some(KvmKind::Sandbox) => {
             eprintln!("guest tests: running inside the KVM sandbox (QEMU TCG, emulated SVM)")
         }
-        None => eprintln!(
-            "\n*** guest tests SKIPPED: no hardware KVM here and not inside the KVM sandbox \
-             (run through `cargo test`, whose runner uses tests/sandbox) ***\n"
-        ),
+        None => {}
     });
-    if kind.is_none() && std::env::var("PODVM_REQUIRE_KVM").as_deref() == Ok("1") {
-        panic!("PODVM_REQUIRE_KVM=1 but no guest can boot here (no hardware KVM, no sandbox)");
+    match kind {
+        Some(KvmKind::Sandbox) => testbed::start_heartbeat(),
+        Some(KvmKind::Hardware) => {}
+        None => skip(
+            "no guest can boot here: no hardware KVM and not inside the KVM sandbox (run \
+             through `cargo test`, whose runner uses tests/sandbox)",
+        ),
     }
     kind.is_some()
 }
@@ -119,6 +129,9 @@ pub struct Outcome {
     pub status: ExitStatus,
     pub stdout: String,
     pub stderr: String,
+    /// The harness killed podvm because its guest did not reach its script in time: podvm's
+    /// threads just before.
+    boot_stalled: Option<String>,
 }
 
 impl Outcome {
@@ -150,8 +163,17 @@ impl std::fmt::Display for Outcome {
     }
 }
 
+/// How every harness panic for something that never finished starts: tests/sandbox/
+/// cargo-runner runs such a test once more (inside the KVM sandbox only), and no other
+/// failed test (tests/sandbox/README.md, "Retries").
+pub const HANG: &str = "hang:";
+
 /// Longest a single podvm run may take before the harness kills it (nested TCG is slow).
-fn run_timeout() -> Duration {
+/// Inside the KVM sandbox the heartbeat (see [`testbed`]) keeps the sandbox's silence
+/// limit from ending the test first, so a stuck podvm fails its test with the report of
+/// its threads. Tests bound their own waits with it too ([`join_within`], [`wait_within`],
+/// [`read_within`]).
+pub fn run_timeout() -> Duration {
     let secs = std::env::var("PODVM_TEST_TIMEOUT")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -231,6 +253,8 @@ fn run_watched(
         Some(_) => String::new(),
         None => thread_report(pid),
     };
+    let boot_timed_out = status.is_none() && !started.load(Ordering::Acquire);
+    let boot_stalled = boot_timed_out.then(|| threads.clone());
     let outcome = Outcome {
         status: status.unwrap_or_else(|| {
             let _ = child.kill();
@@ -238,18 +262,20 @@ fn run_watched(
         }),
         stdout: watcher.join().expect("stdout reader"),
         stderr: stderr.join().expect("stderr reader"),
+        boot_stalled,
     };
     match status {
         Some(_) => {}
-        None if !started.load(Ordering::Acquire) => {
+        None if boot_timed_out => {
             eprintln!(
-                "guest did not reach its script within {:?}; killed",
+                "guest did not reach its script within {:?}; killed. podvm's threads before \
+                 the kill:\n{threads}",
                 boot_timeout()
             );
         }
         None => panic!(
-            "podvm did not finish within {:?}; killed. Its threads before the kill (name, \
-             state, kernel wait, system call, kernel stack):\n{threads}{outcome}",
+            "{HANG} podvm did not finish within {:?}; killed. Its threads before the kill \
+             (name, state, kernel wait, system call, kernel stack):\n{threads}{outcome}",
             run_timeout()
         ),
     }
@@ -259,7 +285,7 @@ fn run_watched(
 /// What each thread of process `pid` is doing: name, state, kernel wait channel, system call
 /// and the top of its kernel stack, for the report of a VM that hangs (a vCPU in KVM_RUN,
 /// system call 16 = ioctl, runs its guest; a thread in futex waits for a lock).
-fn thread_report(pid: i32) -> String {
+pub(crate) fn thread_report(pid: i32) -> String {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", pid)) else {
         return String::new();
     };
@@ -312,7 +338,7 @@ fn reader(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Strin
 
 /// Waits for `child` up to `timeout`, and only up to the boot timeout while `started` is
 /// false.
-fn wait_with_timeout(
+pub(crate) fn wait_with_timeout(
     child: &mut Child,
     timeout: Duration,
     started: &AtomicBool,
@@ -384,7 +410,7 @@ fn guest_command_with_cmdline(cmdline: &str, extra: &[&str]) -> Command {
 pub const SCRIPT_START: &str = "PODVM-SCRIPT-START";
 
 /// How long a guest may take to reach its script before the harness calls the boot failed.
-fn boot_timeout() -> Duration {
+pub(crate) fn boot_timeout() -> Duration {
     let secs = std::env::var("PODVM_BOOT_TIMEOUT")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -392,21 +418,34 @@ fn boot_timeout() -> Duration {
     Duration::from_secs(secs)
 }
 
-/// Runs a guest command built by `make`; in the KVM sandbox, a guest that never reaches its
-/// script (nested SVM under TCG occasionally loses a guest during early boot: a triple
-/// fault or a stall before /init, seen about once in a few hundred boots) is booted once
-/// more, loudly. Anything that happens after the script started is never retried.
+/// Runs a guest command built by `make`; in the KVM sandbox, a guest that stalled before its
+/// script (nested SVM under TCG has lost guests during early boot: a stall before /init) is
+/// booted once more, loudly and logged (see [`testbed::boot_retry`]). Anything that happens after
+/// the script started is never retried.
 fn run_guest_with_retry(mut make: impl FnMut() -> Outcome) -> Outcome {
     let first = make();
-    let started = first.stdout.contains(SCRIPT_START);
-    if started || std::env::var_os("PODVM_IN_SANDBOX").is_none() {
+    if first.stdout.contains(SCRIPT_START) {
         return first;
     }
-    eprintln!(
-        "*** guest never reached its script inside the KVM sandbox; booting it once more. \
-         First attempt:\n{first}"
-    );
-    make()
+    let status = first.status.to_string();
+    match testbed::boot_retry(
+        first.boot_stalled.as_deref(),
+        &first.stdout,
+        &first.stderr,
+        &status,
+    ) {
+        Ok(reason) => {
+            eprintln!("*** {reason}; booting it once more. First attempt:\n{first}");
+            testbed::log_retry(&reason);
+            make()
+        }
+        Err(why) => {
+            if let Some(why) = why {
+                eprintln!("*** guest never reached its script: {why}; not booted again ***");
+            }
+            first
+        }
+    }
 }
 
 /// Boots the test guest running `script`, and each time a console line contains the first
@@ -552,6 +591,27 @@ pub fn sha256_file(path: &str) -> String {
         .to_string()
 }
 
+/// A [`SocketVm`] whose guest did not reach its script.
+struct BootFailure {
+    /// What was waited for and what happened instead (with podvm's exit status if it exited).
+    why: String,
+    /// podvm was still running at the boot timeout.
+    timed_out: bool,
+    threads: String,
+    stderr: String,
+    console: String,
+}
+
+impl std::fmt::Display for BootFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "guest did not reach its script: {}\nstderr:\n{}\nthreads:\n{}\nconsole log:\n{}",
+            self.why, self.stderr, self.threads, self.console
+        )
+    }
+}
+
 /// A guest running in the background with its console on a socket (every byte also in a log
 /// file) and the control API on another socket: for tests that attach, detach and call the
 /// API while the guest runs.
@@ -582,32 +642,40 @@ impl SocketVm {
     }
 
     /// Runs `attempt` (which spawns a podvm and waits for its script); in the KVM sandbox
-    /// a guest that never reaches its script is booted once more, loudly.
-    fn start_with_retry(attempt: impl Fn() -> Result<Self, String>) -> Self {
-        match attempt() {
-            Ok(vm) => vm,
-            Err(first) if std::env::var_os("PODVM_IN_SANDBOX").is_some() => {
-                eprintln!(
-                    "*** guest never reached its script inside the KVM sandbox; booting it \
-                     once more. First attempt:\n{first}"
-                );
+    /// a guest that stalled before its script is booted once more, loudly and logged, under
+    /// the rules of [`testbed::boot_retry`].
+    fn start_with_retry(attempt: impl Fn() -> Result<Self, BootFailure>) -> Self {
+        let first = match attempt() {
+            Ok(vm) => return vm,
+            Err(first) => first,
+        };
+        let stalled = first.timed_out.then_some(first.threads.as_str());
+        match testbed::boot_retry(stalled, &first.console, &first.stderr, &first.why) {
+            Ok(reason) => {
+                eprintln!("*** {reason}; booting it once more. First attempt:\n{first}");
+                testbed::log_retry(&reason);
                 attempt().unwrap_or_else(|e| panic!("{e}"))
             }
-            Err(first) => panic!("{first}"),
+            Err(Some(why)) => panic!("{first}\n(not booted again: {why})"),
+            Err(None) => panic!("{first}"),
         }
     }
 
     /// Waits for the script to start; if it does not, kills podvm and says why.
-    fn until_script_started(mut self) -> Result<Self, String> {
+    fn until_script_started(mut self) -> Result<Self, BootFailure> {
         match self.try_wait_log(SCRIPT_START, boot_timeout()) {
             Ok(_) => Ok(self),
             Err(why) => {
+                let timed_out = self.running();
+                let threads = self.threads();
                 self.kill();
-                Err(format!(
-                    "guest did not reach its script: {why}\nstderr:\n{}\nconsole log:\n{}",
-                    self.take_stderr(),
-                    self.log_text()
-                ))
+                Err(BootFailure {
+                    why,
+                    timed_out,
+                    threads,
+                    stderr: self.take_stderr(),
+                    console: self.log_text(),
+                })
             }
         }
     }
@@ -764,14 +832,13 @@ impl SocketVm {
     pub fn wait_log(&mut self, needle: &str) -> String {
         match self.try_wait_log(needle, run_timeout()) {
             Ok(text) => text,
-            Err(why) => {
-                self.kill();
-                panic!(
-                    "{why}\nstderr:\n{}\nconsole log:\n{}",
-                    self.take_stderr(),
-                    self.log_text()
-                );
-            }
+            // Still running: a hang, reported with podvm's threads.
+            Err(why) if self.running() => panic!("{HANG} {why}: {}", self.kill_and_report()),
+            Err(why) => panic!(
+                "{why}\nstderr:\n{}\nconsole log:\n{}",
+                self.take_stderr(),
+                self.log_text()
+            ),
         }
     }
 
@@ -806,12 +873,20 @@ impl SocketVm {
         assert_eq!(answer["state"], "active", "{answer}");
         let deadline = Instant::now() + Duration::from_secs(300);
         while self.running() {
-            assert!(
-                Instant::now() < deadline && dst.running(),
-                "the migration did not finish: SOURCE {} DESTINATION {}",
-                self.kill_and_report(),
-                dst.kill_and_report()
-            );
+            if !dst.running() {
+                panic!(
+                    "the destination exited before the source: SOURCE {} DESTINATION {}",
+                    self.kill_and_report(),
+                    dst.kill_and_report()
+                );
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{HANG} the migration did not finish within 300 s: SOURCE {} DESTINATION {}",
+                    self.kill_and_report(),
+                    dst.kill_and_report()
+                );
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
         self.wait()
@@ -837,10 +912,13 @@ impl SocketVm {
         let never = AtomicBool::new(true);
         let status = wait_with_timeout(&mut child, run_timeout(), &never);
         let status = status.unwrap_or_else(|| {
+            let threads = thread_report(child.id() as i32);
             let _ = child.kill();
             let status = child.wait().expect("wait after kill");
             panic!(
-                "podvm did not exit within {:?}; killed ({status})\nstderr:\n{}\nconsole log:\n{}",
+                "{HANG} podvm did not exit within {:?}; killed ({status})\nstderr:\n{}\n\
+                 threads (name, state, kernel wait, system call, kernel stack):\n{threads}\n\
+                 console log:\n{}",
                 run_timeout(),
                 self.take_stderr(),
                 self.log_text()
@@ -850,6 +928,7 @@ impl SocketVm {
             status,
             stdout: self.log_text(),
             stderr: self.take_stderr(),
+            boot_stalled: None,
         }
     }
 
@@ -866,6 +945,12 @@ impl SocketVm {
 
     fn take_stderr(&mut self) -> String {
         self.stderr_text()
+    }
+
+    /// Fails the test as a hang (see [`HANG`]): `what` never happened; kills podvm and
+    /// reports its threads, stderr and console log.
+    pub fn hang(&mut self, what: &str) -> ! {
+        panic!("{HANG} {what}: {}", self.kill_and_report())
     }
 
     /// Kills podvm and returns its stderr and console log, for a failure message.

@@ -87,35 +87,48 @@ fn have(tool: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// Skips (fails under `PODVM_REQUIRE_KVM=1`) unless the tests run as root and have
+/// `tools` (util-linux's setpriv and unshare: .ci/run installs them); true if so.
+fn root_with(tools: &[&str], to: &str) -> bool {
+    let missing: Vec<&str> = tools.iter().copied().filter(|t| !have(t)).collect();
+    if !is_root() || !missing.is_empty() {
+        podvm_tests::skip(&format!(
+            "needs root and {} to {to} (not root: {}; missing: {missing:?})",
+            tools.join(" and "),
+            !is_root()
+        ));
+        return false;
+    }
+    true
+}
+
 #[test]
 fn kvm_without_permission_says_how_to_get_it() {
-    if !is_root() || !have("setpriv") || !std::path::Path::new("/dev/kvm").exists() {
-        eprintln!(
-            "*** SKIPPED: needs root, setpriv and /dev/kvm to drop to a user without access ***"
-        );
+    if !root_with(&["unshare", "setpriv"], "drop to a user without access") {
         return;
     }
     let dir = TempDir::new("kvmperm");
     let kernel = elf_stub(&dir);
     // World-readable so the unprivileged user can pass preflight.
-    let mut cmd = Command::new("setpriv");
-    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(podvm_bin())
-        .args(["run", "--kernel", &kernel, "--allow-pvm"]);
     std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let meta = std::fs::metadata("/dev/kvm").unwrap();
-    if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o006 != 0 {
-        eprintln!("*** SKIPPED: /dev/kvm is world-accessible here ***");
-        return;
-    }
+    // A /dev/kvm of its own, root's only (the host's may be missing or, as udev makes it on
+    // most distributions, open to everyone), in a private /dev.
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--", "sh", "-c"])
+        .arg(
+            "mount -t tmpfs none /dev && mknod -m 600 /dev/kvm c 10 232 && \
+             exec setpriv --reuid=65534 --regid=65534 --clear-groups -- \
+             \"$0\" run --kernel \"$1\" --allow-pvm",
+        )
+        .arg(podvm_bin())
+        .arg(&kernel);
     let out = run_command(cmd);
     assert_one_clear_error(&out, "permission denied opening /dev/kvm");
 }
 
 #[test]
 fn missing_kvm_device_is_explained() {
-    if !is_root() || !have("unshare") {
-        eprintln!("*** SKIPPED: needs root and unshare to hide /dev/kvm in a mount namespace ***");
+    if !root_with(&["unshare"], "hide /dev/kvm in a mount namespace") {
         return;
     }
     let dir = TempDir::new("nokvm");
@@ -175,8 +188,7 @@ fn disk_not_a_multiple_of_512_is_refused() {
 
 #[test]
 fn disk_on_read_only_mount_asks_for_readonly() {
-    if !is_root() || !have("unshare") {
-        eprintln!("*** SKIPPED: needs root and unshare for a read-only bind mount ***");
+    if !root_with(&["unshare"], "make a read-only bind mount") {
         return;
     }
     let dir = TempDir::new("rodisk");
@@ -195,8 +207,7 @@ fn disk_on_read_only_mount_asks_for_readonly() {
 
 #[test]
 fn disk_without_permission_says_how_to_grant_it() {
-    if !is_root() || !have("setpriv") {
-        eprintln!("*** SKIPPED: needs root and setpriv to drop to a user without access ***");
+    if !root_with(&["setpriv"], "drop to a user without access") {
         return;
     }
     let dir = TempDir::new("permdisk");

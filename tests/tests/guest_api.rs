@@ -193,6 +193,7 @@ fn api_bad_requests_get_errors_and_the_guest_runs_on() {
         let answer = if *code == 400 && says == &"ended before" {
             // A request cut short: the client half-closes its side.
             let mut s = std::os::unix::net::UnixStream::connect(&vm.api).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
             use std::io::{Read, Write};
             s.write_all(request).unwrap();
             s.shutdown(std::net::Shutdown::Write).unwrap();

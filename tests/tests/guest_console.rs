@@ -1,7 +1,7 @@
 //! The console socket: clients attach while the guest runs, late ones get the history, the
 //! first one types, and the socket goes away with the VM.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::process::Stdio;
@@ -12,6 +12,8 @@ use podvm_tests::{guest_command, kvm_available, TempDir};
 /// Reads lines from `stream` until one contains `marker`; returns everything read.
 fn read_until(stream: &mut BufReader<UnixStream>, marker: &str) -> String {
     let mut seen = String::new();
+    let limit = podvm_tests::run_timeout();
+    stream.get_ref().set_read_timeout(Some(limit)).unwrap();
     loop {
         let mut line = Vec::new();
         match stream.read_until(b'\n', &mut line) {
@@ -22,6 +24,12 @@ fn read_until(stream: &mut BufReader<UnixStream>, marker: &str) -> String {
                 if text.contains(marker) {
                     return seen;
                 }
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                panic!(
+                    "{} no {marker:?} on the console within {limit:?}; got:\n{seen}",
+                    podvm_tests::HANG
+                )
             }
             Err(e) => panic!("console read failed before {marker:?}: {e}; got:\n{seen}"),
         }
@@ -77,7 +85,7 @@ fn console_socket_serves_history_keyboard_and_log() {
     assert!(late_seen.contains("GOT=[typed words]"), "{late_seen}");
 
     // The guest powers off: podvm exits 0, clients see the end, the socket is removed.
-    let status = child.wait().expect("wait podvm");
+    let status = podvm_tests::wait_within(&mut child, "podvm");
     let mut stderr = String::new();
     child
         .stderr
@@ -209,9 +217,10 @@ fn console_attach_detach_100_times_loses_no_output() {
         let mut seen = Vec::new();
         let mut buf = [0u8; 4096];
         while !String::from_utf8_lossy(&seen).contains("SEQ ") {
-            let n = out.read(&mut buf).expect("read console output");
+            let n = podvm_tests::read_within(&mut out, &mut buf, "podvm console")
+                .expect("read console output");
             if n == 0 {
-                let status = client.wait().unwrap();
+                let status = podvm_tests::wait_within(&mut client, "podvm console");
                 let mut err = String::new();
                 let _ = client.stderr.take().unwrap().read_to_string(&mut err);
                 let alive = vm.running();
@@ -230,7 +239,7 @@ fn console_attach_detach_100_times_loses_no_output() {
         }
         // Ctrl-], the default escape.
         client.stdin.as_mut().unwrap().write_all(&[0x1d]).unwrap();
-        let status = client.wait().unwrap();
+        let status = podvm_tests::wait_within(&mut client, "podvm console");
         let mut err = String::new();
         client
             .stderr
@@ -330,7 +339,12 @@ fn console_client_that_never_reads_does_not_hold_the_guest_back() {
             if now > last.0 {
                 last = (now, Instant::now());
             }
-            if !vm.running() || last.1.elapsed() > Duration::from_secs(300) {
+            if vm.running() && last.1.elapsed() > Duration::from_secs(300) {
+                vm.hang(&format!(
+                    "the guest printed nothing after SEQ {now} {what} for 300 s"
+                ));
+            }
+            if !vm.running() {
                 panic!(
                     "the guest stopped at SEQ {now} {what} (podvm {}):\n{}",
                     if vm.running() {
@@ -492,12 +506,9 @@ fn podvm_console_in_tmux_types_into_the_guest_shell_and_detaches() {
         return;
     }
     let Some(bin) = tmux() else {
-        let msg = "tmux is not installed here (apt-get install tmux; .ci/run does)";
-        if std::env::var("PODVM_REQUIRE_KVM").as_deref() == Ok("1") {
-            panic!("{msg}");
-        }
-        eprintln!("\n*** console tmux test SKIPPED: {msg} ***\n");
-        return;
+        return podvm_tests::skip(
+            "tmux is not installed here (apt-get install tmux; .ci/run does)",
+        );
     };
     let mut vm = podvm_tests::SocketVm::start(
         "console-tmux",

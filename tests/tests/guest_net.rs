@@ -160,10 +160,10 @@ fn net_user_guest_configures_by_dhcp_and_moves_10_mib_each_way_from_the_pod_addr
 
     // 10 MiB down: same bytes; the peer saw the pod's address, not the guest's.
     assert_eq!(value("DOWN-SHA"), sha256_file(&download_file));
-    let from = down.join().unwrap();
+    let from = podvm_tests::join_within(down, "the download server");
     assert_eq!(from.ip().to_string(), POD_IP);
     // 10 MiB up, half-closed by the guest, answered after the peer read it all.
-    let (from, len) = up.join().unwrap();
+    let (from, len) = podvm_tests::join_within(up, "the upload server");
     assert_eq!(from.ip().to_string(), POD_IP);
     assert_eq!(len, 10 << 20);
     assert_eq!(value("UP-REPLY"), format!("GOT {}", 10 << 20));
@@ -336,7 +336,7 @@ fn net_user_ipv6_router_advert_and_dhcpv6_give_route_and_address_and_reach_a_v6_
     assert_eq!(value("PING6-GW"), "ok");
     assert_eq!(value("PING6-PEER"), "ok");
     assert_eq!(value("DOWN6-SHA"), sha256_file(&data_file));
-    let from = server.join().unwrap();
+    let from = podvm_tests::join_within(server, "the server");
     assert_eq!(from.ip().to_string(), POD_IP6);
 }
 
@@ -349,7 +349,7 @@ fn hold_then_answer(listener: TcpListener, want: usize, patience: Duration) -> J
         listener.set_nonblocking(true).unwrap();
         // No first connection at all within this long: the guest is gone (the test fails
         // on the guest's status before it looks at this count).
-        let mut deadline = std::time::Instant::now() + Duration::from_secs(1800);
+        let mut deadline = std::time::Instant::now() + podvm_tests::run_timeout();
         let mut open = Vec::new();
         while open.len() < want && std::time::Instant::now() < deadline {
             match listener.accept() {
@@ -442,7 +442,7 @@ fn net_user_200_concurrent_connections_complete_and_resets_cross_both_ways() {
     assert!(out.status.success(), "{out}");
     let value = |k: &str| out.value(k).unwrap_or_else(|| panic!("no {k}= in\n{out}"));
     // All 200 were open at the far side at once, and each got its answer.
-    let most = most.join().unwrap();
+    let most = podvm_tests::join_within(most, "the server holding connections");
     assert_eq!(
         (most, value("CONCURRENT-OK").as_str()),
         (200, "200"),
@@ -453,7 +453,7 @@ fn net_user_200_concurrent_connections_complete_and_resets_cross_both_ways() {
     assert!(value("FAR-RESET").contains("reset"), "{out}");
     // The guest's reset (a killed reader with unread data) reached the far side.
     assert_eq!(value("GUEST-RESET-SENT"), "1");
-    let kind = flood.join().unwrap();
+    let kind = podvm_tests::join_within(flood, "the flooding server");
     assert!(
         matches!(
             kind,
@@ -503,13 +503,19 @@ fn net_user_connection_flood_hits_the_flow_limit_and_is_counted() {
             .unwrap_or_else(|| panic!("no {k}= in\n{log}"))
     };
     // At most 20 at once got through; the rest were refused at once, not left hanging.
-    assert_eq!(most.join().unwrap(), 20);
+    assert_eq!(
+        podvm_tests::join_within(most, "the server holding connections"),
+        20
+    );
     assert_eq!(value("FLOOD-OK"), "20");
     assert_eq!(value("FLOOD-REFUSED"), "10");
     assert_eq!(counters["nics"][0]["nat"]["flow_limit"], 10, "{counters}");
     // A closed connection gives its slot back at once (no TIME-WAIT hold in the NAT): 40
     // connections one after the other all pass a limit of 20, and none is left open.
-    assert_eq!(answered.join().unwrap(), 40);
+    assert_eq!(
+        podvm_tests::join_within(answered, "the answering server"),
+        40
+    );
     assert_eq!(value("ONE-BY-ONE-OK"), "40");
     assert_eq!(counters["nics"][0]["nat"]["tcp_flows"], 0, "{counters}");
 }
@@ -593,10 +599,21 @@ fn run_on_tap(vhost: bool) -> String {
     assert_eq!(value("TAP-MTU"), "1500");
     assert_eq!(value("PING-TAP"), "ok");
     assert_eq!(value("DOWN-SHA"), sha256_file(&data_file));
-    assert_eq!(down.join().unwrap().ip().to_string(), "10.99.0.2");
+    assert_eq!(
+        podvm_tests::join_within(down, "the download server")
+            .ip()
+            .to_string(),
+        "10.99.0.2"
+    );
     assert_eq!(value("UP-REPLY"), format!("GOT {}", 8 << 20));
     assert_eq!(value("UP-SHA"), sha256_file(&upload_file));
-    assert_eq!(up.join().unwrap().0.ip().to_string(), "10.99.0.2");
+    assert_eq!(
+        podvm_tests::join_within(up, "the upload server")
+            .0
+            .ip()
+            .to_string(),
+        "10.99.0.2"
+    );
     out.stderr
 }
 
@@ -632,7 +649,7 @@ fn net_tap_backend_opens_an_agents_tap_without_capabilities_and_reaches_a_peer()
             "{kernel}"
         );
     } else {
-        eprintln!("*** no /dev/vhost-net here: the vhost-net half of the tap test did not run ***");
+        podvm_tests::skip("no /dev/vhost-net here: the vhost-net half of the tap test did not run");
     }
 
     // A tap made for another user, and a tap nobody made: one clear error each.
@@ -764,7 +781,11 @@ fn net_user_guest_flooding_tx_keeps_the_event_loop_and_probes_turning() {
     // Probes while the guest floods, as the kubelet would send them.
     let mut probes = 0;
     let mut failed = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
     while !vm.log_text().contains("FLOOD-DONE") {
+        if std::time::Instant::now() > deadline {
+            vm.hang("the guest's flood never ended");
+        }
         let (code, body) = podvm_tests::http_get(port, "/healthz");
         probes += 1;
         if code != 200 {

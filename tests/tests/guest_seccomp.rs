@@ -112,10 +112,10 @@ fn seccomp_podvm_runs_as_the_pod_user_without_capabilities_and_every_thread_filt
         return;
     }
     if !podvm_tests::pod::unprivileged() {
-        eprintln!(
-            "*** SKIPPED: the tests are not root (or PODVM_TEST_AS_ROOT=1), so podvm is not started as a pod's user here ***"
+        return podvm_tests::skip(
+            "the tests are not root (or PODVM_TEST_AS_ROOT=1 or PODVM_TEST_STRACE is set), so \
+             podvm is not started as a pod's user here",
         );
-        return;
     }
     let mut vm = podvm_tests::SocketVm::start(
         "seccomp-status",
