@@ -85,6 +85,7 @@ fn nic_counters(m: &devices::virtio::net::NetMetrics) -> Value {
             "expired": get(&m.nat_expired),
             "icmp_replies": get(&m.nat_icmp_replies),
             "icmp_unanswered": get(&m.nat_icmp_unanswered),
+            "reply_too_large": get(&m.nat_reply_too_large),
             "dhcp_replies": get(&m.dhcp_replies),
             "router_adverts": get(&m.router_adverts),
         },

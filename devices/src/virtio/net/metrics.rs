@@ -50,6 +50,9 @@ pub struct NetMetrics {
     /// sent (no ping sockets in this pod, too many conversations).
     pub nat_icmp_replies: AtomicU64,
     pub nat_icmp_unanswered: AtomicU64,
+    /// Requests whose answer would not fit one frame of the link (a DHCPv6 message whose
+    /// client identifier leaves no room, an echo larger than the MTU), dropped unanswered.
+    pub nat_reply_too_large: AtomicU64,
     /// DHCP and DHCPv6 answers sent.
     pub dhcp_replies: AtomicU64,
     /// Router advertisements sent.

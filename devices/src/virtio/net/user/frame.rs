@@ -339,11 +339,12 @@ mod tests {
                 &ChecksumCapabilities::default(),
             )
         })
+        .unwrap()
     }
 
     #[test]
     fn frame_udp_and_dhcp_and_syn_are_recognised() {
-        let f = packet::udp(GW, guest(5353), remote(), b"query");
+        let f = packet::udp(GW, guest(5353), remote(), b"query").unwrap();
         assert_eq!(
             classify(&f),
             Verdict::Udp {
@@ -359,14 +360,15 @@ mod tests {
             "0.0.0.0:68".parse().unwrap(),
             "255.255.255.255:67".parse().unwrap(),
             b"x",
-        );
+        )
+        .unwrap();
         assert_eq!(classify(&dhcp), Verdict::Dhcp4(b"x"));
         assert!(matches!(classify(&syn(GUEST4)), Verdict::TcpSyn(k) if k.remote.port() == 80));
     }
 
     #[test]
     fn frame_bad_checksums_fragments_truncation_and_spoofing_are_dropped() {
-        let good = packet::udp(GW, guest(5353), remote(), b"query");
+        let good = packet::udp(GW, guest(5353), remote(), b"query").unwrap();
         let mut bad_sum = good.clone();
         *bad_sum.last_mut().unwrap() ^= 0xff;
         assert_eq!(classify(&bad_sum), Verdict::Drop(DropReason::Checksum));
@@ -390,17 +392,18 @@ mod tests {
 
     #[test]
     fn frame_to_the_gateway_is_served_and_to_other_link_addresses_ignored() {
-        let to_gw = packet::udp(GW, guest(5), "10.0.2.1:53".parse().unwrap(), b"q");
+        let to_gw = packet::udp(GW, guest(5), "10.0.2.1:53".parse().unwrap(), b"q").unwrap();
         assert!(matches!(classify(&to_gw), Verdict::Udp { .. }));
-        let to_neighbour = packet::udp(GW, guest(5), "10.0.2.7:53".parse().unwrap(), b"q");
+        let to_neighbour = packet::udp(GW, guest(5), "10.0.2.7:53".parse().unwrap(), b"q").unwrap();
         assert_eq!(classify(&to_neighbour), Verdict::Ignore);
-        let to_link_broadcast = packet::udp(GW, guest(5), "10.0.2.255:53".parse().unwrap(), b"q");
+        let to_link_broadcast =
+            packet::udp(GW, guest(5), "10.0.2.255:53".parse().unwrap(), b"q").unwrap();
         assert_eq!(classify(&to_link_broadcast), Verdict::Ignore);
     }
 
     #[test]
     fn frame_for_another_mac_is_ignored() {
-        let mut f = packet::udp(GW, guest(1), remote(), b"");
+        let mut f = packet::udp(GW, guest(1), remote(), b"").unwrap();
         f[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 9]);
         assert_eq!(classify(&f), Verdict::Ignore);
     }

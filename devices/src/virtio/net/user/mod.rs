@@ -138,6 +138,9 @@ pub struct UserNet {
     ipv6: ipv6::Ipv6Options,
     forwards: Vec<forward::Bound>,
     guest_mac: EthernetAddress,
+    /// The largest frame the gateway's stack takes from the guest: one IP packet of the
+    /// link's MTU (what the stack answers, an echo reply above all, is as large).
+    max_stack_frame: usize,
 }
 
 impl UserNet {
@@ -211,7 +214,7 @@ impl UserNet {
                 buffer: config.tcp_buffer,
             }),
             udp: udp::UdpNat::new(config.max_flows),
-            icmp: icmp::IcmpNat::new(config.max_flows.min(64)),
+            icmp: icmp::IcmpNat::new(config.max_flows.min(64), config.mtu),
             dhcp: dhcp::DhcpOptions {
                 mtu: config.mtu,
                 dns: config.resolv.dns4.clone(),
@@ -224,6 +227,7 @@ impl UserNet {
             },
             forwards,
             guest_mac: EthernetAddress(guest_mac),
+            max_stack_frame: 14 + usize::from(config.mtu),
         };
         net.arm_timer(HOUSEKEEPING);
         Ok(net)
@@ -269,6 +273,20 @@ impl UserNet {
                 .min(HOUSEKEEPING)
         };
         self.arm_timer(next);
+    }
+
+    /// Queues a responder's answer for the guest, counted in `sent`; an answer too large
+    /// for the link is counted instead.
+    fn reply(&mut self, reply: packet::Reply, sent: fn(&M) -> &std::sync::atomic::AtomicU64) {
+        let m = &self.stack.metrics;
+        match reply {
+            Ok(frame) => {
+                M::inc(sent(m));
+                self.stack.wire.to_guest.push_back(frame);
+            }
+            Err(packet::Unanswered::TooLarge) => M::inc(&m.nat_reply_too_large),
+            Err(packet::Unanswered::Ignored) => {}
+        }
     }
 
     fn count_drop(&self, reason: DropReason) {
@@ -333,6 +351,10 @@ impl UserNet {
 impl NetBackend for UserNet {
     fn send(&mut self, frame: &[u8]) {
         match frame::classify(frame) {
+            // Larger than the link allows: the stack's answer (an echo reply) would be too.
+            Verdict::Stack if frame.len() > self.max_stack_frame => {
+                M::inc(&self.stack.metrics.nat_reply_too_large)
+            }
             Verdict::Stack => self.stack.wire.to_stack.push_back(frame.to_vec()),
             Verdict::TcpSyn(key) => self.tcp.on_syn(key, frame, &mut self.stack, &self.epoll),
             Verdict::Udp { key, payload } => {
@@ -340,10 +362,8 @@ impl NetBackend for UserNet {
                     .on_datagram(key, payload, &self.forwards, &mut self.stack, &self.epoll)
             }
             Verdict::Dhcp4(payload) => {
-                if let Some(reply) = dhcp::answer(payload, &self.dhcp) {
-                    M::inc(&self.stack.metrics.dhcp_replies);
-                    self.stack.wire.to_guest.push_back(reply);
-                }
+                let reply = dhcp::answer(payload, &self.dhcp);
+                self.reply(reply, |m| &m.dhcp_replies);
             }
             Verdict::Echo {
                 dst,
@@ -354,15 +374,12 @@ impl NetBackend for UserNet {
                 .icmp
                 .on_echo(dst, ident, seq, payload, &mut self.stack, &self.epoll),
             Verdict::RouterSolicit => {
-                M::inc(&self.stack.metrics.router_adverts);
-                let ra = ipv6::router_advert(&self.ipv6);
-                self.stack.wire.to_guest.push_back(ra);
+                let ra = ipv6::router_advert(&self.ipv6).ok_or(packet::Unanswered::TooLarge);
+                self.reply(ra, |m| &m.router_adverts);
             }
             Verdict::Dhcp6 { src, payload } => {
-                if let Some(reply) = ipv6::dhcp6_answer(self.guest_mac, src, payload, &self.ipv6) {
-                    M::inc(&self.stack.metrics.dhcp_replies);
-                    self.stack.wire.to_guest.push_back(reply);
-                }
+                let reply = ipv6::dhcp6_answer(self.guest_mac, src, payload, &self.ipv6);
+                self.reply(reply, |m| &m.dhcp_replies);
             }
             Verdict::Ignore => {}
             Verdict::Drop(reason) => self.count_drop(reason),
@@ -452,7 +469,7 @@ mod tests {
         let mut net = UserNet::new(&UserConfig::default(), MAC, metrics.clone()).unwrap();
         let guest = SocketAddr::new(GUEST4.into(), 5000);
         let gateway = SocketAddr::new(GATEWAY4.into(), port);
-        let frame = packet::udp(EthernetAddress(GATEWAY_MAC), guest, gateway, b"hello");
+        let frame = packet::udp(EthernetAddress(GATEWAY_MAC), guest, gateway, b"hello").unwrap();
         net.send(&frame);
         net.flush();
 
@@ -488,5 +505,67 @@ mod tests {
         net.housekeeping(std::time::Instant::now() + udp::IDLE + Duration::from_secs(1));
         assert_eq!(M::get(&metrics.nat_udp_flows), 0);
         assert_eq!(M::get(&metrics.nat_expired), 1);
+    }
+
+    /// An echo request for the gateway of `data_len` bytes, from the guest.
+    fn ping_gateway(data_len: usize) -> Vec<u8> {
+        use smoltcp::phy::ChecksumCapabilities;
+        use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr};
+        let data = vec![0x5a; data_len];
+        let echo = Icmpv4Repr::EchoRequest {
+            ident: 1,
+            seq_no: 1,
+            data: &data,
+        };
+        let len = echo.buffer_len();
+        let gw = EthernetAddress(GATEWAY_MAC);
+        packet::ipv4(
+            gw,
+            GUEST4,
+            GATEWAY4,
+            smoltcp::wire::IpProtocol::Icmp,
+            len,
+            |b| {
+                echo.emit(
+                    &mut Icmpv4Packet::new_unchecked(b),
+                    &ChecksumCapabilities::default(),
+                )
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn nat_echo_of_the_gateway_larger_than_the_mtu_is_dropped_and_counted() {
+        let metrics = Arc::new(M::default());
+        let config = UserConfig {
+            mtu: 1500,
+            max_flows: 0,
+            ..Default::default()
+        };
+        let mut net = UserNet::new(&config, MAC, metrics.clone()).unwrap();
+        // The guest's ARP request for the gateway, so the stack knows where to answer.
+        let mut arp = vec![0xff; 6];
+        arp.extend_from_slice(&MAC);
+        arp.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
+        arp.extend_from_slice(&MAC);
+        arp.extend_from_slice(&[10, 0, 2, 2, 0, 0, 0, 0, 0, 0, 10, 0, 2, 1]);
+        net.send(&arp);
+        net.flush();
+        while net.rx_peek().is_some() {
+            net.rx_pop();
+        }
+
+        // 20 + 8 + 1472 = 1500: answered, in one frame of the link.
+        net.send(&ping_gateway(1472));
+        net.flush();
+        assert_eq!(net.rx_peek().map(<[u8]>::len), Some(14 + 1500));
+        net.rx_pop();
+
+        // One byte more: no answer, counted.
+        net.send(&ping_gateway(1473));
+        net.flush();
+        assert!(net.rx_peek().is_none());
+        assert_eq!(M::get(&metrics.nat_reply_too_large), 1);
     }
 }

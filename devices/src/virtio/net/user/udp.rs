@@ -175,8 +175,9 @@ impl UdpNat {
                 M::inc(&stack.metrics.rx_dropped);
                 continue;
             }
-            let frame = packet::udp(guest_mac, remote, guest, &self.buf[..n]);
-            stack.wire.to_guest.push_back(frame);
+            if let Some(frame) = packet::udp(guest_mac, remote, guest, &self.buf[..n]) {
+                stack.wire.to_guest.push_back(frame);
+            }
         }
     }
 
@@ -194,9 +195,10 @@ impl UdpNat {
                         M::inc(&stack.metrics.rx_dropped);
                         continue;
                     }
-                    let frame =
-                        packet::udp(guest_mac, flow.key.remote, flow.key.guest, &self.buf[..n]);
-                    stack.wire.to_guest.push_back(frame);
+                    let (src, dst) = (flow.key.remote, flow.key.guest);
+                    if let Some(frame) = packet::udp(guest_mac, src, dst, &self.buf[..n]) {
+                        stack.wire.to_guest.push_back(frame);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 // WouldBlock, or an ICMP error the kernel reported on the connected socket.
