@@ -201,7 +201,9 @@ pub struct RunArgs {
     /// for UDP (default TCP), or `ports=all`: every free TCP and UDP port of the pod to the same
     /// guest port, as KubeVirt does for a VMI without ports (costs two sockets per port;
     /// the default is no ports, see docs/network.md); `max-flows=N`: most TCP connections, and UDP conversations, at
-    /// once (default 1024; beyond it new ones are refused and counted). Repeat --net for more
+    /// once (default 1024, at most 16384; beyond it new ones are refused and counted; the
+    /// connections share a 128 MiB buffer budget, so fewer flows get larger buffers: 64 KiB
+    /// each way at 1024, 256 KiB at 256 or fewer). Repeat --net for more
     /// NICs (eth0, eth1, ...). `tap=NAME`: an existing tap device that a privileged agent
     /// created for podvm's user (`ip tuntap add dev NAME mode tap user UID`); podvm opens it
     /// without privileges and never changes its MTU or flags; vhost-net moves its frames when

@@ -159,12 +159,9 @@ impl IcmpNat {
                 M::inc(&stack.metrics.nat_reply_too_large);
                 continue;
             };
-            if stack.wire.to_guest.len() >= super::stack::TO_GUEST_HIGH {
-                M::inc(&stack.metrics.rx_dropped);
-                continue;
+            if stack.wire.to_guest.push(frame) {
+                M::inc(&stack.metrics.nat_icmp_replies);
             }
-            M::inc(&stack.metrics.nat_icmp_replies);
-            stack.wire.to_guest.push_back(frame);
         }
     }
 

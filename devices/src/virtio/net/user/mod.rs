@@ -72,8 +72,9 @@ pub struct UserConfig {
     /// Most TCP connections, and most UDP conversations, at once (0: no traffic beyond the
     /// gateway at all).
     pub max_flows: usize,
-    /// Per-connection socket buffer, each way.
-    pub tcp_buffer: usize,
+    /// Per-connection socket buffer, each way: [`tcp::buffer_size`] of `max_flows` unless
+    /// set (tests).
+    pub tcp_buffer: Option<usize>,
     /// The pod's ports forwarded to the guest.
     pub forwards: Vec<forward::PortForward>,
     /// Forward every free TCP and UDP port of the pod to the same guest port (KubeVirt's
@@ -87,7 +88,7 @@ impl Default for UserConfig {
             mtu: DEFAULT_MTU,
             resolv: resolv::Resolv::default(),
             max_flows: 1024,
-            tcp_buffer: 256 * 1024,
+            tcp_buffer: None,
             forwards: Vec::new(),
             forward_all: false,
         }
@@ -150,7 +151,7 @@ impl UserNet {
         guest_mac: [u8; 6],
         metrics: Arc<M>,
     ) -> Result<Self, UserNetError> {
-        let mut wire = Wire::new(config.mtu as usize);
+        let mut wire = Wire::new(config.mtu as usize, metrics.clone());
         let epoch = std::time::Instant::now();
         let mut iface_config = Config::new(HardwareAddress::Ethernet(EthernetAddress(GATEWAY_MAC)));
         iface_config.random_seed = random_seed();
@@ -211,7 +212,9 @@ impl UserNet {
             timer_due: None,
             tcp: tcp::TcpNat::new(tcp::TcpLimits {
                 max_flows: config.max_flows,
-                buffer: config.tcp_buffer,
+                buffer: config
+                    .tcp_buffer
+                    .unwrap_or_else(|| tcp::buffer_size(config.max_flows)),
             }),
             udp: udp::UdpNat::new(config.max_flows),
             icmp: icmp::IcmpNat::new(config.max_flows.min(64), config.mtu),
@@ -281,8 +284,9 @@ impl UserNet {
         let m = &self.stack.metrics;
         match reply {
             Ok(frame) => {
-                M::inc(sent(m));
-                self.stack.wire.to_guest.push_back(frame);
+                if self.stack.wire.to_guest.push(frame) {
+                    M::inc(sent(m));
+                }
             }
             Err(packet::Unanswered::TooLarge) => M::inc(&m.nat_reply_too_large),
             Err(packet::Unanswered::Ignored) => {}
@@ -355,7 +359,7 @@ impl NetBackend for UserNet {
             Verdict::Stack if frame.len() > self.max_stack_frame => {
                 M::inc(&self.stack.metrics.nat_reply_too_large)
             }
-            Verdict::Stack => self.stack.wire.to_stack.push_back(frame.to_vec()),
+            Verdict::Stack => self.stack.wire.push_to_stack(frame.to_vec()),
             Verdict::TcpSyn(key) => self.tcp.on_syn(key, frame, &mut self.stack, &self.epoll),
             Verdict::Udp { key, payload } => {
                 self.udp
@@ -399,7 +403,8 @@ impl NetBackend for UserNet {
     }
 
     fn rx_room(&mut self) {
-        if self.stack.wire.to_guest.len() < stack::TO_GUEST_HIGH / 2 {
+        let queue = &self.stack.wire.to_guest;
+        if queue.len() < stack::TO_GUEST_FRAMES / 2 && queue.bytes() < stack::TO_GUEST_BYTES / 2 {
             self.run();
         }
     }
@@ -567,5 +572,53 @@ mod tests {
         net.flush();
         assert!(net.rx_peek().is_none());
         assert_eq!(M::get(&metrics.nat_reply_too_large), 1);
+    }
+
+    #[test]
+    fn nat_answers_to_a_guest_that_takes_nothing_are_capped_and_counted() {
+        let metrics = Arc::new(M::default());
+        let config = UserConfig {
+            max_flows: 0,
+            ..Default::default()
+        };
+        let mut net = UserNet::new(&config, MAC, metrics.clone()).unwrap();
+        let arp = {
+            let mut arp = vec![0xff; 6];
+            arp.extend_from_slice(&MAC);
+            arp.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
+            arp.extend_from_slice(&MAC);
+            arp.extend_from_slice(&[10, 0, 2, 2, 0, 0, 0, 0, 0, 0, 10, 0, 2, 1]);
+            arp
+        };
+        let discover = crate::virtio::net::fuzzing::seed_frames()
+            .into_iter()
+            .find(|(name, _)| *name == "dhcp-discover")
+            .unwrap()
+            .1[2..]
+            .to_vec();
+        // smoltcp's own answers (ARP replies) and the NAT's (DHCP offers), 600 each.
+        for frame in [&arp, &discover] {
+            for _ in 0..600 {
+                net.send(frame);
+                net.flush();
+            }
+        }
+        assert_eq!(net.stack.wire.to_guest.len(), stack::TO_GUEST_FRAMES);
+        assert_eq!(
+            M::get(&metrics.rx_dropped),
+            (2 * 600 - stack::TO_GUEST_FRAMES) as u64
+        );
+
+        // Large echo replies: the bytes are capped too.
+        while net.rx_peek().is_some() {
+            net.rx_pop();
+        }
+        for _ in 0..100 {
+            net.send(&ping_gateway(60_000));
+            net.flush();
+        }
+        let queue = &net.stack.wire.to_guest;
+        assert!(queue.bytes() <= stack::TO_GUEST_BYTES + 14 + 20 + 8 + 60_000);
+        assert!(queue.len() < 100);
     }
 }

@@ -171,12 +171,12 @@ impl UdpNat {
                     last_active: Instant::now(),
                 },
             );
-            if stack.wire.to_guest.len() >= super::stack::TO_GUEST_HIGH {
+            if !stack.wire.to_guest.has_room() {
                 M::inc(&stack.metrics.rx_dropped);
                 continue;
             }
             if let Some(frame) = packet::udp(guest_mac, remote, guest, &self.buf[..n]) {
-                stack.wire.to_guest.push_back(frame);
+                stack.wire.to_guest.push(frame);
             }
         }
     }
@@ -190,14 +190,14 @@ impl UdpNat {
             match flow.host.recv(&mut self.buf) {
                 Ok(n) => {
                     flow.last_active = Instant::now();
-                    if stack.wire.to_guest.len() >= super::stack::TO_GUEST_HIGH {
+                    if !stack.wire.to_guest.has_room() {
                         // The guest is not taking frames: drop, as a full router queue does.
                         M::inc(&stack.metrics.rx_dropped);
                         continue;
                     }
                     let (src, dst) = (flow.key.remote, flow.key.guest);
                     if let Some(frame) = packet::udp(guest_mac, src, dst, &self.buf[..n]) {
-                        stack.wire.to_guest.push_back(frame);
+                        stack.wire.to_guest.push(frame);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
