@@ -78,6 +78,10 @@ pub enum NetBackendConfig {
         forward_all: bool,
         /// Most TCP connections (and, separately, UDP conversations) at once.
         max_flows: usize,
+        /// The gateway stands for the pod's loopback and the guest may reach 127.0.0.0/8 and
+        /// ::1 (opt-in: it opens the pod's loopback-only services to the guest); otherwise
+        /// the gateway is the pod's own address, as in KubeVirt.
+        pod_loopback: bool,
     },
     /// An existing tap device, opened by name (created by a privileged agent).
     Tap {
@@ -106,6 +110,7 @@ impl NicConfig {
                 forwards: Vec::new(),
                 forward_all: false,
                 max_flows: DEFAULT_MAX_FLOWS,
+                pod_loopback: false,
             },
             mac: None,
         }

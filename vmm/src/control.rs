@@ -73,6 +73,7 @@ fn nic_counters(m: &devices::virtio::net::NetMetrics) -> Value {
             "dropped_checksum": get(&m.nat_dropped_checksum),
             "dropped_fragment": get(&m.nat_dropped_fragment),
             "dropped_unsupported": get(&m.nat_dropped_unsupported),
+            "dropped_loopback": get(&m.nat_dropped_loopback),
             "tcp_opened": get(&m.nat_tcp_opened),
             "tcp_inbound": get(&m.nat_tcp_inbound),
             "tcp_connect_failed": get(&m.nat_tcp_connect_failed),
@@ -130,7 +131,9 @@ impl Control for VmControl {
                         forwards,
                         forward_all,
                         max_flows,
+                        pod_loopback,
                     } => json!({
+                        "pod_loopback": pod_loopback,
                         "ports_all": forward_all,
                         "max_flows": max_flows,
                         "kind": "user",

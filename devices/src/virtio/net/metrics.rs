@@ -33,6 +33,9 @@ pub struct NetMetrics {
     pub nat_dropped_checksum: AtomicU64,
     pub nat_dropped_fragment: AtomicU64,
     pub nat_dropped_unsupported: AtomicU64,
+    /// Guest packets for the pod's loopback (127.0.0.0/8, ::1), dropped unless the NIC opts
+    /// in (`pod-loopback=on`).
+    pub nat_dropped_loopback: AtomicU64,
     /// TCP connections the guest opened through the NAT, and those the far side refused
     /// or that failed to connect.
     pub nat_tcp_opened: AtomicU64,

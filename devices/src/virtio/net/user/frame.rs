@@ -61,6 +61,17 @@ pub enum Verdict<'a> {
     Drop(DropReason),
 }
 
+impl Verdict<'_> {
+    /// The address beyond the gateway this verdict sends something to, if any.
+    pub fn destination(&self) -> Option<IpAddr> {
+        match self {
+            Verdict::TcpSyn(key) | Verdict::Udp { key, .. } => Some(key.remote.ip()),
+            Verdict::Echo { dst, .. } => Some(*dst),
+            _ => None,
+        }
+    }
+}
+
 use DropReason::*;
 use Verdict::Drop as D;
 
@@ -136,7 +147,7 @@ fn ipv4(payload: &[u8]) -> Verdict<'_> {
             if src != GUEST4 {
                 return D(Unsupported);
             }
-            // To the gateway: the pod's own loopback (see tcp::host_destination).
+            // To the gateway: the pod itself (see pod::PodRoute).
             if dst.is_broadcast() || dst.is_multicast() || dst.is_unspecified() {
                 return Verdict::Ignore;
             }

@@ -16,6 +16,7 @@ pub mod frame;
 pub mod icmp;
 pub mod ipv6;
 pub mod packet;
+pub mod pod;
 pub mod resolv;
 mod stack;
 pub mod tcp;
@@ -80,6 +81,9 @@ pub struct UserConfig {
     /// Forward every free TCP and UDP port of the pod to the same guest port (KubeVirt's
     /// behaviour when a VMI lists no ports).
     pub forward_all: bool,
+    /// What the gateway stands for: the pod's own address (default) or, opted in, the
+    /// pod's loopback ([`pod`]).
+    pub gateway: pod::GatewayTo,
 }
 
 impl Default for UserConfig {
@@ -91,6 +95,7 @@ impl Default for UserConfig {
             tcp_buffer: None,
             forwards: Vec::new(),
             forward_all: false,
+            gateway: pod::GatewayTo::default(),
         }
     }
 }
@@ -139,6 +144,8 @@ pub struct UserNet {
     ipv6: ipv6::Ipv6Options,
     forwards: Vec<forward::Bound>,
     guest_mac: EthernetAddress,
+    /// Where the guest's destinations, the gateway's above all, go on the host.
+    route: pod::PodRoute,
     /// The largest frame the gateway's stack takes from the guest: one IP packet of the
     /// link's MTU (what the stack answers, an echo reply above all, is as large).
     max_stack_frame: usize,
@@ -231,6 +238,7 @@ impl UserNet {
             forwards,
             guest_mac: EthernetAddress(guest_mac),
             max_stack_frame: 14 + usize::from(config.mtu),
+            route: pod::PodRoute::new(config.gateway),
         };
         net.arm_timer(HOUSEKEEPING);
         Ok(net)
@@ -354,17 +362,33 @@ impl UserNet {
 
 impl NetBackend for UserNet {
     fn send(&mut self, frame: &[u8]) {
-        match frame::classify(frame) {
+        let verdict = frame::classify(frame);
+        if verdict
+            .destination()
+            .is_some_and(|dst| !self.route.allows(dst))
+        {
+            // The pod's loopback, not opted in.
+            M::inc(&self.stack.metrics.nat_dropped_loopback);
+            return;
+        }
+        match verdict {
             // Larger than the link allows: the stack's answer (an echo reply) would be too.
             Verdict::Stack if frame.len() > self.max_stack_frame => {
                 M::inc(&self.stack.metrics.nat_reply_too_large)
             }
             Verdict::Stack => self.stack.wire.push_to_stack(frame.to_vec()),
-            Verdict::TcpSyn(key) => self.tcp.on_syn(key, frame, &mut self.stack, &self.epoll),
-            Verdict::Udp { key, payload } => {
-                self.udp
-                    .on_datagram(key, payload, &self.forwards, &mut self.stack, &self.epoll)
+            Verdict::TcpSyn(key) => {
+                self.tcp
+                    .on_syn(key, frame, &self.route, &mut self.stack, &self.epoll)
             }
+            Verdict::Udp { key, payload } => self.udp.on_datagram(
+                key,
+                payload,
+                &self.forwards,
+                &self.route,
+                &mut self.stack,
+                &self.epoll,
+            ),
             Verdict::Dhcp4(payload) => {
                 let reply = dhcp::answer(payload, &self.dhcp);
                 self.reply(reply, |m| &m.dhcp_replies);
@@ -459,19 +483,24 @@ impl NetBackend for UserNet {
 mod tests {
     use super::*;
     use smoltcp::wire::{EthernetFrame, Ipv4Packet, UdpPacket};
-    use std::net::{SocketAddr, UdpSocket};
+    use std::net::{IpAddr, SocketAddr, UdpSocket};
 
     const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
 
     #[test]
-    fn nat_udp_to_the_gateway_reaches_the_pod_loopback_answers_and_expires_when_idle() {
+    fn nat_udp_to_the_gateway_with_pod_loopback_reaches_the_loopback_answers_and_expires_when_idle()
+    {
         let server = UdpSocket::bind("127.0.0.1:0").unwrap();
         server
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
         let port = server.local_addr().unwrap().port();
         let metrics = Arc::new(M::default());
-        let mut net = UserNet::new(&UserConfig::default(), MAC, metrics.clone()).unwrap();
+        let config = UserConfig {
+            gateway: pod::GatewayTo::Loopback,
+            ..Default::default()
+        };
+        let mut net = UserNet::new(&config, MAC, metrics.clone()).unwrap();
         let guest = SocketAddr::new(GUEST4.into(), 5000);
         let gateway = SocketAddr::new(GATEWAY4.into(), port);
         let frame = packet::udp(EthernetAddress(GATEWAY_MAC), guest, gateway, b"hello").unwrap();
@@ -620,5 +649,44 @@ mod tests {
         let queue = &net.stack.wire.to_guest;
         assert!(queue.bytes() <= stack::TO_GUEST_BYTES + 14 + 20 + 8 + 60_000);
         assert!(queue.len() < 100);
+    }
+
+    #[test]
+    fn nat_gateway_reaches_the_pod_address_not_its_loopback_which_is_dropped_and_counted() {
+        let Some(pod4) = pod::pod_addresses().0 else {
+            eprintln!("SKIP: this host has no IPv4 address besides the loopback");
+            return;
+        };
+        // A service of the pod on every address, and one on the loopback only.
+        let open = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let private = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for s in [&open, &private] {
+            s.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+        }
+        let metrics = Arc::new(M::default());
+        let mut net = UserNet::new(&UserConfig::default(), MAC, metrics.clone()).unwrap();
+        let guest = SocketAddr::new(GUEST4.into(), 5000);
+        let gw = EthernetAddress(GATEWAY_MAC);
+        let to = |ip: Ipv4Addr, s: &UdpSocket| {
+            SocketAddr::new(ip.into(), s.local_addr().unwrap().port())
+        };
+        for dst in [
+            to(GATEWAY4, &open),
+            to(GATEWAY4, &private),
+            to(Ipv4Addr::LOCALHOST, &private),
+        ] {
+            net.send(&packet::udp(gw, guest, dst, b"hello").unwrap());
+            net.flush();
+        }
+
+        let mut buf = [0u8; 64];
+        let (n, from) = open.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], from.ip()), (&b"hello"[..], IpAddr::V4(pod4)));
+        assert!(
+            private.recv_from(&mut buf).is_err(),
+            "the loopback was reached"
+        );
+        assert_eq!(M::get(&metrics.nat_dropped_loopback), 1);
     }
 }

@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::frame::FlowKey;
+use super::pod::PodRoute;
 use super::{Stack, TOKEN_TCP};
 use crate::virtio::net::metrics::NetMetrics as M;
 
@@ -95,20 +96,6 @@ pub struct TcpNat {
     next_id: u64,
 }
 
-/// Where the host socket connects for `remote`: the gateway's addresses stand for the pod
-/// itself (its loopback), as a service listening in the pod sees it.
-pub fn host_destination(remote: SocketAddr) -> SocketAddr {
-    match remote.ip() {
-        IpAddr::V4(a) if a == super::GATEWAY4 => {
-            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), remote.port())
-        }
-        IpAddr::V6(a) if a == super::GATEWAY6 => {
-            SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), remote.port())
-        }
-        _ => remote,
-    }
-}
-
 impl TcpNat {
     pub fn new(limits: TcpLimits) -> Self {
         Self {
@@ -122,7 +109,14 @@ impl TcpNat {
     /// A SYN from the guest (`frame` is the whole Ethernet frame). What is kept of it while
     /// the host connects ends with its IP packet (a SYN carries no data), so each waiting
     /// connection holds a little over a hundred bytes whatever the guest appended.
-    pub fn on_syn(&mut self, key: FlowKey, frame: &[u8], stack: &mut Stack, epoll: &Epoll) {
+    pub fn on_syn(
+        &mut self,
+        key: FlowKey,
+        frame: &[u8],
+        route: &PodRoute,
+        stack: &mut Stack,
+        epoll: &Epoll,
+    ) {
         let frame = &frame[..super::frame::packet_end(frame)];
         if let Some(&id) = self.by_key.get(&key) {
             let reuse = match &self.flows[&id].phase {
@@ -144,7 +138,12 @@ impl TcpNat {
             refuse(frame.to_vec(), stack);
             return;
         }
-        let dst = host_destination(key.remote);
+        let Some(dst) = route.host_destination(key.remote) else {
+            // The gateway, where the pod has no address of the family.
+            M::inc(&stack.metrics.nat_tcp_connect_failed);
+            refuse(frame.to_vec(), stack);
+            return;
+        };
         let host = match connect(dst) {
             Ok(s) => s,
             Err(e) => {
