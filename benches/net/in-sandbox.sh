@@ -10,9 +10,10 @@
 #    (NETBENCH_CPIO) at /opt/netbench.
 # 2. Sets up the pod side:
 #      - a dummy interface nb0, 192.168.100.2/24, default route via
-#        192.168.100.1: the sandbox has no network (only lo), and passt needs
-#        an interface with a default route to copy into its guest; nothing
-#        else uses it;
+#        192.168.100.1: the sandbox has no network (only lo); passt needs an
+#        interface with a default route to copy into its guest, and podvm's
+#        user backend connects to its address for the guest's gateway (the
+#        pod's own address, as in KubeVirt);
 #      - a tap, tap0 (vnet_hdr), 10.10.0.1/24, up: for podvm's tap backend
 #        and QEMU's, one after the other;
 #      - connrate server on port 5300 (all addresses), for the whole run;
@@ -22,7 +23,7 @@
 #    guest dies is run once more), same
 #    guest kernel, initramfs, memory and vCPUs; the guest runs guest.sh
 #    against the pod-side address of that configuration:
-#      podvm-user       podvm --net user                 10.0.2.1 (the pod's loopback)
+#      podvm-user       podvm --net user                 10.0.2.1 (the pod's address, nb0)
 #      podvm-user-1500  podvm --net user,mtu=1500        10.0.2.1
 #      podvm-user-b     podvm --net user, but the binary NETBENCH_PODVM_B
 #                       (another build, for an A/B comparison)  10.0.2.1

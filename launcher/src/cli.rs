@@ -202,12 +202,17 @@ pub struct RunArgs {
     /// for UDP (default TCP), or `ports=all`: every free TCP and UDP port of the pod to the same
     /// guest port, as KubeVirt does for a VMI without ports (costs two sockets per port;
     /// the default is no ports, see docs/network.md); `max-flows=N`: most TCP connections, and UDP conversations, at
-    /// once (default 1024; beyond it new ones are refused and counted). Repeat --net for more
+    /// once (default 1024, at most 16384; beyond it new ones are refused and counted; the
+    /// connections share a 128 MiB buffer budget, so fewer flows get larger buffers: 64 KiB
+    /// each way at 1024, 256 KiB at 256 or fewer). The gateway is the pod's own address
+    /// (services on the pod's loopback stay private, and 127.0.0.0/8 is dropped);
+    /// `pod-loopback=on` makes it the pod's loopback instead and lets the guest reach every
+    /// loopback-only service of the pod (see docs/network.md). Repeat --net for more
     /// NICs (eth0, eth1, ...). `tap=NAME`: an existing tap device that a privileged agent
     /// created for podvm's user (`ip tuntap add dev NAME mode tap user UID`); podvm opens it
     /// without privileges and never changes its MTU or flags; vhost-net moves its frames when
     /// /dev/vhost-net opens (`vhost=off` to have podvm do it). Options: `mac=MAC`, `vhost=`.
-    #[arg(long, value_name = "user[,mac=MAC][,mtu=N][,resolv=PATH][,port=SPEC]...[,max-flows=N] | tap=NAME[,mac=MAC][,vhost=on|off]", value_parser = parse_net, conflicts_with_all = VMI)]
+    #[arg(long, value_name = "user[,mac=MAC][,mtu=N][,resolv=PATH][,port=SPEC]...[,max-flows=N][,pod-loopback=on] | tap=NAME[,mac=MAC][,vhost=on|off]", value_parser = parse_net, conflicts_with_all = VMI)]
     pub net: Vec<vmm::config::NicConfig>,
     /// Give the guest a virtio-rng device (after the disks and NICs) that feeds it entropy
     /// from the host's getrandom(2), as KubeVirt's `spec.domain.devices.rng` does.
@@ -383,6 +388,17 @@ pub fn parse_net(value: &str) -> Result<vmm::config::NicConfig, String> {
             (Some(("ports", "all")), NetBackendConfig::User { forward_all, .. }) => {
                 *forward_all = true
             }
+            (Some(("pod-loopback", v)), NetBackendConfig::User { pod_loopback, .. }) => {
+                *pod_loopback = match v {
+                    "on" => true,
+                    "off" => false,
+                    _ => {
+                        return Err(format!(
+                            "pod-loopback {v:?}: use pod-loopback=on or pod-loopback=off"
+                        ))
+                    }
+                }
+            }
             (Some(("max-flows", n)), NetBackendConfig::User { max_flows, .. }) => {
                 *max_flows = n.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
                     format!("max-flows {n:?} is not a positive number; use max-flows=N (default 1024)")
@@ -390,7 +406,7 @@ pub fn parse_net(value: &str) -> Result<vmm::config::NicConfig, String> {
             }
             _ => {
                 return Err(format!(
-                "unknown network option {option:?}; use mac=MAC, mtu=N, resolv=PATH, port=SPEC, ports=all or max-flows=N"
+                "unknown network option {option:?}; use mac=MAC, mtu=N, resolv=PATH, port=SPEC, ports=all, max-flows=N or pod-loopback=on"
             ))
             }
         }
@@ -476,8 +492,20 @@ mod tests {
                 forwards: Vec::new(),
                 forward_all: false,
                 max_flows: vmm::config::DEFAULT_MAX_FLOWS,
+                pod_loopback: false,
             }
         );
+        let n = parse_net("user,pod-loopback=on").unwrap();
+        assert!(matches!(
+            n.backend,
+            NetBackendConfig::User {
+                pod_loopback: true,
+                ..
+            }
+        ));
+        assert!(parse_net("user,pod-loopback=yes")
+            .unwrap_err()
+            .contains("pod-loopback=on"));
         assert!(parse_net("slirp")
             .unwrap_err()
             .contains("unknown network backend"));

@@ -112,9 +112,10 @@ fn net_counter(port: u16) -> String {
     )
 }
 
-/// A server on the pod's loopback that answers every connection with "pong".
+/// A server of the pod on every address, as a pod's service listens (the gateway reaches the
+/// pod's address, not its loopback), that answers every connection with "pong".
 fn pong_server() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
         for mut conn in listener.incoming().flatten() {
@@ -140,6 +141,9 @@ fn migration_moves_a_running_guest_whose_counter_continues_and_disk_holds_the_la
     if !kvm_available() {
         return;
     }
+    // A pod with an address (eth0) for the guest's gateway to stand for; the three podvms
+    // and the server live in it.
+    let _pod = podvm_tests::netns::PodNet::new();
     let tmp = TempDir::new("migrate-counter");
     let disk = tmp.sparse("disk.img", 1 << 20);
     let args = vm_args(&disk);

@@ -408,6 +408,7 @@ fn open_nic(
             forwards,
             forward_all,
             max_flows,
+            pod_loopback,
         } => {
             let resolv = user::resolv::Resolv::load(resolv_conf);
             tracing::info!(
@@ -423,6 +424,16 @@ fn open_nic(
                 forwards: forwards.clone(),
                 forward_all: *forward_all,
                 max_flows: *max_flows,
+                gateway: if *pod_loopback {
+                    tracing::warn!(
+                        nic = index,
+                        "pod-loopback=on: the guest reaches the pod's loopback and every \
+                         service listening only there"
+                    );
+                    user::pod::GatewayTo::Loopback
+                } else {
+                    user::pod::GatewayTo::PodAddress
+                },
                 ..Default::default()
             };
             let net = user::UserNet::new(&user_config, mac, metrics.clone())

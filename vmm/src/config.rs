@@ -78,6 +78,10 @@ pub enum NetBackendConfig {
         forward_all: bool,
         /// Most TCP connections (and, separately, UDP conversations) at once.
         max_flows: usize,
+        /// The gateway stands for the pod's loopback and the guest may reach 127.0.0.0/8 and
+        /// ::1 (opt-in: it opens the pod's loopback-only services to the guest); otherwise
+        /// the gateway is the pod's own address, as in KubeVirt.
+        pod_loopback: bool,
     },
     /// An existing tap device, opened by name (created by a privileged agent).
     Tap {
@@ -106,6 +110,7 @@ impl NicConfig {
                 forwards: Vec::new(),
                 forward_all: false,
                 max_flows: DEFAULT_MAX_FLOWS,
+                pod_loopback: false,
             },
             mac: None,
         }
@@ -214,6 +219,12 @@ pub enum ConfigError {
     TooManyDevices { count: usize, max: usize },
     #[error("--net {index}: mtu {mtu} is out of range; use a value from 68 to {max}")]
     Mtu { index: usize, mtu: u16, max: u16 },
+    #[error("--net {index}: max-flows {max_flows} is more than the NAT's memory budget holds; use at most {max}")]
+    MaxFlows {
+        index: usize,
+        max_flows: usize,
+        max: usize,
+    },
     #[error("--net {index}: mac {mac} is not a unicast address; use one whose first byte is even, such as 52:54:00:xx:xx:xx")]
     Mac { index: usize, mac: String },
     #[error("--net {index}: the pod's {proto} port {port} is forwarded twice; forward each pod port once")]
@@ -291,8 +302,17 @@ impl VmConfig {
                     mtu,
                     forwards,
                     forward_all,
+                    max_flows,
                     ..
                 } => {
+                    let max = devices::virtio::net::user::tcp::MAX_FLOWS;
+                    if *max_flows > max {
+                        return Err(ConfigError::MaxFlows {
+                            index,
+                            max_flows: *max_flows,
+                            max,
+                        });
+                    }
                     if *forward_all && !forwards.is_empty() {
                         return Err(ConfigError::PortsAllAndList { index });
                     }
@@ -556,5 +576,29 @@ mod tests {
         let mut cfg = VmConfig::new("/k");
         cfg.cmdline = "console=ttyS0\nfoo".into();
         assert_eq!(cfg.validate(), Err(ConfigError::Cmdline));
+    }
+
+    #[test]
+    fn config_rejects_more_flows_than_the_nat_budget_holds() {
+        let max = devices::virtio::net::user::tcp::MAX_FLOWS;
+        let mut cfg = VmConfig::new("/k");
+        cfg.nics = vec![NicConfig::user()];
+        let NetBackendConfig::User { max_flows, .. } = &mut cfg.nics[0].backend else {
+            unreachable!()
+        };
+        *max_flows = max;
+        assert_eq!(cfg.validate(), Ok(()));
+        let NetBackendConfig::User { max_flows, .. } = &mut cfg.nics[0].backend else {
+            unreachable!()
+        };
+        *max_flows = max + 1;
+        assert_eq!(
+            cfg.validate(),
+            Err(ConfigError::MaxFlows {
+                index: 0,
+                max_flows: max + 1,
+                max
+            })
+        );
     }
 }

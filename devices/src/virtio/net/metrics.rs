@@ -36,6 +36,9 @@ pub struct NetMetrics {
     pub nat_dropped_checksum: AtomicU64,
     pub nat_dropped_fragment: AtomicU64,
     pub nat_dropped_unsupported: AtomicU64,
+    /// Guest packets for the pod's loopback (127.0.0.0/8, ::1), dropped unless the NIC opts
+    /// in (`pod-loopback=on`).
+    pub nat_dropped_loopback: AtomicU64,
     /// TCP connections the guest opened through the NAT, and those the far side refused
     /// or that failed to connect.
     pub nat_tcp_opened: AtomicU64,
@@ -53,6 +56,9 @@ pub struct NetMetrics {
     /// sent (no ping sockets in this pod, too many conversations).
     pub nat_icmp_replies: AtomicU64,
     pub nat_icmp_unanswered: AtomicU64,
+    /// Requests whose answer would not fit one frame of the link (a DHCPv6 message whose
+    /// client identifier leaves no room, an echo larger than the MTU), dropped unanswered.
+    pub nat_reply_too_large: AtomicU64,
     /// DHCP and DHCPv6 answers sent.
     pub dhcp_replies: AtomicU64,
     /// Router advertisements sent.

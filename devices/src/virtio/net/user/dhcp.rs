@@ -8,7 +8,8 @@ use smoltcp::wire::{
     DhcpMessageType, DhcpOption, DhcpPacket, DhcpRepr, EthernetAddress, DHCP_MAX_DNS_SERVER_COUNT,
 };
 
-use super::{packet, GATEWAY4, GUEST4, NETMASK4};
+use super::packet::{self, Reply, Unanswered};
+use super::{GATEWAY4, GUEST4, NETMASK4};
 
 /// How long a lease lasts; the guest renews at half of it.
 pub const LEASE_SECS: u32 = 86_400;
@@ -26,10 +27,13 @@ const OPT_MTU: u8 = 26;
 const OPT_DOMAIN_NAME: u8 = 15;
 const OPT_DOMAIN_SEARCH: u8 = 119;
 
-/// The reply frame to the DHCP message `payload` from the guest, if it deserves one.
-pub fn answer(payload: &[u8], options: &DhcpOptions) -> Option<Vec<u8>> {
-    let packet = DhcpPacket::new_checked(payload).ok()?;
-    let request = DhcpRepr::parse(&packet).ok()?;
+/// The reply frame to the DHCP message `payload` from the guest, if it deserves one. The
+/// reply fits one IPv4 packet of the link ([`packet::reply_limit4`]): where the search list
+/// and domain name would not fit, they are left out; where even that does not fit, nothing
+/// is sent ([`Unanswered::TooLarge`]).
+pub fn answer(payload: &[u8], options: &DhcpOptions) -> Reply {
+    let packet = DhcpPacket::new_checked(payload).map_err(|_| Unanswered::Ignored)?;
+    let request = DhcpRepr::parse(&packet).map_err(|_| Unanswered::Ignored)?;
     let (kind, lease) = match request.message_type {
         DhcpMessageType::Discover => (DhcpMessageType::Offer, true),
         DhcpMessageType::Request => {
@@ -41,8 +45,38 @@ pub fn answer(payload: &[u8], options: &DhcpOptions) -> Option<Vec<u8>> {
             }
         }
         DhcpMessageType::Inform => (DhcpMessageType::Ack, false),
-        _ => return None,
+        _ => return Err(Unanswered::Ignored),
     };
+    // IPv4 and UDP headers around the DHCP message.
+    let room = packet::reply_limit4(options.mtu).saturating_sub(20 + 8);
+    for names in [true, false] {
+        let Some(message) = reply_message(&request, kind, lease, options, names) else {
+            break;
+        };
+        if message.len() > room {
+            continue;
+        }
+        // To the broadcast address: the guest has no address yet, and every client takes it.
+        return packet::udp(
+            EthernetAddress::BROADCAST,
+            SocketAddr::new(GATEWAY4.into(), 67),
+            SocketAddr::new(Ipv4Addr::BROADCAST.into(), 68),
+            &message,
+        )
+        .ok_or(Unanswered::TooLarge);
+    }
+    Err(Unanswered::TooLarge)
+}
+
+/// The DHCP message answering `request` with `kind`; the domain name and search list only
+/// with `names`.
+fn reply_message(
+    request: &DhcpRepr,
+    kind: DhcpMessageType,
+    lease: bool,
+    options: &DhcpOptions,
+    names: bool,
+) -> Option<Vec<u8>> {
     let nak = kind == DhcpMessageType::Nak;
     let mut dns = heapless::Vec::<Ipv4Addr, DHCP_MAX_DNS_SERVER_COUNT>::new();
     for server in options.dns.iter().take(DHCP_MAX_DNS_SERVER_COUNT) {
@@ -56,13 +90,13 @@ pub fn answer(payload: &[u8], options: &DhcpOptions) -> Option<Vec<u8>> {
             kind: OPT_MTU,
             data: &mtu,
         });
-        if let Some(first) = options.search.first().filter(|d| d.len() < 256) {
+        if let Some(first) = options.search.first().filter(|d| d.len() < 256 && names) {
             extra.push(DhcpOption {
                 kind: OPT_DOMAIN_NAME,
                 data: first.as_bytes(),
             });
         }
-        if !search.is_empty() {
+        if !search.is_empty() && names {
             extra.push(DhcpOption {
                 kind: OPT_DOMAIN_SEARCH,
                 data: &search,
@@ -96,13 +130,7 @@ pub fn answer(payload: &[u8], options: &DhcpOptions) -> Option<Vec<u8>> {
     reply
         .emit(&mut DhcpPacket::new_unchecked(&mut buf[..]))
         .ok()?;
-    // To the broadcast address: the guest has no address yet, and every client takes it.
-    Some(packet::udp(
-        EthernetAddress::BROADCAST,
-        SocketAddr::new(GATEWAY4.into(), 67),
-        SocketAddr::new(Ipv4Addr::BROADCAST.into(), 68),
-        &buf,
-    ))
+    Some(buf)
 }
 
 /// RFC 3397 domain search list (uncompressed labels); names that do not encode are skipped,
@@ -220,15 +248,41 @@ mod tests {
             (kind, yiaddr),
             (DhcpMessageType::Nak, Ipv4Addr::UNSPECIFIED)
         );
-        assert!(answer(&request(DhcpMessageType::Release, None), &options()).is_none());
+        assert_eq!(
+            answer(&request(DhcpMessageType::Release, None), &options()),
+            Err(Unanswered::Ignored)
+        );
     }
 
     #[test]
     fn dhcp_garbage_gets_no_answer() {
-        assert!(answer(&[], &options()).is_none());
-        assert!(answer(&[1u8; 300], &options()).is_none());
+        assert_eq!(answer(&[], &options()), Err(Unanswered::Ignored));
+        assert_eq!(answer(&[1u8; 300], &options()), Err(Unanswered::Ignored));
         let mut truncated = request(DhcpMessageType::Discover, None);
         truncated.truncate(240);
         let _ = answer(&truncated, &options());
+    }
+
+    #[test]
+    fn dhcp_answer_fits_a_small_mtu_by_leaving_out_the_search_list() {
+        // The longest names the options can carry, on a link of the smallest MTU.
+        let long = |c: char| format!("{0}.{0}.{0}", c.to_string().repeat(63));
+        let opts = DhcpOptions {
+            mtu: 68,
+            dns: vec![Ipv4Addr::new(10, 96, 0, 10); 8],
+            search: ('a'..='f').map(long).collect(),
+        };
+        let reply = answer(&request(DhcpMessageType::Discover, None), &opts).unwrap();
+        assert!(reply.len() <= 14 + packet::MIN_REPLY4, "{}", reply.len());
+        let (kind, yiaddr, raw) = parse_reply(&reply);
+        assert_eq!((kind, yiaddr), (DhcpMessageType::Offer, GUEST4));
+        let dhcp = DhcpPacket::new_checked(&raw[..]).unwrap();
+        assert!(dhcp.options().all(|o| o.kind != OPT_DOMAIN_SEARCH));
+        // With the default MTU the names are there.
+        let opts = DhcpOptions { mtu: 1500, ..opts };
+        let reply = answer(&request(DhcpMessageType::Discover, None), &opts).unwrap();
+        let (_, _, raw) = parse_reply(&reply);
+        let dhcp = DhcpPacket::new_checked(&raw[..]).unwrap();
+        assert!(dhcp.options().any(|o| o.kind == OPT_DOMAIN_SEARCH));
     }
 }

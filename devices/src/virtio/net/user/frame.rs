@@ -61,6 +61,17 @@ pub enum Verdict<'a> {
     Drop(DropReason),
 }
 
+impl Verdict<'_> {
+    /// The address beyond the gateway this verdict sends something to, if any.
+    pub fn destination(&self) -> Option<IpAddr> {
+        match self {
+            Verdict::TcpSyn(key) | Verdict::Udp { key, .. } => Some(key.remote.ip()),
+            Verdict::Echo { dst, .. } => Some(*dst),
+            _ => None,
+        }
+    }
+}
+
 use DropReason::*;
 use Verdict::Drop as D;
 
@@ -136,7 +147,7 @@ fn ipv4(payload: &[u8]) -> Verdict<'_> {
             if src != GUEST4 {
                 return D(Unsupported);
             }
-            // To the gateway: the pod's own loopback (see tcp::host_destination).
+            // To the gateway: the pod itself (see pod::PodRoute).
             if dst.is_broadcast() || dst.is_multicast() || dst.is_unspecified() {
                 return Verdict::Ignore;
             }
@@ -270,10 +281,31 @@ fn tcp(body: &[u8], s: IpAddress, d: IpAddress) -> Verdict<'_> {
     if !tcp.syn() || tcp.ack() {
         return Verdict::Stack;
     }
+    // Data on a SYN is for TCP Fast Open, which the stack does not offer: no client sends it
+    // unasked, and the NAT would hold it while it connects.
+    if !tcp.payload().is_empty() {
+        return D(Unsupported);
+    }
     Verdict::TcpSyn(FlowKey {
         guest: SocketAddr::new(IpAddr::from(s), tcp.src_port()),
         remote: SocketAddr::new(IpAddr::from(d), tcp.dst_port()),
     })
+}
+
+/// Where the IP packet of `frame` ends (Ethernet padding and other trailing bytes are not
+/// part of it); the frame's length when it is not IPv4 or IPv6 or its length field lies.
+pub fn packet_end(frame: &[u8]) -> usize {
+    let field = |at: usize| {
+        frame
+            .get(at..at + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+    };
+    let end = match frame.get(12..14) {
+        Some([0x08, 0x00]) => field(14 + 2).map(|total| 14 + usize::from(total)),
+        Some([0x86, 0xdd]) => field(14 + 4).map(|payload| 14 + 40 + usize::from(payload)),
+        _ => None,
+    };
+    end.filter(|&e| e <= frame.len()).unwrap_or(frame.len())
 }
 
 fn unicast4(a: Ipv4Addr) -> bool {
@@ -339,11 +371,12 @@ mod tests {
                 &ChecksumCapabilities::default(),
             )
         })
+        .unwrap()
     }
 
     #[test]
     fn frame_udp_and_dhcp_and_syn_are_recognised() {
-        let f = packet::udp(GW, guest(5353), remote(), b"query");
+        let f = packet::udp(GW, guest(5353), remote(), b"query").unwrap();
         assert_eq!(
             classify(&f),
             Verdict::Udp {
@@ -359,14 +392,15 @@ mod tests {
             "0.0.0.0:68".parse().unwrap(),
             "255.255.255.255:67".parse().unwrap(),
             b"x",
-        );
+        )
+        .unwrap();
         assert_eq!(classify(&dhcp), Verdict::Dhcp4(b"x"));
         assert!(matches!(classify(&syn(GUEST4)), Verdict::TcpSyn(k) if k.remote.port() == 80));
     }
 
     #[test]
     fn frame_bad_checksums_fragments_truncation_and_spoofing_are_dropped() {
-        let good = packet::udp(GW, guest(5353), remote(), b"query");
+        let good = packet::udp(GW, guest(5353), remote(), b"query").unwrap();
         let mut bad_sum = good.clone();
         *bad_sum.last_mut().unwrap() ^= 0xff;
         assert_eq!(classify(&bad_sum), Verdict::Drop(DropReason::Checksum));
@@ -390,18 +424,56 @@ mod tests {
 
     #[test]
     fn frame_to_the_gateway_is_served_and_to_other_link_addresses_ignored() {
-        let to_gw = packet::udp(GW, guest(5), "10.0.2.1:53".parse().unwrap(), b"q");
+        let to_gw = packet::udp(GW, guest(5), "10.0.2.1:53".parse().unwrap(), b"q").unwrap();
         assert!(matches!(classify(&to_gw), Verdict::Udp { .. }));
-        let to_neighbour = packet::udp(GW, guest(5), "10.0.2.7:53".parse().unwrap(), b"q");
+        let to_neighbour = packet::udp(GW, guest(5), "10.0.2.7:53".parse().unwrap(), b"q").unwrap();
         assert_eq!(classify(&to_neighbour), Verdict::Ignore);
-        let to_link_broadcast = packet::udp(GW, guest(5), "10.0.2.255:53".parse().unwrap(), b"q");
+        let to_link_broadcast =
+            packet::udp(GW, guest(5), "10.0.2.255:53".parse().unwrap(), b"q").unwrap();
         assert_eq!(classify(&to_link_broadcast), Verdict::Ignore);
     }
 
     #[test]
     fn frame_for_another_mac_is_ignored() {
-        let mut f = packet::udp(GW, guest(1), remote(), b"");
+        let mut f = packet::udp(GW, guest(1), remote(), b"").unwrap();
         f[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 9]);
         assert_eq!(classify(&f), Verdict::Ignore);
+    }
+
+    #[test]
+    fn frame_syn_with_data_is_dropped_and_a_syn_is_kept_without_trailing_bytes() {
+        let repr = TcpRepr {
+            src_port: 40000,
+            dst_port: 80,
+            control: TcpControl::Syn,
+            seq_number: TcpSeqNumber(1),
+            ack_number: None,
+            window_len: 1000,
+            window_scale: None,
+            max_seg_size: None,
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload: &[7; 1000],
+        };
+        let (src, dst) = (GUEST4, Ipv4Addr::new(192, 0, 2, 7));
+        let f = packet::ipv4(GW, src, dst, IpProtocol::Tcp, repr.buffer_len(), |b| {
+            repr.emit(
+                &mut TcpPacket::new_unchecked(b),
+                &IpAddress::Ipv4(src),
+                &IpAddress::Ipv4(dst),
+                &ChecksumCapabilities::default(),
+            )
+        })
+        .unwrap();
+        assert_eq!(classify(&f), Verdict::Drop(DropReason::Unsupported));
+
+        let mut padded = syn(GUEST4);
+        let len = padded.len();
+        padded.resize(60_000, 0xee);
+        assert!(matches!(classify(&padded), Verdict::TcpSyn(_)));
+        assert_eq!(packet_end(&padded), len);
+        assert_eq!(packet_end(&padded[..30]), 30);
+        assert_eq!(packet_end(&[0; 10]), 10);
     }
 }

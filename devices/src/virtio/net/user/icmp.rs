@@ -17,7 +17,8 @@ use smoltcp::wire::{
 use socket2::{Domain, Protocol, Socket, Type};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use super::{packet, Stack, GUEST4, GUEST6, TOKEN_ICMP};
+use super::packet::{self, Reply, Unanswered};
+use super::{Stack, GUEST4, GUEST6, TOKEN_ICMP};
 use crate::virtio::net::metrics::NetMetrics as M;
 
 /// How long a ping conversation lives without an echo either way.
@@ -33,6 +34,8 @@ struct Flow {
 /// Ping conversations: one ping socket per destination and guest identifier.
 pub struct IcmpNat {
     max_flows: usize,
+    /// The link MTU: larger replies are dropped.
+    mtu: u16,
     flows: HashMap<u64, Flow>,
     by_key: HashMap<(IpAddr, u16), u64>,
     next_id: u64,
@@ -41,10 +44,11 @@ pub struct IcmpNat {
 }
 
 impl IcmpNat {
-    /// At most `max_flows` conversations at once.
-    pub fn new(max_flows: usize) -> Self {
+    /// At most `max_flows` conversations at once, on a link of `mtu`.
+    pub fn new(max_flows: usize, mtu: u16) -> Self {
         Self {
             max_flows,
+            mtu,
             flows: HashMap::new(),
             by_key: HashMap::new(),
             next_id: 1,
@@ -151,13 +155,13 @@ impl IcmpNat {
             flow.last_active = Instant::now();
             let seq = u16::from_be_bytes([msg[6], msg[7]]);
             let data = &msg[8..];
-            let frame = echo_reply(guest_mac, flow.dst, flow.ident, seq, data);
-            if stack.wire.to_guest.len() >= super::stack::TO_GUEST_HIGH {
-                M::inc(&stack.metrics.rx_dropped);
+            let Ok(frame) = echo_reply(guest_mac, flow.dst, flow.ident, seq, data, self.mtu) else {
+                M::inc(&stack.metrics.nat_reply_too_large);
                 continue;
+            };
+            if stack.wire.to_guest.push(frame) {
+                M::inc(&stack.metrics.nat_icmp_replies);
             }
-            M::inc(&stack.metrics.nat_icmp_replies);
-            stack.wire.to_guest.push_back(frame);
         }
     }
 
@@ -182,16 +186,25 @@ impl IcmpNat {
     }
 }
 
-/// An echo reply from `from` to the guest.
+/// An echo reply from `from` to the guest, if it fits one IP packet of the link's `mtu`
+/// (the guest chose the size of its request; a reply larger than its link is dropped).
 pub fn echo_reply(
     guest_mac: EthernetAddress,
     from: IpAddr,
     ident: u16,
     seq_no: u16,
     data: &[u8],
-) -> Vec<u8> {
+    mtu: u16,
+) -> Reply {
     let sums = ChecksumCapabilities::default();
-    match from {
+    let (header, limit) = match from {
+        IpAddr::V4(_) => (20, packet::reply_limit4(mtu)),
+        IpAddr::V6(_) => (40, packet::reply_limit6(mtu)),
+    };
+    if header + 8 + data.len() > limit {
+        return Err(Unanswered::TooLarge);
+    }
+    let frame = match from {
         IpAddr::V4(src) => {
             let repr = Icmpv4Repr::EchoReply {
                 ident,
@@ -222,5 +235,44 @@ pub fn echo_reply(
                 |b| repr.emit(&src, &GUEST6, &mut Icmpv6Packet::new_unchecked(b), &sums),
             )
         }
+    };
+    frame.ok_or(Unanswered::TooLarge)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smoltcp::wire::{EthernetFrame, Ipv4Packet, Ipv6Packet};
+
+    const MAC: EthernetAddress = EthernetAddress([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+
+    #[test]
+    fn icmp_echo_reply_fits_the_mtu_or_is_not_sent() {
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        let v6: IpAddr = "2001:db8::7".parse().unwrap();
+        // 1500 bytes of IPv4: 20 + 8 + 1472.
+        let reply = echo_reply(MAC, v4, 1, 2, &[0xa5; 1472], 1500).unwrap();
+        assert_eq!(reply.len(), 14 + 1500);
+        let eth = EthernetFrame::new_checked(&reply[..]).unwrap();
+        let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
+        assert!(ip.verify_checksum());
+        let icmp = Icmpv4Packet::new_checked(ip.payload()).unwrap();
+        assert!(icmp.verify_checksum());
+        assert_eq!(
+            echo_reply(MAC, v4, 1, 2, &[0; 1473], 1500),
+            Err(Unanswered::TooLarge)
+        );
+        // The largest echo the length fields allow: never a wrapped header.
+        assert_eq!(
+            echo_reply(MAC, v4, 1, 2, &[0; 65_515], 65_520),
+            Err(Unanswered::TooLarge)
+        );
+        let reply = echo_reply(MAC, v6, 1, 2, &[0; 1452], 1500).unwrap();
+        let ip = Ipv6Packet::new_checked(&reply[14..]).unwrap();
+        assert_eq!(usize::from(ip.payload_len()), 8 + 1452);
+        assert_eq!(
+            echo_reply(MAC, v6, 1, 2, &[0; 65_528], 65_520),
+            Err(Unanswered::TooLarge)
+        );
     }
 }

@@ -16,6 +16,7 @@ pub mod frame;
 pub mod icmp;
 pub mod ipv6;
 pub mod packet;
+pub mod pod;
 pub mod resolv;
 mod stack;
 pub mod tcp;
@@ -72,13 +73,17 @@ pub struct UserConfig {
     /// Most TCP connections, and most UDP conversations, at once (0: no traffic beyond the
     /// gateway at all).
     pub max_flows: usize,
-    /// Per-connection socket buffer, each way.
-    pub tcp_buffer: usize,
+    /// Per-connection socket buffer, each way: [`tcp::buffer_size`] of `max_flows` unless
+    /// set (tests).
+    pub tcp_buffer: Option<usize>,
     /// The pod's ports forwarded to the guest.
     pub forwards: Vec<forward::PortForward>,
     /// Forward every free TCP and UDP port of the pod to the same guest port (KubeVirt's
     /// behaviour when a VMI lists no ports).
     pub forward_all: bool,
+    /// What the gateway stands for: the pod's own address (default) or, opted in, the
+    /// pod's loopback ([`pod`]).
+    pub gateway: pod::GatewayTo,
 }
 
 impl Default for UserConfig {
@@ -87,9 +92,10 @@ impl Default for UserConfig {
             mtu: DEFAULT_MTU,
             resolv: resolv::Resolv::default(),
             max_flows: 1024,
-            tcp_buffer: 256 * 1024,
+            tcp_buffer: None,
             forwards: Vec::new(),
             forward_all: false,
+            gateway: pod::GatewayTo::default(),
         }
     }
 }
@@ -138,6 +144,11 @@ pub struct UserNet {
     ipv6: ipv6::Ipv6Options,
     forwards: Vec<forward::Bound>,
     guest_mac: EthernetAddress,
+    /// Where the guest's destinations, the gateway's above all, go on the host.
+    route: pod::PodRoute,
+    /// The largest frame the gateway's stack takes from the guest: one IP packet of the
+    /// link's MTU (what the stack answers, an echo reply above all, is as large).
+    max_stack_frame: usize,
 }
 
 impl UserNet {
@@ -147,7 +158,7 @@ impl UserNet {
         guest_mac: [u8; 6],
         metrics: Arc<M>,
     ) -> Result<Self, UserNetError> {
-        let mut wire = Wire::new(config.mtu as usize);
+        let mut wire = Wire::new(config.mtu as usize, metrics.clone());
         let epoch = std::time::Instant::now();
         let mut iface_config = Config::new(HardwareAddress::Ethernet(EthernetAddress(GATEWAY_MAC)));
         iface_config.random_seed = random_seed();
@@ -208,10 +219,12 @@ impl UserNet {
             timer_due: None,
             tcp: tcp::TcpNat::new(tcp::TcpLimits {
                 max_flows: config.max_flows,
-                buffer: config.tcp_buffer,
+                buffer: config
+                    .tcp_buffer
+                    .unwrap_or_else(|| tcp::buffer_size(config.max_flows)),
             }),
             udp: udp::UdpNat::new(config.max_flows),
-            icmp: icmp::IcmpNat::new(config.max_flows.min(64)),
+            icmp: icmp::IcmpNat::new(config.max_flows.min(64), config.mtu),
             dhcp: dhcp::DhcpOptions {
                 mtu: config.mtu,
                 dns: config.resolv.dns4.clone(),
@@ -224,6 +237,8 @@ impl UserNet {
             },
             forwards,
             guest_mac: EthernetAddress(guest_mac),
+            max_stack_frame: 14 + usize::from(config.mtu),
+            route: pod::PodRoute::new(config.gateway),
         };
         net.arm_timer(HOUSEKEEPING);
         Ok(net)
@@ -269,6 +284,21 @@ impl UserNet {
                 .min(HOUSEKEEPING)
         };
         self.arm_timer(next);
+    }
+
+    /// Queues a responder's answer for the guest, counted in `sent`; an answer too large
+    /// for the link is counted instead.
+    fn reply(&mut self, reply: packet::Reply, sent: fn(&M) -> &std::sync::atomic::AtomicU64) {
+        let m = &self.stack.metrics;
+        match reply {
+            Ok(frame) => {
+                if self.stack.wire.to_guest.push(frame) {
+                    M::inc(sent(m));
+                }
+            }
+            Err(packet::Unanswered::TooLarge) => M::inc(&m.nat_reply_too_large),
+            Err(packet::Unanswered::Ignored) => {}
+        }
     }
 
     fn count_drop(&self, reason: DropReason) {
@@ -332,18 +362,36 @@ impl UserNet {
 
 impl NetBackend for UserNet {
     fn send(&mut self, frame: &[u8]) {
-        match frame::classify(frame) {
-            Verdict::Stack => self.stack.wire.to_stack.push_back(frame.to_vec()),
-            Verdict::TcpSyn(key) => self.tcp.on_syn(key, frame, &mut self.stack, &self.epoll),
-            Verdict::Udp { key, payload } => {
-                self.udp
-                    .on_datagram(key, payload, &self.forwards, &mut self.stack, &self.epoll)
+        let verdict = frame::classify(frame);
+        if verdict
+            .destination()
+            .is_some_and(|dst| !self.route.allows(dst))
+        {
+            // The pod's loopback, not opted in.
+            M::inc(&self.stack.metrics.nat_dropped_loopback);
+            return;
+        }
+        match verdict {
+            // Larger than the link allows: the stack's answer (an echo reply) would be too.
+            Verdict::Stack if frame.len() > self.max_stack_frame => {
+                M::inc(&self.stack.metrics.nat_reply_too_large)
             }
+            Verdict::Stack => self.stack.wire.push_to_stack(frame.to_vec()),
+            Verdict::TcpSyn(key) => {
+                self.tcp
+                    .on_syn(key, frame, &self.route, &mut self.stack, &self.epoll)
+            }
+            Verdict::Udp { key, payload } => self.udp.on_datagram(
+                key,
+                payload,
+                &self.forwards,
+                &self.route,
+                &mut self.stack,
+                &self.epoll,
+            ),
             Verdict::Dhcp4(payload) => {
-                if let Some(reply) = dhcp::answer(payload, &self.dhcp) {
-                    M::inc(&self.stack.metrics.dhcp_replies);
-                    self.stack.wire.to_guest.push_back(reply);
-                }
+                let reply = dhcp::answer(payload, &self.dhcp);
+                self.reply(reply, |m| &m.dhcp_replies);
             }
             Verdict::Echo {
                 dst,
@@ -354,15 +402,12 @@ impl NetBackend for UserNet {
                 .icmp
                 .on_echo(dst, ident, seq, payload, &mut self.stack, &self.epoll),
             Verdict::RouterSolicit => {
-                M::inc(&self.stack.metrics.router_adverts);
-                let ra = ipv6::router_advert(&self.ipv6);
-                self.stack.wire.to_guest.push_back(ra);
+                let ra = ipv6::router_advert(&self.ipv6).ok_or(packet::Unanswered::TooLarge);
+                self.reply(ra, |m| &m.router_adverts);
             }
             Verdict::Dhcp6 { src, payload } => {
-                if let Some(reply) = ipv6::dhcp6_answer(self.guest_mac, src, payload, &self.ipv6) {
-                    M::inc(&self.stack.metrics.dhcp_replies);
-                    self.stack.wire.to_guest.push_back(reply);
-                }
+                let reply = ipv6::dhcp6_answer(self.guest_mac, src, payload, &self.ipv6);
+                self.reply(reply, |m| &m.dhcp_replies);
             }
             Verdict::Ignore => {}
             Verdict::Drop(reason) => self.count_drop(reason),
@@ -382,7 +427,8 @@ impl NetBackend for UserNet {
     }
 
     fn rx_room(&mut self) {
-        if self.stack.wire.to_guest.len() < stack::TO_GUEST_HIGH / 2 {
+        let queue = &self.stack.wire.to_guest;
+        if queue.len() < stack::TO_GUEST_FRAMES / 2 && queue.bytes() < stack::TO_GUEST_BYTES / 2 {
             self.run();
         }
     }
@@ -437,22 +483,27 @@ impl NetBackend for UserNet {
 mod tests {
     use super::*;
     use smoltcp::wire::{EthernetFrame, Ipv4Packet, UdpPacket};
-    use std::net::{SocketAddr, UdpSocket};
+    use std::net::{IpAddr, SocketAddr, UdpSocket};
 
     const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
 
     #[test]
-    fn nat_udp_to_the_gateway_reaches_the_pod_loopback_answers_and_expires_when_idle() {
+    fn nat_udp_to_the_gateway_with_pod_loopback_reaches_the_loopback_answers_and_expires_when_idle()
+    {
         let server = UdpSocket::bind("127.0.0.1:0").unwrap();
         server
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
         let port = server.local_addr().unwrap().port();
         let metrics = Arc::new(M::default());
-        let mut net = UserNet::new(&UserConfig::default(), MAC, metrics.clone()).unwrap();
+        let config = UserConfig {
+            gateway: pod::GatewayTo::Loopback,
+            ..Default::default()
+        };
+        let mut net = UserNet::new(&config, MAC, metrics.clone()).unwrap();
         let guest = SocketAddr::new(GUEST4.into(), 5000);
         let gateway = SocketAddr::new(GATEWAY4.into(), port);
-        let frame = packet::udp(EthernetAddress(GATEWAY_MAC), guest, gateway, b"hello");
+        let frame = packet::udp(EthernetAddress(GATEWAY_MAC), guest, gateway, b"hello").unwrap();
         net.send(&frame);
         net.flush();
 
@@ -488,5 +539,154 @@ mod tests {
         net.housekeeping(std::time::Instant::now() + udp::IDLE + Duration::from_secs(1));
         assert_eq!(M::get(&metrics.nat_udp_flows), 0);
         assert_eq!(M::get(&metrics.nat_expired), 1);
+    }
+
+    /// An echo request for the gateway of `data_len` bytes, from the guest.
+    fn ping_gateway(data_len: usize) -> Vec<u8> {
+        use smoltcp::phy::ChecksumCapabilities;
+        use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr};
+        let data = vec![0x5a; data_len];
+        let echo = Icmpv4Repr::EchoRequest {
+            ident: 1,
+            seq_no: 1,
+            data: &data,
+        };
+        let len = echo.buffer_len();
+        let gw = EthernetAddress(GATEWAY_MAC);
+        packet::ipv4(
+            gw,
+            GUEST4,
+            GATEWAY4,
+            smoltcp::wire::IpProtocol::Icmp,
+            len,
+            |b| {
+                echo.emit(
+                    &mut Icmpv4Packet::new_unchecked(b),
+                    &ChecksumCapabilities::default(),
+                )
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn nat_echo_of_the_gateway_larger_than_the_mtu_is_dropped_and_counted() {
+        let metrics = Arc::new(M::default());
+        let config = UserConfig {
+            mtu: 1500,
+            max_flows: 0,
+            ..Default::default()
+        };
+        let mut net = UserNet::new(&config, MAC, metrics.clone()).unwrap();
+        // The guest's ARP request for the gateway, so the stack knows where to answer.
+        let mut arp = vec![0xff; 6];
+        arp.extend_from_slice(&MAC);
+        arp.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
+        arp.extend_from_slice(&MAC);
+        arp.extend_from_slice(&[10, 0, 2, 2, 0, 0, 0, 0, 0, 0, 10, 0, 2, 1]);
+        net.send(&arp);
+        net.flush();
+        while net.rx_peek().is_some() {
+            net.rx_pop();
+        }
+
+        // 20 + 8 + 1472 = 1500: answered, in one frame of the link.
+        net.send(&ping_gateway(1472));
+        net.flush();
+        assert_eq!(net.rx_peek().map(<[u8]>::len), Some(14 + 1500));
+        net.rx_pop();
+
+        // One byte more: no answer, counted.
+        net.send(&ping_gateway(1473));
+        net.flush();
+        assert!(net.rx_peek().is_none());
+        assert_eq!(M::get(&metrics.nat_reply_too_large), 1);
+    }
+
+    #[test]
+    fn nat_answers_to_a_guest_that_takes_nothing_are_capped_and_counted() {
+        let metrics = Arc::new(M::default());
+        let config = UserConfig {
+            max_flows: 0,
+            ..Default::default()
+        };
+        let mut net = UserNet::new(&config, MAC, metrics.clone()).unwrap();
+        let arp = {
+            let mut arp = vec![0xff; 6];
+            arp.extend_from_slice(&MAC);
+            arp.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
+            arp.extend_from_slice(&MAC);
+            arp.extend_from_slice(&[10, 0, 2, 2, 0, 0, 0, 0, 0, 0, 10, 0, 2, 1]);
+            arp
+        };
+        let discover = crate::virtio::net::fuzzing::seed_frames()
+            .into_iter()
+            .find(|(name, _)| *name == "dhcp-discover")
+            .unwrap()
+            .1[2..]
+            .to_vec();
+        // smoltcp's own answers (ARP replies) and the NAT's (DHCP offers), 600 each.
+        for frame in [&arp, &discover] {
+            for _ in 0..600 {
+                net.send(frame);
+                net.flush();
+            }
+        }
+        assert_eq!(net.stack.wire.to_guest.len(), stack::TO_GUEST_FRAMES);
+        assert_eq!(
+            M::get(&metrics.rx_dropped),
+            (2 * 600 - stack::TO_GUEST_FRAMES) as u64
+        );
+
+        // Large echo replies: the bytes are capped too.
+        while net.rx_peek().is_some() {
+            net.rx_pop();
+        }
+        for _ in 0..100 {
+            net.send(&ping_gateway(60_000));
+            net.flush();
+        }
+        let queue = &net.stack.wire.to_guest;
+        assert!(queue.bytes() <= stack::TO_GUEST_BYTES + 14 + 20 + 8 + 60_000);
+        assert!(queue.len() < 100);
+    }
+
+    #[test]
+    fn nat_gateway_reaches_the_pod_address_not_its_loopback_which_is_dropped_and_counted() {
+        let Some(pod4) = pod::pod_addresses().0 else {
+            eprintln!("SKIP: this host has no IPv4 address besides the loopback");
+            return;
+        };
+        // A service of the pod on every address, and one on the loopback only.
+        let open = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let private = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for s in [&open, &private] {
+            s.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+        }
+        let metrics = Arc::new(M::default());
+        let mut net = UserNet::new(&UserConfig::default(), MAC, metrics.clone()).unwrap();
+        let guest = SocketAddr::new(GUEST4.into(), 5000);
+        let gw = EthernetAddress(GATEWAY_MAC);
+        let to = |ip: Ipv4Addr, s: &UdpSocket| {
+            SocketAddr::new(ip.into(), s.local_addr().unwrap().port())
+        };
+        for dst in [
+            to(GATEWAY4, &open),
+            to(GATEWAY4, &private),
+            to(Ipv4Addr::LOCALHOST, &private),
+        ] {
+            net.send(&packet::udp(gw, guest, dst, b"hello").unwrap());
+            net.flush();
+        }
+
+        let mut buf = [0u8; 64];
+        let (n, from) = open.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], from.ip()), (&b"hello"[..], IpAddr::V4(pod4)));
+        assert!(
+            private.recv_from(&mut buf).is_err(),
+            "the loopback was reached"
+        );
+        assert_eq!(M::get(&metrics.nat_dropped_loopback), 1);
     }
 }

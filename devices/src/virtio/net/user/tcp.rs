@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::frame::FlowKey;
+use super::pod::PodRoute;
 use super::{Stack, TOKEN_TCP};
 use crate::virtio::net::metrics::NetMetrics as M;
 
@@ -37,6 +38,26 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(75);
 pub const IDLE_ESTABLISHED: Duration = Duration::from_secs(24 * 3600);
 /// How long a half-closed or closing connection may be idle.
 pub const IDLE_CLOSING: Duration = Duration::from_secs(120);
+
+/// What the stack's buffers of all connections may take together, both ways: the NAT's
+/// share of the pod's memory for TCP. Each connection's buffers are allocated whole when
+/// it opens (smoltcp cannot grow them), and a guest that stops reading while the far side
+/// sends (or the reverse) fills them, so the table must fit at its fullest.
+pub const BUFFER_BUDGET: usize = 128 << 20;
+/// A connection's buffer each way, at most (more does not speed up a link in memory) and
+/// at least (below it, the window is a fraction of a 64 KiB segment).
+pub const MAX_BUFFER: usize = 256 << 10;
+pub const MIN_BUFFER: usize = 4 << 10;
+/// The most connections the budget holds at [`MIN_BUFFER`]: the upper bound of max-flows.
+pub const MAX_FLOWS: usize = BUFFER_BUDGET / (2 * MIN_BUFFER);
+
+/// The buffer each way of every connection when up to `max_flows` are open: the budget
+/// shared among them, within [`MIN_BUFFER`]..=[`MAX_BUFFER`], in 4 KiB steps. 64 KiB for
+/// the default 1,024 connections; 256 KiB for 256 or fewer.
+pub fn buffer_size(max_flows: usize) -> usize {
+    let share = BUFFER_BUDGET / (2 * max_flows.max(1));
+    share.clamp(MIN_BUFFER, MAX_BUFFER) & !0xfff
+}
 
 enum Phase {
     /// The host connect is under way; the guest's SYN waits.
@@ -75,20 +96,6 @@ pub struct TcpNat {
     next_id: u64,
 }
 
-/// Where the host socket connects for `remote`: the gateway's addresses stand for the pod
-/// itself (its loopback), as a service listening in the pod sees it.
-pub fn host_destination(remote: SocketAddr) -> SocketAddr {
-    match remote.ip() {
-        IpAddr::V4(a) if a == super::GATEWAY4 => {
-            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), remote.port())
-        }
-        IpAddr::V6(a) if a == super::GATEWAY6 => {
-            SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), remote.port())
-        }
-        _ => remote,
-    }
-}
-
 impl TcpNat {
     pub fn new(limits: TcpLimits) -> Self {
         Self {
@@ -99,8 +106,18 @@ impl TcpNat {
         }
     }
 
-    /// A SYN from the guest (`frame` is the whole Ethernet frame).
-    pub fn on_syn(&mut self, key: FlowKey, frame: &[u8], stack: &mut Stack, epoll: &Epoll) {
+    /// A SYN from the guest (`frame` is the whole Ethernet frame). What is kept of it while
+    /// the host connects ends with its IP packet (a SYN carries no data), so each waiting
+    /// connection holds a little over a hundred bytes whatever the guest appended.
+    pub fn on_syn(
+        &mut self,
+        key: FlowKey,
+        frame: &[u8],
+        route: &PodRoute,
+        stack: &mut Stack,
+        epoll: &Epoll,
+    ) {
+        let frame = &frame[..super::frame::packet_end(frame)];
         if let Some(&id) = self.by_key.get(&key) {
             let reuse = match &self.flows[&id].phase {
                 Phase::Connecting { .. } => return, // a retransmission; the first one waits
@@ -110,7 +127,7 @@ impl TcpNat {
                 ),
             };
             if !reuse {
-                stack.wire.to_stack.push_back(frame.to_vec());
+                stack.wire.push_to_stack(frame.to_vec());
                 return;
             }
             // The guest reuses the port of a finished connection.
@@ -121,7 +138,12 @@ impl TcpNat {
             refuse(frame.to_vec(), stack);
             return;
         }
-        let dst = host_destination(key.remote);
+        let Some(dst) = route.host_destination(key.remote) else {
+            // The gateway, where the pod has no address of the family.
+            M::inc(&stack.metrics.nat_tcp_connect_failed);
+            refuse(frame.to_vec(), stack);
+            return;
+        };
         let host = match connect(dst) {
             Ok(s) => s,
             Err(e) => {
@@ -270,7 +292,7 @@ impl TcpNat {
                     flow.phase = Phase::Open(handle);
                     flow.host_readable = true;
                     flow.host_writable = true;
-                    stack.wire.to_stack.push_back(syn);
+                    stack.wire.push_to_stack(syn);
                     // Now, before any other listener exists, so this SYN finds this socket.
                     stack.poll();
                     M::inc(&stack.metrics.nat_tcp_opened);
@@ -446,7 +468,7 @@ fn connect(dst: SocketAddr) -> io::Result<Socket> {
 
 /// Gives the guest's SYN to the stack with no listener for it: the stack answers with a reset.
 fn refuse(syn: Vec<u8>, stack: &mut Stack) {
-    stack.wire.to_stack.push_back(syn);
+    stack.wire.push_to_stack(syn);
     stack.poll();
 }
 
@@ -524,4 +546,22 @@ fn host_reset(flow: &mut Flow, socket: &mut tcp::Socket, metrics: &M) {
     flow.host_readable = false;
     flow.host_writable = false;
     M::inc(&metrics.nat_tcp_resets_to_guest);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcp_buffers_of_the_largest_table_fit_the_budget() {
+        assert_eq!(buffer_size(1024), 64 << 10);
+        assert_eq!(buffer_size(256), MAX_BUFFER);
+        assert_eq!(buffer_size(1), MAX_BUFFER);
+        assert_eq!(buffer_size(MAX_FLOWS), MIN_BUFFER);
+        for flows in [1, 3, 20, 1000, 1024, 1025, 5000, MAX_FLOWS] {
+            let each = buffer_size(flows);
+            assert_eq!(each % 4096, 0, "{flows}");
+            assert!(flows * 2 * each <= BUFFER_BUDGET, "{flows}: {each}");
+        }
+    }
 }

@@ -13,7 +13,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::forward::{guest_visible, Bound, Listener};
 use super::frame::FlowKey;
-use super::tcp::host_destination;
+use super::pod::PodRoute;
 use super::{packet, Stack, TOKEN_UDP};
 use crate::virtio::net::metrics::NetMetrics as M;
 
@@ -64,6 +64,7 @@ impl UdpNat {
         key: FlowKey,
         payload: &[u8],
         forwards: &[Bound],
+        route: &PodRoute,
         stack: &mut Stack,
         epoll: &Epoll,
     ) {
@@ -79,7 +80,7 @@ impl UdpNat {
         }
         let id = match self.by_key.get(&key) {
             Some(&id) => id,
-            None => match self.open(key, stack, epoll) {
+            None => match self.open(key, route, stack, epoll) {
                 Some(id) => id,
                 None => return,
             },
@@ -91,12 +92,22 @@ impl UdpNat {
         }
     }
 
-    fn open(&mut self, key: FlowKey, stack: &mut Stack, epoll: &Epoll) -> Option<u64> {
+    fn open(
+        &mut self,
+        key: FlowKey,
+        route: &PodRoute,
+        stack: &mut Stack,
+        epoll: &Epoll,
+    ) -> Option<u64> {
         if self.flows.len() >= self.max_flows {
             M::inc(&stack.metrics.nat_flow_limit);
             return None;
         }
-        let dst = host_destination(key.remote);
+        let Some(dst) = route.host_destination(key.remote) else {
+            // The gateway, where the pod has no address of the family.
+            M::inc(&stack.metrics.nat_udp_send_errors);
+            return None;
+        };
         let any: SocketAddr = if dst.is_ipv4() {
             "0.0.0.0:0".parse().ok()?
         } else {
@@ -171,12 +182,13 @@ impl UdpNat {
                     last_active: Instant::now(),
                 },
             );
-            if stack.wire.to_guest.len() >= super::stack::TO_GUEST_HIGH {
+            if !stack.wire.to_guest.has_room() {
                 M::inc(&stack.metrics.rx_dropped);
                 continue;
             }
-            let frame = packet::udp(guest_mac, remote, guest, &self.buf[..n]);
-            stack.wire.to_guest.push_back(frame);
+            if let Some(frame) = packet::udp(guest_mac, remote, guest, &self.buf[..n]) {
+                stack.wire.to_guest.push(frame);
+            }
         }
     }
 
@@ -189,14 +201,15 @@ impl UdpNat {
             match flow.host.recv(&mut self.buf) {
                 Ok(n) => {
                     flow.last_active = Instant::now();
-                    if stack.wire.to_guest.len() >= super::stack::TO_GUEST_HIGH {
+                    if !stack.wire.to_guest.has_room() {
                         // The guest is not taking frames: drop, as a full router queue does.
                         M::inc(&stack.metrics.rx_dropped);
                         continue;
                     }
-                    let frame =
-                        packet::udp(guest_mac, flow.key.remote, flow.key.guest, &self.buf[..n]);
-                    stack.wire.to_guest.push_back(frame);
+                    let (src, dst) = (flow.key.remote, flow.key.guest);
+                    if let Some(frame) = packet::udp(guest_mac, src, dst, &self.buf[..n]) {
+                        stack.wire.to_guest.push(frame);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 // WouldBlock, or an ICMP error the kernel reported on the connected socket.
