@@ -248,7 +248,11 @@ fn run(args: RunArgs) -> Result<u8, Error> {
         downtime: std::time::Duration::from_millis(args.migration_downtime_ms),
         timeout: std::time::Duration::from_secs(args.migration_timeout),
         insecure: args.migration_insecure,
-        vm_id: args.migration_vm_id.clone(),
+        // A VMI's UID unless the flag says otherwise.
+        vm_id: args
+            .migration_vm_id
+            .clone()
+            .or_else(|| plan.as_ref().and_then(|p| p.uid.clone())),
         tls: match (
             args.migration_tls_cert,
             args.migration_tls_key,

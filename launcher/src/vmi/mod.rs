@@ -207,6 +207,8 @@ pub struct PlannedNic {
 pub struct Plan {
     pub name: String,
     pub namespace: String,
+    /// `metadata.uid`: the VM's identity for live migration (`--migration-vm-id`).
+    pub uid: Option<String>,
     pub config: VmConfig,
     /// In the order of `config.disks`.
     pub disks: Vec<PlannedDisk>,
@@ -561,7 +563,7 @@ fn plan_inner(w: &mut Walk, doc: &Value, paths: &Paths) -> Option<Plan> {
         ),
         None => w.error("kind", "required; use VirtualMachineInstance"),
     }
-    let (name, namespace) = metadata(w, top.get("metadata").unwrap_or(&Value::Null));
+    let (name, namespace, uid) = metadata(w, top.get("metadata").unwrap_or(&Value::Null));
     let spec = top.get("spec").unwrap_or(&Value::Null);
     if spec.is_null() {
         w.error("spec", "required");
@@ -716,6 +718,7 @@ fn plan_inner(w: &mut Walk, doc: &Value, paths: &Paths) -> Option<Plan> {
     Some(Plan {
         name,
         namespace,
+        uid,
         config,
         disks: planned_disks,
         nics: planned_nics,
@@ -725,19 +728,19 @@ fn plan_inner(w: &mut Walk, doc: &Value, paths: &Paths) -> Option<Plan> {
     })
 }
 
-fn metadata(w: &mut Walk, value: &Value) -> (String, String) {
+/// The VMI's name, namespace and UID.
+fn metadata(w: &mut Walk, value: &Value) -> (String, String, Option<String>) {
     if value.is_null() {
         w.error(
             "metadata",
             "required (metadata.name names the VM in logs and metrics)",
         );
-        return (String::new(), "default".into());
+        return (String::new(), "default".into(), None);
     }
     let Some(meta) = w.object("metadata", value, |k| match k {
-        "name" | "namespace" => Some(Key::Use),
+        "name" | "namespace" | "uid" => Some(Key::Use),
         "labels"
         | "annotations"
-        | "uid"
         | "generateName"
         | "resourceVersion"
         | "creationTimestamp"
@@ -750,8 +753,21 @@ fn metadata(w: &mut Walk, value: &Value) -> (String, String) {
         | "selfLink" => Some(Key::Ignore(CLUSTER)),
         _ => None,
     }) else {
-        return (String::new(), "default".into());
+        return (String::new(), "default".into(), None);
     };
+    // The UID binds the VM's live migrations to it: a destination takes only a source
+    // that carries the same one (see docs/migration.md).
+    let uid = w.string(meta, "metadata", "uid").and_then(|uid| {
+        if uid.is_empty() || uid.len() > 253 || !uid.bytes().all(|b| b.is_ascii_graphic()) {
+            w.error(
+                "metadata.uid",
+                "must be 1 to 253 printable ASCII characters without spaces, as the API server assigns it (a UUID)",
+            );
+            None
+        } else {
+            Some(uid.to_string())
+        }
+    });
     let name = match w.string(meta, "metadata", "name") {
         Some(n) if !n.is_empty() => n.to_string(),
         _ => {
@@ -763,7 +779,7 @@ fn metadata(w: &mut Walk, value: &Value) -> (String, String) {
         .string(meta, "metadata", "namespace")
         .unwrap_or("default")
         .to_string();
-    (name, namespace)
+    (name, namespace, uid)
 }
 
 fn cpu(w: &mut Walk, domain: &Map<String, Value>) -> (Option<u8>, (u8, u8, u8)) {

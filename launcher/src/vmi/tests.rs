@@ -283,6 +283,22 @@ fn vmi_defaults_follow_kubevirt() {
 }
 
 #[test]
+fn vmi_uid_is_the_vms_migration_identity() {
+    assert_eq!(plan_text(MINIMAL).unwrap().uid, None);
+    let uid = "f4d2c8e6-1b3a-4c5d-9e8f-0a1b2c3d4e5f";
+    let text = MINIMAL.replace("{name: tiny}", &format!("{{name: tiny, uid: {uid}}}"));
+    assert_eq!(plan_text(&text).unwrap().uid.as_deref(), Some(uid));
+    let text = MINIMAL.replace("{name: tiny}", "{name: tiny, uid: \"two words\"}");
+    let Err(Errors(errors)) = plan_text(&text) else {
+        panic!("a UID with a space was taken");
+    };
+    assert!(
+        errors.iter().any(|e| e.path == "metadata.uid"),
+        "{errors:#?}"
+    );
+}
+
+#[test]
 fn vmi_without_serial_console_or_network() {
     let text = MINIMAL.replace(
         "    firmware:",
