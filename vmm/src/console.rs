@@ -12,6 +12,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -190,9 +191,12 @@ impl ConsoleHub {
     ) -> Result<Arc<Self>, ConsoleError> {
         let log = log
             .map(|path| {
+                // Never through a symlink: the file sits in a directory another container
+                // of the pod may share, and podvm must not append where a link points.
                 std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
+                    .custom_flags(libc::O_NOFOLLOW)
                     .open(path)
                     .map_err(|source| ConsoleError::Log {
                         path: path.into(),
@@ -757,6 +761,23 @@ mod tests {
         hub.flush();
         assert_eq!(std::fs::read(&path).unwrap(), b"hello world");
         let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn console_log_file_is_not_opened_through_a_symlink() {
+        let dir = std::env::temp_dir().join(format!("podvm-console-link-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let target = dir.join("elsewhere");
+        std::fs::write(&target, b"keep\n").unwrap();
+        let link = dir.join("console.log");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = ConsoleHub::new(4, Some(&link))
+            .err()
+            .expect("opened through a symlink");
+        assert!(e.to_string().contains("--console-log"), "{e}");
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep\n");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
