@@ -750,7 +750,8 @@ fn net_user_ports_all_forwards_every_free_port_like_kubevirt_without_a_port_list
 }
 
 /// A guest sending UDP as fast as it can through the NAT (a flood of frames on the TX
-/// queue, each a datagram the NAT must handle) does not hold the event loop: the liveness
+/// queue, each a datagram the NAT sends on from a host socket to the pod's address, whose
+/// closed port answers each with an ICMP error) does not hold the event loop: the liveness
 /// probe keeps answering throughout, and the loop's longest silence stays below the
 /// liveness threshold. The measured figure is printed, not asserted against a budget.
 #[test]
@@ -758,6 +759,8 @@ fn net_user_guest_flooding_tx_keeps_the_event_loop_and_probes_turning() {
     if !kvm_available() {
         return;
     }
+    // A pod with an address, which the gateway stands for.
+    let _net = PodNet::new();
     let port = 21_000 + (std::process::id() % 1000) as u16;
     let listen = format!("127.0.0.1:{port}");
     let script = "ip link set lo up\nip link set eth0 up\n\
