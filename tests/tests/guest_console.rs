@@ -36,6 +36,32 @@ fn read_until(stream: &mut BufReader<UnixStream>, marker: &str) -> String {
     }
 }
 
+/// Starts podvm running `script` with its console on `socket` (and `log`), and waits for
+/// the socket to appear.
+fn spawn_on_console_socket(
+    script: &str,
+    socket: &std::path::Path,
+    log: Option<&std::path::Path>,
+) -> std::process::Child {
+    let mut cmd = guest_command(script, &[]);
+    cmd.arg("--console").arg(socket);
+    if let Some(log) = log {
+        cmd.arg("--console-log").arg(log);
+    }
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn podvm");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "console socket never appeared");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
 #[test]
 fn console_socket_serves_history_keyboard_and_log() {
     if !kvm_available() {
@@ -45,22 +71,7 @@ fn console_socket_serves_history_keyboard_and_log() {
     let socket = dir.0.join("console.sock");
     let log = dir.0.join("console.log");
     let script = "echo BOOT-MARKER\nread -r line\necho \"GOT=[$line]\"\n";
-    let mut child = guest_command(script, &[])
-        .arg("--console")
-        .arg(&socket)
-        .arg("--console-log")
-        .arg(&log)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn podvm");
-
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !socket.exists() {
-        assert!(Instant::now() < deadline, "console socket never appeared");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut child = spawn_on_console_socket(script, &socket, Some(&log));
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "socket mode");
 
@@ -121,19 +132,7 @@ fn console_paste_of_4_kib_reaches_the_guest_byte_for_byte() {
         until grep -q ') S ' /proc/$reader/stat || [ ! -e /proc/$reader ]; do :; done\n\
         echo PASTE-READY\nwait $reader\n\
         echo PASTE-BEGIN\ncat /tmp/paste\necho \"PASTE-END $(wc -c < /tmp/paste)\"\n";
-    let mut child = guest_command(script, &[])
-        .arg("--console")
-        .arg(&socket)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn podvm");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !socket.exists() {
-        assert!(Instant::now() < deadline, "console socket never appeared");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut child = spawn_on_console_socket(script, &socket, None);
     let client = UnixStream::connect(&socket).expect("connect");
     // A guest that stops short fails the test with what it printed, not a hang.
     client
