@@ -9,6 +9,8 @@ use crate::irq::IrqTrigger;
 pub const COM1_PORT_BASE: u16 = 0x3f8;
 /// Ports a 16550 decodes.
 pub const PORT_LEN: u16 = 8;
+/// Bytes the UART's receive FIFO holds (vm-superio's 16550A).
+const FIFO_SIZE: usize = 64;
 /// COM1's legacy IRQ line.
 pub const COM1_IRQ: u32 = 4;
 
@@ -34,10 +36,17 @@ impl Serial {
         self.uart.fifo_capacity()
     }
 
-    /// Queues bytes for the guest to receive; returns how many fitted in the FIFO.
+    /// Queues bytes for the guest to receive; returns how many fitted in the FIFO. With
+    /// the FIFO full and bytes waiting, the received-data interrupt is raised again: on a
+    /// real 16550 that interrupt is a level that stays up while data waits, but here it is an
+    /// edge, sent when bytes arrive, and an edge the guest missed (its handler had just found
+    /// the FIFO empty) would leave a full FIFO unread and the input stuck for ever.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
         let n = bytes.len().min(self.uart.fifo_capacity());
         if n == 0 {
+            if !bytes.is_empty() {
+                self.raise_received_data();
+            }
             return 0;
         }
         match self.uart.enqueue_raw_bytes(&bytes[..n]) {
@@ -45,6 +54,26 @@ impl Serial {
             Err(e) => {
                 tracing::debug!(error = ?e, "serial input interrupt failed");
                 n
+            }
+        }
+    }
+
+    /// Raises the received-data interrupt again if the guest enabled it and data waits in
+    /// the FIFO. vm-superio raises it only when the identification register does not show
+    /// it already: once an edge is lost, that register keeps showing it, no edge ever comes
+    /// again, and a full FIFO waits for a guest that waits for an interrupt. (With DLAB set
+    /// the driver is programming the baud rate, and IER is not reachable: nothing is raised.)
+    fn raise_received_data(&mut self) {
+        const IER: u8 = 1;
+        const LCR: u8 = 3;
+        const LCR_DLAB: u8 = 0x80;
+        const IER_RDA: u8 = 1;
+        if self.uart.read(LCR) & LCR_DLAB != 0 || self.uart.read(IER) & IER_RDA == 0 {
+            return;
+        }
+        if self.uart.fifo_capacity() < FIFO_SIZE {
+            if let Err(e) = vm_superio::Trigger::trigger(self.uart.interrupt_evt()) {
+                tracing::debug!(error = %e, "serial input interrupt failed");
             }
         }
     }
@@ -170,5 +199,24 @@ mod tests {
         serial.read(0, &mut b);
         assert_eq!(b[0], b'x');
         assert_eq!(serial.input_capacity(), 1);
+    }
+
+    #[test]
+    fn serial_input_waiting_on_a_full_fifo_raises_the_interrupt_again() {
+        let irq = IrqTrigger::new().unwrap();
+        let evt = irq.try_clone().unwrap();
+        let mut serial = Serial::new(irq, Box::new(std::io::sink()));
+        serial.write(1, &[1]); // IER: received-data interrupt on
+        let cap = serial.input_capacity();
+        assert_eq!(serial.enqueue_input(&vec![b'x'; cap]), cap);
+        assert!(evt.eventfd().read().unwrap() >= 1, "raised for the bytes");
+        // The guest missed that edge; more input waits on the full FIFO: raised again.
+        assert_eq!(serial.enqueue_input(b"more"), 0);
+        assert_eq!(evt.eventfd().read().unwrap(), 1, "raised again");
+        // Not with the interrupt off.
+        serial.write(1, &[0]);
+        assert_eq!(serial.enqueue_input(b"more"), 0);
+        evt.eventfd().write(1).unwrap();
+        assert_eq!(evt.eventfd().read().unwrap(), 1, "not raised with IER off");
     }
 }
