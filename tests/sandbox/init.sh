@@ -48,6 +48,48 @@ podvm_load_modules /etc/podvm/modules
 chmod 0666 /dev/kvm /dev/vhost-net /dev/net/tun 2>/dev/null || :
 ip link set lo up 2>/dev/null || podvm_kmsg "cannot bring up lo"
 
+# podvm_watchdog LIMIT: the sandbox's own view of itself, for when its console goes quiet
+# (the host sees only silence). Every 30 s one line: uptime, the console's transmit count
+# (ttyS0's "tx:" in /proc/tty/driver/serial) and the load. When that count has not moved for
+# LIMIT seconds (run passes half its silence limit; the tests print a heartbeat at least
+# every quarter of it), and every 300 s after: every task's state, wait channel and kernel
+# stack, the blocked tasks and CPU backtraces (sysrq w and l) and the kernel log's end. run
+# sends this to the second serial port (ttyS1), keeps it in a file and prints it when the
+# sandbox fails.
+podvm_watchdog() {
+    _wd_limit=$1 _wd_last='' _wd_still=0 _wd_next=$1
+    while sleep 30; do
+        _wd_tx=$(sed -n 's/^0: .* tx:\([0-9]*\).*/\1/p' /proc/tty/driver/serial 2>/dev/null)
+        if [ "$_wd_tx" = "$_wd_last" ]; then
+            _wd_still=$((_wd_still + 30))
+        else
+            _wd_still=0 _wd_next=$_wd_limit _wd_last=$_wd_tx
+        fi
+        echo "watchdog: up $(cut -d ' ' -f 1 /proc/uptime) s; console tx ${_wd_tx:-?}," \
+            "unchanged for $_wd_still s; load $(cut -d ' ' -f 1-4 /proc/loadavg)"
+        [ "$_wd_still" -ge "$_wd_next" ] || continue
+        _wd_next=$((_wd_still + 300))
+        echo "watchdog: === the console has been quiet for $_wd_still s: the sandbox's state ==="
+        cat /proc/tty/driver/serial
+        for _wd_t in /proc/[0-9]*/task/[0-9]*; do
+            read -r _wd_stat <"$_wd_t/stat" 2>/dev/null || continue
+            # Not the kernel's own threads (kthreadd's children): sysrq w shows those blocked.
+            # shellcheck disable=SC2086 # split into its fields
+            set -- ${_wd_stat##*) }
+            if [ "${2:-}" = 2 ] || [ "${_wd_t#/proc/}" = 2/task/2 ]; then continue; fi
+            echo "--- task ${_wd_t#/proc/}: $_wd_stat" | cut -c 1-160
+            echo "    wchan $(cat "$_wd_t/wchan" 2>/dev/null)"
+            sed 's/^/    /' "$_wd_t/stack" 2>/dev/null
+        done
+        echo w >/proc/sysrq-trigger 2>/dev/null
+        echo l >/proc/sysrq-trigger 2>/dev/null
+        sleep 1
+        echo "watchdog: --- the kernel log's last 300 lines"
+        dmesg | tail -n 300
+        echo "watchdog: === end of state ==="
+    done
+}
+
 cmd=/podvm-sandbox/cmd.sh
 if [ -f "$cmd" ] && [ -e /podvm-sandbox/interactive ]; then
     # setsid + cttyhack: the console becomes the controlling terminal, so
@@ -57,12 +99,17 @@ if [ -f "$cmd" ] && [ -e /podvm-sandbox/interactive ]; then
     echo "SANDBOX-EXIT $status" >/dev/ttyS1 2>/dev/null ||
         echo "SANDBOX-EXIT $status"
 elif [ -f "$cmd" ]; then
+    if [ -f /podvm-sandbox/watchdog ]; then
+        podvm_watchdog "$(cat /podvm-sandbox/watchdog)" >/dev/ttyS1 2>&1 &
+        watchdog=$!
+    fi
     # run shows only what follows this line.
     echo "SANDBOX-START"
     sh "$cmd" </dev/null
     status=$?
     # No leading newline: run strips the marker from the end of whatever
     # line it ends, so output without a final newline comes through intact.
+    [ -z "${watchdog:-}" ] || kill "$watchdog" 2>/dev/null
     echo "SANDBOX-EXIT $status"
 else
     echo "sandbox: no /podvm-sandbox/cmd.sh; starting a shell (exit powers off)"
