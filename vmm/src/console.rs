@@ -32,8 +32,14 @@ const NOTICE_READ_ONLY: &[u8] =
     b"\r\n[podvm] read-only: another client holds the keyboard; you get it when it leaves\r\n";
 const NOTICE_KEYBOARD: &[u8] = b"\r\n[podvm] you now hold the keyboard\r\n";
 
-/// How long to wait before offering more input when the UART's FIFO is full.
+/// How often input waiting for the guest is looked at: what the FIFO could not take is
+/// offered again, and the guest's progress in reading the FIFO is checked.
 const INPUT_RETRY: Duration = Duration::from_millis(5);
+/// Looks ([`INPUT_RETRY`]) without the guest reading a byte of a non-empty FIFO after which
+/// its received-data interrupt is raised again (20 ms); doubled after each raise that did not
+/// help, up to [`INPUT_KICK_MAX_TICKS`] (1 s), so a guest that stopped reading costs little.
+const INPUT_KICK_TICKS: u32 = 4;
+const INPUT_KICK_MAX_TICKS: u32 = 200;
 /// Most input bytes read from a console client or stdin at once.
 pub(crate) const INPUT_CHUNK: usize = 256;
 
@@ -42,10 +48,21 @@ pub(crate) const INPUT_CHUNK: usize = 256;
 /// meanwhile, and a timer offers the rest again as the guest drains the FIFO: a paste arrives
 /// whole, at the guest's pace, and the typist's side is held back by its own full socket
 /// instead of losing what did not fit. At most one read's worth ([`INPUT_CHUNK`]) waits.
+///
+/// While bytes wait in the FIFO the timer also watches the guest read them: the UART's
+/// received-data interrupt is an edge here (a level on the real part), and a guest that
+/// missed one would never read the FIFO again; when the guest has read nothing for a while
+/// the interrupt is raised again ([`Serial::raise_received_data`]).
 pub(crate) struct UartInput {
     serial: Arc<Mutex<Serial>>,
     pending: Vec<u8>,
     retry: TimerFd,
+    /// Bytes in the FIFO after the last offer: more (or as many) at the next look means the
+    /// guest read nothing in between.
+    fifo_after: usize,
+    /// Looks in a row without the guest reading, and how many make it raise the interrupt.
+    stalled: u32,
+    kick_after: u32,
 }
 
 impl UartInput {
@@ -54,6 +71,9 @@ impl UartInput {
             serial,
             pending: Vec::new(),
             retry: TimerFd::new()?,
+            fifo_after: 0,
+            stalled: 0,
+            kick_after: INPUT_KICK_TICKS,
         })
     }
 
@@ -75,27 +95,51 @@ impl UartInput {
         self.flush()
     }
 
-    /// On the retry timer: offers what waits again; true when it is all taken (the caller
-    /// reads its source again), else the timer is armed once more.
+    /// On the retry timer: raises the guest's interrupt again if it has read nothing for a
+    /// while, and offers what waits again; true when input that waited has now all been
+    /// taken (the caller reads its source again).
     pub(crate) fn retry(&mut self) -> bool {
         let _ = self.retry.wait();
-        self.flush()
+        let was_blocked = self.is_blocked();
+        {
+            let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+            let waiting = serial.input_waiting();
+            if waiting == 0 || waiting < self.fifo_after {
+                self.stalled = 0;
+                self.kick_after = INPUT_KICK_TICKS;
+            } else {
+                self.stalled += 1;
+                if self.stalled >= self.kick_after {
+                    self.stalled = 0;
+                    self.kick_after = (self.kick_after * 2).min(INPUT_KICK_MAX_TICKS);
+                    serial.raise_received_data();
+                }
+            }
+        }
+        self.flush() && was_blocked
     }
 
+    /// Offers what waits; true when it is all taken. Arms the timer while input waits here
+    /// or in the FIFO (for a guest that has the received-data interrupt on).
     fn flush(&mut self) -> bool {
-        let taken = self
-            .serial
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .enqueue_input(&self.pending);
+        let (taken, waiting, watch) = {
+            let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+            let taken = serial.enqueue_input(&self.pending);
+            let waiting = serial.input_waiting();
+            (
+                taken,
+                waiting,
+                waiting > 0 && serial.received_data_enabled(),
+            )
+        };
         self.pending.drain(..taken);
-        if self.pending.is_empty() {
-            return true;
+        self.fifo_after = waiting;
+        if !self.pending.is_empty() || watch {
+            if let Err(e) = self.retry.reset(INPUT_RETRY, None) {
+                tracing::warn!(error = %e, "console retry timer failed; input stops");
+            }
         }
-        if let Err(e) = self.retry.reset(INPUT_RETRY, None) {
-            tracing::warn!(error = %e, "console retry timer failed; input stops");
-        }
-        false
+        self.pending.is_empty()
     }
 }
 
@@ -268,6 +312,11 @@ impl ConsoleHub {
         &self.metrics
     }
 
+    /// Clients attached now.
+    pub fn clients_attached(&self) -> usize {
+        self.lock().clients.len()
+    }
+
     /// Guest output: into the history, the log, and every client.
     pub fn output(&self, bytes: &[u8]) {
         self.metrics
@@ -310,6 +359,11 @@ impl ConsoleHub {
         } else {
             backlog.extend(NOTICE_READ_ONLY);
         }
+        // Counted when accepted: a client that leaves while its history is still being sent
+        // (it saw what it wanted) was connected all the same.
+        self.metrics
+            .clients_connected
+            .fetch_add(1, Ordering::Relaxed);
         let mut client = Client {
             id,
             stream,
@@ -323,9 +377,6 @@ impl ConsoleHub {
         }
         state.clients.push(client);
         self.note_backlog(&state);
-        self.metrics
-            .clients_connected
-            .fetch_add(1, Ordering::Relaxed);
         Some(id)
     }
 
@@ -622,6 +673,60 @@ mod tests {
             out.extend_from_slice(&buf[..n]);
         }
         out
+    }
+
+    #[test]
+    fn uart_input_raises_the_interrupt_again_for_a_guest_that_missed_it() {
+        use devices::bus::BusDevice;
+        use devices::irq::IrqTrigger;
+
+        let irq = IrqTrigger::new().unwrap();
+        let line = irq.try_clone().unwrap();
+        let serial = Arc::new(Mutex::new(Serial::new(irq, Box::new(io::sink()))));
+        serial.lock().unwrap().write(1, &[1]); // IER: received-data interrupt on
+        let _ = line.eventfd().read();
+        let mut input = UartInput::new(serial.clone()).unwrap();
+        assert!(input.offer(b"hi\n"));
+        assert_eq!(line.eventfd().read().unwrap(), 1, "raised for the bytes");
+        // The guest missed that edge and reads nothing: the timer keeps looking, and after
+        // INPUT_KICK_TICKS looks the interrupt comes again.
+        let mut looks = 0;
+        while line.eventfd().read().is_err() {
+            assert!(input.retry_timer().is_armed().unwrap(), "stopped watching");
+            assert!(!input.retry(), "nothing waited outside the FIFO");
+            looks += 1;
+            assert!(
+                looks <= INPUT_KICK_TICKS,
+                "not raised again after {looks} looks"
+            );
+        }
+        assert_eq!(looks, INPUT_KICK_TICKS);
+        // Missed again, and an identification read cleared IIR meanwhile: raised after twice
+        // as many looks, with IIR showing received data for the guest's handler.
+        let mut iir = [0u8];
+        serial.lock().unwrap().read(2, &mut iir);
+        let mut looks = 0;
+        while line.eventfd().read().is_err() {
+            input.retry();
+            looks += 1;
+            assert!(looks <= 2 * INPUT_KICK_TICKS, "not raised again");
+        }
+        assert_eq!(looks, 2 * INPUT_KICK_TICKS);
+        serial.lock().unwrap().read(2, &mut iir);
+        assert_eq!(iir[0] & 0x0f, 0x04, "received data shown");
+        // The guest reads it all: the timer stops.
+        for _ in 0..3 {
+            serial.lock().unwrap().read(0, &mut [0u8]);
+        }
+        input.retry();
+        assert!(
+            !input.retry_timer().is_armed().unwrap(),
+            "still watching an empty FIFO"
+        );
+        assert!(
+            line.eventfd().read().is_err(),
+            "raised with nothing waiting"
+        );
     }
 
     #[test]

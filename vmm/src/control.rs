@@ -225,6 +225,7 @@ impl Control for VmControl {
         let console = self.console.as_ref().map(|hub| {
             let m = hub.metrics();
             json!({
+                "clients_attached": hub.clients_attached(),
                 "clients_connected": get(&m.clients_connected),
                 "clients_dropped_slow": get(&m.clients_dropped_slow),
                 "output_bytes": get(&m.output_bytes),

@@ -624,7 +624,7 @@ pub fn prometheus(source: &dyn StatusSource, heartbeat: &Heartbeat) -> String {
 
 /// Counter-like names among the JSON counters are monotonic: all but these gauges.
 const GAUGES: &[&str] = &[
-    "clients_connected",
+    "clients_attached",
     "backlog_bytes",
     "tcp_flows",
     "udp_flows",
@@ -721,7 +721,7 @@ mod tests {
             json!({
                 "disks": [{"index": 0, "path": "/d", "read_bytes": 4096, "read_requests": 1}],
                 "nics": [{"rx_frames": 3, "nat": {"tcp_flows": 2, "tcp_opened": 7}}],
-                "console": {"clients_connected": 1, "output_bytes": 10},
+                "console": {"clients_attached": 1, "clients_connected": 3, "output_bytes": 10},
                 "vm": {"pauses": 1, "paused_s": 0.5},
                 "api": {"requests": 4},
             })
@@ -754,7 +754,8 @@ mod tests {
             "podvm_nic_rx_frames_total{nic=\"0\"} 3",
             "podvm_nic_nat_tcp_flows{nic=\"0\"} 2",
             "podvm_nic_nat_tcp_opened_total{nic=\"0\"} 7",
-            "podvm_console_clients_connected 1",
+            "podvm_console_clients_attached 1",
+            "podvm_console_clients_connected_total 3",
             "podvm_console_output_bytes_total 10",
             "podvm_api_requests_total 4",
             "podvm_migration_state{state=\"none\"} 1",

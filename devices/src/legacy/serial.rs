@@ -11,6 +11,9 @@ pub const COM1_PORT_BASE: u16 = 0x3f8;
 pub const PORT_LEN: u16 = 8;
 /// Bytes the UART's receive FIFO holds (vm-superio's 16550A).
 const FIFO_SIZE: usize = 64;
+/// LCR's divisor-latch access bit, IER's received-data interrupt enable.
+const LCR_DLAB: u8 = 0x80;
+const IER_RDA: u8 = 0x01;
 /// COM1's legacy IRQ line.
 pub const COM1_IRQ: u32 = 4;
 
@@ -36,17 +39,15 @@ impl Serial {
         self.uart.fifo_capacity()
     }
 
-    /// Queues bytes for the guest to receive; returns how many fitted in the FIFO. With
-    /// the FIFO full and bytes waiting, the received-data interrupt is raised again: on a
-    /// real 16550 that interrupt is a level that stays up while data waits, but here it is an
-    /// edge, sent when bytes arrive, and an edge the guest missed (its handler had just found
-    /// the FIFO empty) would leave a full FIFO unread and the input stuck for ever.
+    /// Input bytes waiting in the receive FIFO for the guest to read.
+    pub fn input_waiting(&self) -> usize {
+        FIFO_SIZE - self.uart.fifo_capacity()
+    }
+
+    /// Queues bytes for the guest to receive; returns how many fitted in the FIFO.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
         let n = bytes.len().min(self.uart.fifo_capacity());
         if n == 0 {
-            if !bytes.is_empty() {
-                self.raise_received_data();
-            }
             return 0;
         }
         match self.uart.enqueue_raw_bytes(&bytes[..n]) {
@@ -58,24 +59,46 @@ impl Serial {
         }
     }
 
-    /// Raises the received-data interrupt again if the guest enabled it and data waits in
-    /// the FIFO. vm-superio raises it only when the identification register does not show
-    /// it already: once an edge is lost, that register keeps showing it, no edge ever comes
-    /// again, and a full FIFO waits for a guest that waits for an interrupt. (With DLAB set
-    /// the driver is programming the baud rate, and IER is not reachable: nothing is raised.)
-    fn raise_received_data(&mut self) {
+    /// Whether the guest has the received-data interrupt on (IER, outside baud-rate setup).
+    pub fn received_data_enabled(&self) -> bool {
+        let state = self.uart.state();
+        state.line_control & LCR_DLAB == 0 && state.interrupt_enable & IER_RDA != 0
+    }
+
+    /// Asserts the received-data interrupt again, if the guest has it enabled and data
+    /// waits in the FIFO; true if it did. On a real 16550 that interrupt is a level that
+    /// stays up while data waits; here it is an edge, sent when bytes arrive (vm-superio),
+    /// and an edge the guest missed (an interrupt line masked at that moment, an
+    /// identification read that cleared it) would leave the FIFO unread and the input stuck
+    /// for ever. The caller does this when the guest has read nothing for a while.
+    ///
+    /// The identification register must show the interrupt when it arrives, or Linux's 8250
+    /// handler finds "no interrupt" and leaves the data: when it does not show it (a read
+    /// cleared it), rewriting IER makes vm-superio set it and trigger, as re-enabling does on
+    /// the real part; when it shows it already, vm-superio would not trigger again, so the
+    /// line is triggered here. (With DLAB set the driver is programming the baud rate and
+    /// IER is not reachable: nothing is raised.)
+    pub fn raise_received_data(&mut self) -> bool {
         const IER: u8 = 1;
-        const LCR: u8 = 3;
-        const LCR_DLAB: u8 = 0x80;
-        const IER_RDA: u8 = 1;
-        if self.uart.read(LCR) & LCR_DLAB != 0 || self.uart.read(IER) & IER_RDA == 0 {
-            return;
+        const IIR_RDA: u8 = 0x04;
+        let state = self.uart.state();
+        if state.line_control & LCR_DLAB != 0
+            || state.interrupt_enable & IER_RDA == 0
+            || state.in_buffer.is_empty()
+        {
+            return false;
         }
-        if self.uart.fifo_capacity() < FIFO_SIZE {
-            if let Err(e) = vm_superio::Trigger::trigger(self.uart.interrupt_evt()) {
-                tracing::debug!(error = %e, "serial input interrupt failed");
-            }
+        let raised = if state.interrupt_identification & IIR_RDA == 0 {
+            self.uart
+                .write(IER, state.interrupt_enable)
+                .map_err(|e| format!("{e:?}"))
+        } else {
+            vm_superio::Trigger::trigger(self.uart.interrupt_evt()).map_err(|e| e.to_string())
+        };
+        if let Err(e) = raised {
+            tracing::debug!(error = %e, "serial input interrupt failed");
         }
+        true
     }
 
     /// Output writes that failed (for example a closed stdout); the guest never sees them.
@@ -202,21 +225,43 @@ mod tests {
     }
 
     #[test]
-    fn serial_input_waiting_on_a_full_fifo_raises_the_interrupt_again() {
+    fn serial_received_data_interrupt_is_raised_again_while_data_waits() {
+        const IIR: u64 = 2;
         let irq = IrqTrigger::new().unwrap();
         let evt = irq.try_clone().unwrap();
         let mut serial = Serial::new(irq, Box::new(std::io::sink()));
+        // Nothing waits: nothing to raise.
         serial.write(1, &[1]); // IER: received-data interrupt on
-        let cap = serial.input_capacity();
-        assert_eq!(serial.enqueue_input(&vec![b'x'; cap]), cap);
-        assert!(evt.eventfd().read().unwrap() >= 1, "raised for the bytes");
-        // The guest missed that edge; more input waits on the full FIFO: raised again.
-        assert_eq!(serial.enqueue_input(b"more"), 0);
+        let _ = evt.eventfd().read();
+        assert!(!serial.raise_received_data());
+        assert_eq!(serial.enqueue_input(b"abc"), 3);
+        assert_eq!(serial.input_waiting(), 3);
+        assert_eq!(evt.eventfd().read().unwrap(), 1, "raised for the bytes");
+        // The guest missed that edge: IIR still shows it; raised again by a trigger.
+        assert!(serial.raise_received_data());
         assert_eq!(evt.eventfd().read().unwrap(), 1, "raised again");
+        // An identification read cleared IIR while the data stayed: raised again, and IIR
+        // shows the interrupt when the guest's handler looks.
+        let mut iir = [0u8];
+        serial.read(IIR, &mut iir);
+        serial.read(IIR, &mut iir);
+        assert_eq!(iir[0] & 0x0f, 0x01, "no interrupt shown after the read");
+        assert!(serial.raise_received_data());
+        assert!(evt.eventfd().read().unwrap() >= 1, "raised again");
+        serial.read(IIR, &mut iir);
+        assert_eq!(iir[0] & 0x0f, 0x04, "received data shown");
         // Not with the interrupt off.
         serial.write(1, &[0]);
-        assert_eq!(serial.enqueue_input(b"more"), 0);
+        assert!(!serial.raise_received_data());
         evt.eventfd().write(1).unwrap();
         assert_eq!(evt.eventfd().read().unwrap(), 1, "not raised with IER off");
+        // Not once the guest read everything.
+        serial.write(1, &[1]);
+        let mut b = [0u8];
+        for _ in 0..3 {
+            serial.read(0, &mut b);
+        }
+        assert_eq!(serial.input_waiting(), 0);
+        assert!(!serial.raise_received_data());
     }
 }
