@@ -19,6 +19,12 @@ tests/guest/build.sh
 benches/guest/build.sh
 # Integration tests start the podvm binary, which `cargo test` alone does not build.
 cargo build --workspace --bins
+# The container image's static podvm (the same command as resources/image/build.sh, which then
+# finds it built): one guest test of each feature family runs it (tests/src/lib.rs,
+# use_image_binary).
+RUSTFLAGS="-C target-feature=+crt-static" \
+    cargo build --release --locked -p launcher --target x86_64-unknown-linux-gnu
+export PODVM_IMAGE_BIN=$PWD/target/x86_64-unknown-linux-gnu/release/podvm
 # --no-fail-fast: one run reports every failing test binary, not only the first.
 status=0
 cargo test --workspace --no-fail-fast "$@" || status=$?

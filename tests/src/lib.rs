@@ -37,8 +37,42 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The `podvm` binary of the same build as this test binary (`target/<profile>/podvm`).
+std::thread_local! {
+    /// Whether the calling test runs the container image's podvm ([`use_image_binary`]).
+    static IMAGE_BINARY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The static podvm that goes into the container image (`resources/image/build.sh` builds
+/// the same), named by `PODVM_IMAGE_BIN`: tests/run.sh builds it before the tests.
+pub fn image_binary() -> Option<PathBuf> {
+    let path = PathBuf::from(std::env::var_os("PODVM_IMAGE_BIN")?);
+    path.exists().then_some(path)
+}
+
+/// Makes the calling test (its thread: every podvm it starts through this harness) run the
+/// image's static podvm instead of the build's, so each feature family is proven with the
+/// binary users get too. Without `PODVM_IMAGE_BIN` the test runs the build's podvm, loudly,
+/// and under `PODVM_REQUIRE_KVM=1` (CI) that is a failure ([`skip`]).
+pub fn use_image_binary() {
+    if image_binary().is_none() {
+        skip(
+            "PODVM_IMAGE_BIN does not name the image's static podvm (tests/run.sh builds it \
+             and sets it); this test runs the build's podvm instead",
+        );
+        return;
+    }
+    IMAGE_BINARY.with(|on| on.set(true));
+}
+
+/// The `podvm` binary the calling test runs: the image's static one after
+/// [`use_image_binary`], otherwise the one of the same build as this test binary
+/// (`target/<profile>/podvm`).
 pub fn podvm_bin() -> PathBuf {
+    if IMAGE_BINARY.with(|on| on.get()) {
+        if let Some(path) = image_binary() {
+            return path;
+        }
+    }
     let exe = std::env::current_exe().expect("current_exe");
     // target/<profile>/deps/<test>-<hash> -> target/<profile>/podvm
     let bin = exe

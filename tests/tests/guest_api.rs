@@ -150,6 +150,8 @@ fn api_bad_requests_get_errors_and_the_guest_runs_on() {
     if !kvm_available() {
         return;
     }
+    // The family's test with the container image's static podvm.
+    podvm_tests::use_image_binary();
     let mut vm = SocketVm::start("api-bad", TICKER, &[]);
     wait_tick_after(&mut vm, 1);
 

@@ -74,6 +74,8 @@ fn blk_guest_dd_pattern_reaches_file_and_loop_device() {
     if !kvm_available() {
         return;
     }
+    // The family's test with the container image's static podvm.
+    podvm_tests::use_image_binary();
     let dir = TempDir::new("blk-pattern");
     let file_disk = dir.sparse("file.img", 72 << 20);
     let loop_file = dir.sparse("loop.img", 72 << 20);

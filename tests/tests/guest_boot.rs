@@ -46,6 +46,8 @@ fn guest_script_output_and_status_reach_stdout() {
     if !kvm_available() {
         return;
     }
+    // The family's test with the container image's static podvm.
+    podvm_tests::use_image_binary();
     let out = run_guest_script("echo hello-from-the-guest\nexit 3\n", &[]);
     assert!(out.status.success(), "{out}");
     assert!(out.stdout.contains("hello-from-the-guest"), "{out}");

@@ -67,6 +67,8 @@ fn console_socket_serves_history_keyboard_and_log() {
     if !kvm_available() {
         return;
     }
+    // The family's test with the container image's static podvm.
+    podvm_tests::use_image_binary();
     let dir = TempDir::new("console");
     let socket = dir.0.join("console.sock");
     let log = dir.0.join("console.log");

@@ -141,6 +141,8 @@ fn migration_moves_a_running_guest_whose_counter_continues_and_disk_holds_the_la
     if !kvm_available() {
         return;
     }
+    // The family's test with the container image's static podvm.
+    podvm_tests::use_image_binary();
     // A pod with an address (eth0) for the guest's gateway to stand for; the three podvms
     // and the server live in it.
     let _pod = podvm_tests::netns::PodNet::new();

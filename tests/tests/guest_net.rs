@@ -100,6 +100,8 @@ fn net_user_guest_configures_by_dhcp_and_moves_10_mib_each_way_from_the_pod_addr
     if !kvm_available() {
         return;
     }
+    // The family's test with the container image's static podvm.
+    podvm_tests::use_image_binary();
     let net = PodNet::new();
     let dir = TempDir::new("net-user");
     let resolv = dir.file("resolv.conf", RESOLV.as_bytes());

@@ -63,6 +63,8 @@ fn rng_guest_reads_entropy_from_virtio_rng_and_the_api_counts_the_bytes() {
     if !kvm_available() {
         return;
     }
+    // The family's test with the container image's static podvm.
+    podvm_tests::use_image_binary();
     let mut vm = SocketVm::start("rng-read", READ_ONCE, &["--rng"]);
     let log = vm.wait_log("RNG-READ\n");
 

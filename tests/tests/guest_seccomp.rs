@@ -111,6 +111,8 @@ fn seccomp_podvm_runs_as_the_pod_user_without_capabilities_and_every_thread_filt
     if !kvm_available() {
         return;
     }
+    // The family's test with the container image's static podvm.
+    podvm_tests::use_image_binary();
     if !podvm_tests::pod::unprivileged() {
         return podvm_tests::skip(
             "the tests are not root (or PODVM_TEST_AS_ROOT=1 or PODVM_TEST_STRACE is set), so \

@@ -174,6 +174,8 @@ fn topology_2_sockets_2_cores_2_threads_is_what_the_guest_sees() {
     if !kvm_available() {
         return;
     }
+    // The family's test with the container image's static podvm.
+    podvm_tests::use_image_binary();
     let script = format!("{REPORT}report T\n");
     let out = run_guest_script(
         &script,

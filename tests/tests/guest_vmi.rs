@@ -113,6 +113,8 @@ fn vmi_example_boots_with_pvc_cloud_init_empty_disk_network_and_console() {
     if !kvm_available() {
         return;
     }
+    // The family's test with the container image's static podvm.
+    podvm_tests::use_image_binary();
     // The filesystem PVC, where KubeVirt puts it (under --pvc-fs-dir).
     let pvcs = TempDir::new("vmi-pvcs");
     let claim = pvcs.0.join("data");
