@@ -799,8 +799,8 @@ fn net_user_ports_all_forwards_every_free_port_like_kubevirt_without_a_port_list
 /// A guest sending UDP as fast as it can through the NAT (a flood of frames on the TX
 /// queue, each a datagram the NAT sends on from a host socket to the pod's address, whose
 /// closed port answers each with an ICMP error) does not hold the event loop: the liveness
-/// probe keeps answering throughout, and the loop's longest silence stays below the
-/// liveness threshold. The measured figure is printed, not asserted against a budget.
+/// probe, which fails once the loop has been silent for `vmm::status::WEDGED_AFTER`, keeps
+/// answering throughout. The loop's longest silence is printed, not asserted (a duration).
 #[test]
 fn net_user_guest_flooding_tx_keeps_the_event_loop_and_probes_turning() {
     if !kvm_available() {
@@ -868,16 +868,7 @@ fn net_user_guest_flooding_tx_keeps_the_event_loop_and_probes_turning() {
         frames >= 50_000.0,
         "the flood reached the NAT: {frames} frames"
     );
-    assert!(
-        longest < vmm_wedged_after_s(),
-        "the event loop went {longest} s without turning"
-    );
     eprintln!(
         "TX flood: {frames} frames, {probes} probes all answered, {budget} passes ended on their budget, longest event-loop silence {longest} s ({busy} s of it on the CPU)"
     );
-}
-
-/// The status endpoint's liveness threshold (`vmm::status::WEDGED_AFTER`).
-fn vmm_wedged_after_s() -> f64 {
-    10.0
 }
