@@ -248,9 +248,27 @@ fn api_bad_requests_get_errors_and_the_guest_runs_on() {
     let idle: Vec<_> = (0..40)
         .map(|_| std::os::unix::net::UnixStream::connect(&vm.api).unwrap())
         .collect();
-    std::thread::sleep(Duration::from_millis(500));
+    // With the silent client, the last one is past the limit: its answer, at once, is the
+    // event that the API has seen them all.
+    {
+        use std::io::Read;
+        let mut last = idle.last().unwrap();
+        last.set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut answer = String::new();
+        last.read_to_string(&mut answer).unwrap();
+        assert_eq!(status(&answer), 503, "{answer}");
+        assert!(answer.contains("too many API connections"), "{answer}");
+    }
     drop(idle);
-    std::thread::sleep(Duration::from_millis(500));
+    // Until the API has seen them go, a new client is turned away too: wait for that.
+    let deadline = Instant::now() + podvm_tests::run_timeout();
+    while status(&vm.raw_api(b"GET /v1/vm HTTP/1.1\r\n\r\n")) == 503 {
+        if Instant::now() > deadline {
+            vm.hang("the API never dropped its closed idle clients");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // None of that reached the VM; the API still answers and the guest still ticks.
     let info = vm.api_json(&["info"]);
