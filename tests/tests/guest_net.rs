@@ -389,6 +389,36 @@ fn hold_then_answer(listener: TcpListener, want: usize, patience: Duration) -> J
     })
 }
 
+/// Accepts connections until `release` says so, then takes every connection still waiting
+/// to be accepted, answers each with `ok` and closes them; returns how many it held.
+fn hold_until_released(
+    listener: TcpListener,
+    release: std::sync::mpsc::Receiver<()>,
+) -> JoinHandle<usize> {
+    std::thread::spawn(move || {
+        listener.set_nonblocking(true).unwrap();
+        let mut open = Vec::new();
+        let mut released = false;
+        loop {
+            match listener.accept() {
+                Ok((conn, _)) => open.push(conn),
+                // Nothing more waiting: done once released (a connection the far side's
+                // kernel completed before the release is taken first).
+                Err(_) if released => break,
+                Err(_) => {
+                    released = release.recv_timeout(Duration::from_millis(20)).is_ok();
+                }
+            }
+        }
+        let held = open.len();
+        for mut conn in open {
+            let _ = conn.set_nonblocking(false);
+            let _ = conn.write_all(b"ok\n");
+        }
+        held
+    })
+}
+
 /// Closes the first connection with a reset (SO_LINGER 0).
 fn reset_once(listener: TcpListener) -> JoinHandle<()> {
     std::thread::spawn(move || {
@@ -509,7 +539,8 @@ fn net_user_connection_flood_hits_the_flow_limit_and_is_counted() {
     });
     let p = listener.local_addr().unwrap().port();
     let p2 = one_by_one.local_addr().unwrap().port();
-    let most = hold_then_answer(listener, 30, Duration::from_secs(60));
+    let (release, released) = std::sync::mpsc::channel();
+    let most = hold_until_released(listener, released);
     let answered = answer_each(one_by_one, 40);
     let script = format!(
         "{DHCP}\
@@ -517,7 +548,7 @@ fn net_user_connection_flood_hits_the_flow_limit_and_is_counted() {
          ok=0; refused=0; for f in /tmp/c*; do grep -q '^ok$' $f && ok=$((ok+1)); grep -q refused $f && refused=$((refused+1)); done\n\
          echo FLOOD-OK=$ok; echo FLOOD-REFUSED=$refused\n\
          i=0; ok=0; while [ $i -lt 40 ]; do i=$((i+1)); nc {PEER_IP} {p2} </dev/null | grep -q '^ok$' && ok=$((ok+1)); done\n\
-         sleep 1; echo ONE-BY-ONE-OK=$ok\n\
+         echo ONE-BY-ONE-OK=$ok\n\
          read -r line\n"
     );
     let mut vm = podvm_tests::SocketVm::start(
@@ -525,7 +556,28 @@ fn net_user_connection_flood_hits_the_flow_limit_and_is_counted() {
         &script,
         &["--memory", "512", "--net", "user,max-flows=20"],
     );
+    // The server holds what reaches it until the NAT has turned 10 away (and so holds 20
+    // flows): only then do the held ones get their answer.
+    let nat = |vm: &podvm_tests::SocketVm| vm.api_json(&["counters"])["nics"][0]["nat"].clone();
+    let deadline = std::time::Instant::now() + podvm_tests::run_timeout();
+    while nat(&vm)["flow_limit"].as_u64().unwrap_or(0) < 10 {
+        if !vm.running() || std::time::Instant::now() > deadline {
+            vm.hang(&format!(
+                "the NAT never refused 10 connections: {}",
+                nat(&vm)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    release.send(()).unwrap();
     let log = vm.wait_log("ONE-BY-ONE-OK=");
+    // Every flow ends once both sides have closed it; none is left to the idle expiry.
+    while nat(&vm)["tcp_flows"] != 0 {
+        if std::time::Instant::now() > deadline {
+            vm.hang(&format!("flows left open: {}", nat(&vm)));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let counters = vm.api_json(&["counters"]);
     let typist = std::os::unix::net::UnixStream::connect(&vm.console).unwrap();
     (&typist).write_all(b"done\n").unwrap();
@@ -558,6 +610,7 @@ fn net_user_connection_flood_hits_the_flow_limit_and_is_counted() {
     );
     assert_eq!(value("ONE-BY-ONE-OK"), "40");
     assert_eq!(counters["nics"][0]["nat"]["tcp_flows"], 0, "{counters}");
+    assert_eq!(counters["nics"][0]["nat"]["expired"], 0, "{counters}");
 }
 
 /// Accepts `n` connections one after the other, answering each with `ok` and closing it;
