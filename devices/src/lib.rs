@@ -8,6 +8,7 @@
 pub mod acpi_pm;
 pub mod bus;
 pub mod exit;
+pub mod fuzz_replay;
 pub mod irq;
 pub mod legacy;
 pub mod log_limit;

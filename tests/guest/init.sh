@@ -7,8 +7,9 @@
 #   - mounts proc, sysfs, devtmpfs (/dev), devpts and a tmpfs on /tmp;
 #   - loads the virtio and ACPI button modules listed in /etc/podvm/modules;
 #   - with podvm.exec=<base64 of a sh script> on the kernel command line:
-#     runs that script, prints "PODVM-EXIT <status>" on a line of its own and
-#     powers off;
+#     runs that script under `set -eu` (a failing command ends it; its status,
+#     line and text are printed), prints "PODVM-EXIT <status>" on a line of its
+#     own and powers off;
 #   - without it: the first NIC (eth0) configured by DHCP, as a cloud image
 #     would, then an interactive shell on the console, power-off on its exit.
 
@@ -76,9 +77,28 @@ for word in $(cat /proc/cmdline); do
 done
 set +f
 
+# The script runs in a shell of its own under `set -eu`: the first command that fails (or an
+# unset variable) ends it with that command's status, so its status is never that of a last
+# `echo` after a failure. On a non-zero exit the EXIT trap prints the status, the line and
+# its text. $LINENO there is the line of the last command the script's shell ran itself: a
+# failed simple command's own line, a subshell's first line; for a pipeline (run by child
+# processes) the line of the command before it.
+write_exec_runner() {
+    cat >/tmp/podvm-run.sh <<'EOS'
+set -eu
+trap 'podvm_status=$? podvm_line=$LINENO
+if [ "$podvm_status" -ne 0 ]; then
+    printf "\npodvm-init: the script exited with status %d at line %d: %s\n" \
+        "$podvm_status" "$podvm_line" "$(sed -n "${podvm_line}p" /tmp/podvm-exec.sh)" >&2
+fi' EXIT
+. /tmp/podvm-exec.sh
+EOS
+}
+
 if [ -n "$exec_b64" ]; then
     if printf '%s' "$exec_b64" | base64 -d >/tmp/podvm-exec.sh 2>/dev/null; then
-        sh /tmp/podvm-exec.sh
+        write_exec_runner
+        sh /tmp/podvm-run.sh
         status=$?
     else
         echo "podvm-init: podvm.exec= is not valid base64" >&2

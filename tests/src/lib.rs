@@ -417,6 +417,9 @@ pub fn vm_command() -> Command {
 }
 
 /// The podvm command that boots the test guest running `script`, with `extra` arguments.
+/// The guest's /init runs it under `set -eu` and, when it fails, prints the failing line
+/// (tests/guest/README.md, "Running a script"); the line numbers it gives count the
+/// [`SCRIPT_START`] line put first, so they are one more than in `script`.
 pub fn guest_command(script: &str, extra: &[&str]) -> Command {
     guest_command_with_cmdline(
         &exec_cmdline(&format!("echo {SCRIPT_START}\n{script}")),

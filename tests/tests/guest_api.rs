@@ -45,34 +45,67 @@ fn api_pause_stops_the_guest_and_its_clock_resume_continues_and_shutdown_is_clea
     assert_eq!(info["console"]["kind"], "socket", "{info}");
 
     assert_eq!(vm.api_json(&["pause"])["state"], "paused");
-    // Output the UART had already taken may still land; after that, nothing.
-    std::thread::sleep(Duration::from_millis(500));
+    // The vCPUs write the UART themselves, and the console logs what they write before the
+    // write returns: once pause has answered (every vCPU parked), everything the guest
+    // printed is in the log.
+    let printed = |vm: &SocketVm| {
+        vm.api_json(&["counters"])["console"]["output_bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    let at_pause = printed(&vm);
+    assert_eq!(
+        vm.log_len(),
+        at_pause,
+        "guest output still arriving after the pause"
+    );
     let before = last_tick(&vm);
-    let size = vm.log_len();
     let paused_at = Instant::now();
-    std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(vm.log_len(), size, "the guest printed while paused");
     let info = vm.api_json(&["info"]);
     assert_eq!(info["state"], "paused", "{info}");
-    assert!(info["paused_s"].as_f64().unwrap() >= 3.0, "{info}");
+    let paused_first = info["paused_s"].as_f64().unwrap();
+    // A window in which a running guest prints about 15 ticks (it only makes the check below
+    // meaningful: nothing waits for it to end).
+    std::thread::sleep(Duration::from_secs(3));
     // Pausing twice is harmless.
     assert_eq!(vm.api_json(&["pause"])["state"], "paused");
+    let info = vm.api_json(&["info"]);
+    assert_eq!(info["state"], "paused", "{info}");
+    assert_eq!(printed(&vm), at_pause, "the guest printed while paused");
+    assert_eq!(vm.log_len(), at_pause, "the guest printed while paused");
+    // The paused time grows while paused...
+    let paused_last = info["paused_s"].as_f64().unwrap();
+    assert!(paused_last > paused_first, "{paused_first} then {info}");
 
     assert_eq!(vm.api_json(&["resume"])["state"], "running");
     let wall_paused = paused_at.elapsed().as_secs_f64();
+    // ...and stands still while running: the same total before and after the next tick.
+    let paused_total = |vm: &SocketVm| vm.api_json(&["counters"])["vm"]["paused_s"].as_f64();
+    let resumed = paused_total(&vm);
+    // The guest goes on where it stopped: the next tick is the one after the last before
+    // the pause.
     let after = wait_tick_after(&mut vm, before);
+    assert_eq!(paused_total(&vm), resumed);
+    assert!(
+        resumed.unwrap() >= paused_last,
+        "{resumed:?} < {paused_last}"
+    );
     assert!(after > before);
     let t = ticks(&vm.log_text());
+    let numbers: Vec<u64> = t.iter().map(|x| x.0).collect();
+    assert_eq!(
+        numbers,
+        (1..=numbers.len() as u64).collect::<Vec<_>>(),
+        "ticks lost or repeated across the pause"
+    );
     let up = |n: u64| t.iter().find(|x| x.0 == n).map(|x| x.1).unwrap();
     let guest_gap = up(before + 1) - up(before);
+    // The KVM clock is frozen while paused (the vcpu::control unit test checks that resume
+    // writes back the value read at the pause): the guest's uptime should not see the
+    // pause. Reported, not asserted (a time comparison fails on a loaded machine).
     eprintln!(
-        "paused for {wall_paused:.2} s of wall time; guest uptime between tick {before} and the \
-         next advanced {guest_gap:.2} s"
-    );
-    // The KVM clock was frozen: the guest did not see the pause as elapsed time.
-    assert!(
-        guest_gap < wall_paused,
-        "guest uptime advanced {guest_gap:.2} s across a {wall_paused:.2} s pause"
+        "paused for {wall_paused:.2} s of wall time ({resumed:?} s by podvm's count); guest \
+         uptime between tick {before} and the next advanced {guest_gap:.2} s"
     );
 
     let counters = vm.api_json(&["counters"]);
@@ -217,9 +250,27 @@ fn api_bad_requests_get_errors_and_the_guest_runs_on() {
     let idle: Vec<_> = (0..40)
         .map(|_| std::os::unix::net::UnixStream::connect(&vm.api).unwrap())
         .collect();
-    std::thread::sleep(Duration::from_millis(500));
+    // With the silent client, the last one is past the limit: its answer, at once, is the
+    // event that the API has seen them all.
+    {
+        use std::io::Read;
+        let mut last = idle.last().unwrap();
+        last.set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut answer = String::new();
+        last.read_to_string(&mut answer).unwrap();
+        assert_eq!(status(&answer), 503, "{answer}");
+        assert!(answer.contains("too many API connections"), "{answer}");
+    }
     drop(idle);
-    std::thread::sleep(Duration::from_millis(500));
+    // Until the API has seen them go, a new client is turned away too: wait for that.
+    let deadline = Instant::now() + podvm_tests::run_timeout();
+    while status(&vm.raw_api(b"GET /v1/vm HTTP/1.1\r\n\r\n")) == 503 {
+        if Instant::now() > deadline {
+            vm.hang("the API never dropped its closed idle clients");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // None of that reached the VM; the API still answers and the guest still ticks.
     let info = vm.api_json(&["info"]);

@@ -55,6 +55,38 @@ fn guest_script_output_and_status_reach_stdout() {
 }
 
 #[test]
+fn guest_script_stops_at_its_first_failing_command_and_names_the_line() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run_guest_script(
+        "echo before-the-failure\nfalse\necho after-the-failure\n",
+        &[],
+    );
+    assert!(out.status.success(), "{out}");
+    assert_eq!(out.script_status(), Some(1), "{out}");
+    assert!(out.stdout.contains("before-the-failure"), "{out}");
+    assert!(!out.stdout.contains("after-the-failure"), "{out}");
+    // Line 3: the harness's SCRIPT_START line comes first.
+    assert!(
+        out.stdout
+            .contains("podvm-init: the script exited with status 1 at line 3: false"),
+        "{out}"
+    );
+}
+
+#[test]
+fn guest_script_using_an_unset_variable_fails() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run_guest_script("echo \"[$no_such_variable]\"\necho not-reached\n", &[]);
+    assert!(out.status.success(), "{out}");
+    assert_eq!(out.script_status(), Some(2), "{out}");
+    assert!(!out.stdout.contains("not-reached"), "{out}");
+}
+
+#[test]
 fn guest_poweroff_ends_podvm_with_exit_0() {
     if !kvm_available() {
         return;
@@ -101,6 +133,7 @@ fn guest_reads_what_is_typed_on_the_console() {
     let out = podvm_tests::run_guest_interactive(script, &[("READY-FOR-INPUT", "typed words\n")]);
     assert!(out.status.success(), "{out}");
     assert_eq!(out.value("GOT").as_deref(), Some("[typed words]"), "{out}");
+    assert_eq!(out.script_status(), Some(0), "{out}");
 }
 
 #[test]

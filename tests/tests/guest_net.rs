@@ -29,7 +29,7 @@ case "$1" in bound|renew)
 esac
 EOS
 chmod +x /tmp/dhcp.sh
-udhcpc -i eth0 -f -q -n -t 10 -T 2 -s /tmp/dhcp.sh || echo DHCP-FAILED
+udhcpc -i eth0 -f -q -n -t 10 -T 2 -s /tmp/dhcp.sh
 "#;
 
 /// A pod resolv.conf as Kubernetes writes it.
@@ -135,7 +135,8 @@ fn net_user_guest_configures_by_dhcp_and_moves_10_mib_each_way_from_the_pod_addr
          echo UP-REPLY=$(nc {PEER_IP} {up} </tmp/up)\n\
          nslookup db.example >/tmp/ns 2>&1; sed 's/^/NSLOOKUP: /' /tmp/ns\n\
          grep -q 'Address: 192.0.2.7' /tmp/ns && echo DNS-ANSWER=192.0.2.7\n\
-         nc -w 10 {PEER_IP} {closed} </dev/null 2>/tmp/refused; echo REFUSED=$(cat /tmp/refused)\n",
+         nc -w 10 {PEER_IP} {closed} </dev/null 2>/tmp/refused || true # refused: what is checked\n\
+         echo REFUSED=$(cat /tmp/refused)\n",
         down = ports.0,
         up = ports.1,
     );
@@ -144,6 +145,7 @@ fn net_user_guest_configures_by_dhcp_and_moves_10_mib_each_way_from_the_pod_addr
         &["--memory", "512", "--net", &format!("user,resolv={resolv}")],
     );
     assert!(out.status.success(), "{out}");
+    assert_eq!(out.script_status(), Some(0), "{out}");
     let value = |k: &str| out.value(k).unwrap_or_else(|| panic!("no {k}= in\n{out}"));
 
     // DHCP: KubeVirt's fixed address and gateway, the pod's DNS server and search list, and
@@ -260,8 +262,17 @@ fn net_user_forwards_pod_ports_to_the_guest_from_the_cluster_and_the_pod_loopbac
     assert_eq!(remote_of(who), PEER_IP);
     assert_eq!(renamed.unwrap().trim(), "hello-from-the-guest");
     assert_eq!(remote_of(ranged), PEER_IP);
-    // Nothing listens on the guest's 8001: the accepted connection is closed without data.
-    assert!(closed.map_or(true, |body| body.is_empty()));
+    // Nothing listens on the guest's 8001: the guest's reset becomes a reset of the accepted
+    // connection (tcp.rs: "a reset either way a reset of the other side"), so the client gets
+    // an error, not an answer, and not "refused" (the pod's port is forwarded, hence open).
+    let kind = closed.as_ref().map_err(std::io::Error::kind);
+    assert!(
+        matches!(
+            kind,
+            Err(std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe)
+        ),
+        "a forwarded port the guest does not listen on: {closed:?}"
+    );
 
     // From the pod itself, over its loopback: the guest sees the gateway.
     let local = SocketAddr::new("127.0.0.1".parse().unwrap(), 8080);
@@ -295,6 +306,12 @@ fn net_user_forwards_pod_ports_to_the_guest_from_the_cluster_and_the_pod_loopbac
     (&typist).write_all(b"done\n").unwrap();
     let out = vm.wait();
     assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(
+        out.script_status(),
+        Some(0),
+        "{}",
+        podvm_tests::tail(&out.stdout, 3000)
+    );
 }
 
 #[test]
@@ -328,6 +345,7 @@ fn net_user_ipv6_router_advert_and_dhcpv6_give_route_and_address_and_reach_a_v6_
     );
     let out = run_guest_script(&script, &["--memory", "512", "--net", "user"]);
     assert!(out.status.success(), "{out}");
+    assert_eq!(out.script_status(), Some(0), "{out}");
     let value = |k: &str| out.value(k).unwrap_or_else(|| panic!("no {k}= in\n{out}"));
     assert_eq!(value("V6-DEFAULT"), "ok");
     assert_eq!(value("V6-ONLINK"), "ok");
@@ -370,6 +388,36 @@ fn hold_then_answer(listener: TcpListener, want: usize, patience: Duration) -> J
             let _ = conn.write_all(b"ok\n");
         }
         most
+    })
+}
+
+/// Accepts connections until `release` says so, then takes every connection still waiting
+/// to be accepted, answers each with `ok` and closes them; returns how many it held.
+fn hold_until_released(
+    listener: TcpListener,
+    release: std::sync::mpsc::Receiver<()>,
+) -> JoinHandle<usize> {
+    std::thread::spawn(move || {
+        listener.set_nonblocking(true).unwrap();
+        let mut open = Vec::new();
+        let mut released = false;
+        loop {
+            match listener.accept() {
+                Ok((conn, _)) => open.push(conn),
+                // Nothing more waiting: done once released (a connection the far side's
+                // kernel completed before the release is taken first).
+                Err(_) if released => break,
+                Err(_) => {
+                    released = release.recv_timeout(Duration::from_millis(20)).is_ok();
+                }
+            }
+        }
+        let held = open.len();
+        for mut conn in open {
+            let _ = conn.set_nonblocking(false);
+            let _ = conn.write_all(b"ok\n");
+        }
+        held
     })
 }
 
@@ -431,17 +479,34 @@ fn net_user_200_concurrent_connections_complete_and_resets_cross_both_ways() {
          i=0; while [ $i -lt 200 ]; do i=$((i+1)); nc {PEER_IP} {p_many} </dev/null >/tmp/c$i 2>&1 & done; wait\n\
          ok=0; for f in /tmp/c*; do grep -q '^ok$' $f && ok=$((ok+1)); done; echo CONCURRENT-OK=$ok\n\
          echo CONCURRENT-FAILS=$(for f in /tmp/c*; do grep -q '^ok$' $f || {{ cat $f; echo; }}; done | sort | uniq -c | tr '\\n' ';' | head -c 800)\n\
-         wget -q -O /dev/null http://{PEER_IP}:{p_rst}/ 2>/tmp/rst; echo FAR-RESET=$(cat /tmp/rst)\n\
-         (nc {PEER_IP} {p_flood} </dev/null | sleep 600) & sleep 5; kill -9 $(pidof nc); echo GUEST-RESET-SENT=1\n\
-         sleep 3\n"
+         wget -q -O /dev/null http://{PEER_IP}:{p_rst}/ 2>/tmp/rst || true # the far side's reset: checked\n\
+         echo FAR-RESET=$(cat /tmp/rst)\n\
+         (nc {PEER_IP} {p_flood} </dev/null | sleep 600) &\n\
+         port=:$(printf %04X {p_flood})\n\
+         until awk -v p=$port '$3 ~ p \"$\" && substr($5, 10) != \"00000000\" {{ f = 1 }} END {{ exit !f }}' /proc/net/tcp; do sleep 0.1; done\n\
+         kill -9 $(pidof nc)\n\
+         echo GUEST-RESET-SENT=1\n\
+         read -r line\n"
     );
+    // The flood's reader is killed once its connection holds data it has not read (its
+    // pipe to sleep is full; the connection is half-closed, as nc shuts its side at the end
+    // of its empty input), so the guest's kernel resets it.
+    // The guest's reset must reach the far side while podvm still runs (podvm's exit would
+    // end the connection too), so the guest waits for a line until the flood has ended.
     // The NAT's connection log (debug) goes with a failure's report.
-    let out = podvm_tests::run_guest(|| {
-        let mut cmd = podvm_tests::guest_command(&script, &["--memory", "512", "--net", "user"]);
-        cmd.env("PODVM_LOG", "info,devices::virtio::net::user::tcp=debug");
-        cmd
-    });
+    let mut vm = podvm_tests::SocketVm::start_env(
+        "net-concurrent",
+        &script,
+        &["--memory", "512", "--net", "user"],
+        &[("PODVM_LOG", "info,devices::virtio::net::user::tcp=debug")],
+    );
+    vm.wait_log("GUEST-RESET-SENT=1");
+    let kind = podvm_tests::join_within(flood, "the flooding server");
+    let typist = std::os::unix::net::UnixStream::connect(&vm.console).unwrap();
+    (&typist).write_all(b"done\n").unwrap();
+    let out = vm.wait();
     assert!(out.status.success(), "{out}");
+    assert_eq!(out.script_status(), Some(0), "{out}");
     let value = |k: &str| out.value(k).unwrap_or_else(|| panic!("no {k}= in\n{out}"));
     // All 200 were open at the far side at once, and each got its answer.
     let most = podvm_tests::join_within(most, "the server holding connections");
@@ -453,9 +518,8 @@ fn net_user_200_concurrent_connections_complete_and_resets_cross_both_ways() {
     );
     // The far side's reset reached the guest's nc as a reset.
     assert!(value("FAR-RESET").contains("reset"), "{out}");
-    // The guest's reset (a killed reader with unread data) reached the far side.
-    assert_eq!(value("GUEST-RESET-SENT"), "1");
-    let kind = podvm_tests::join_within(flood, "the flooding server");
+    // The guest's reset (a killed reader with unread data) reached the far side, before
+    // podvm exited.
     assert!(
         matches!(
             kind,
@@ -477,7 +541,8 @@ fn net_user_connection_flood_hits_the_flow_limit_and_is_counted() {
     });
     let p = listener.local_addr().unwrap().port();
     let p2 = one_by_one.local_addr().unwrap().port();
-    let most = hold_then_answer(listener, 30, Duration::from_secs(60));
+    let (release, released) = std::sync::mpsc::channel();
+    let most = hold_until_released(listener, released);
     let answered = answer_each(one_by_one, 40);
     let script = format!(
         "{DHCP}\
@@ -485,7 +550,7 @@ fn net_user_connection_flood_hits_the_flow_limit_and_is_counted() {
          ok=0; refused=0; for f in /tmp/c*; do grep -q '^ok$' $f && ok=$((ok+1)); grep -q refused $f && refused=$((refused+1)); done\n\
          echo FLOOD-OK=$ok; echo FLOOD-REFUSED=$refused\n\
          i=0; ok=0; while [ $i -lt 40 ]; do i=$((i+1)); nc {PEER_IP} {p2} </dev/null | grep -q '^ok$' && ok=$((ok+1)); done\n\
-         sleep 1; echo ONE-BY-ONE-OK=$ok\n\
+         echo ONE-BY-ONE-OK=$ok\n\
          read -r line\n"
     );
     let mut vm = podvm_tests::SocketVm::start(
@@ -493,12 +558,39 @@ fn net_user_connection_flood_hits_the_flow_limit_and_is_counted() {
         &script,
         &["--memory", "512", "--net", "user,max-flows=20"],
     );
+    // The server holds what reaches it until the NAT has turned 10 away (and so holds 20
+    // flows): only then do the held ones get their answer.
+    let nat = |vm: &podvm_tests::SocketVm| vm.api_json(&["counters"])["nics"][0]["nat"].clone();
+    let deadline = std::time::Instant::now() + podvm_tests::run_timeout();
+    while nat(&vm)["flow_limit"].as_u64().unwrap_or(0) < 10 {
+        if !vm.running() || std::time::Instant::now() > deadline {
+            vm.hang(&format!(
+                "the NAT never refused 10 connections: {}",
+                nat(&vm)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    release.send(()).unwrap();
     let log = vm.wait_log("ONE-BY-ONE-OK=");
+    // Every flow ends once both sides have closed it; none is left to the idle expiry.
+    while nat(&vm)["tcp_flows"] != 0 {
+        if std::time::Instant::now() > deadline {
+            vm.hang(&format!("flows left open: {}", nat(&vm)));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let counters = vm.api_json(&["counters"]);
     let typist = std::os::unix::net::UnixStream::connect(&vm.console).unwrap();
     (&typist).write_all(b"done\n").unwrap();
     let out = vm.wait();
     assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(
+        out.script_status(),
+        Some(0),
+        "{}",
+        podvm_tests::tail(&out.stdout, 3000)
+    );
     let value = |k: &str| {
         log.lines()
             .find_map(|l| l.trim().strip_prefix(&format!("{k}=")).map(str::to_string))
@@ -520,6 +612,7 @@ fn net_user_connection_flood_hits_the_flow_limit_and_is_counted() {
     );
     assert_eq!(value("ONE-BY-ONE-OK"), "40");
     assert_eq!(counters["nics"][0]["nat"]["tcp_flows"], 0, "{counters}");
+    assert_eq!(counters["nics"][0]["nat"]["expired"], 0, "{counters}");
 }
 
 /// Accepts `n` connections one after the other, answering each with `ok` and closing it;
@@ -597,6 +690,7 @@ fn run_on_tap(vhost: bool) -> String {
         cmd
     });
     assert!(out.status.success(), "{out}");
+    assert_eq!(out.script_status(), Some(0), "{out}");
     let value = |k: &str| out.value(k).unwrap_or_else(|| panic!("no {k}= in\n{out}"));
     assert_eq!(value("TAP-MTU"), "1500");
     assert_eq!(value("PING-TAP"), "ok");
@@ -739,6 +833,12 @@ fn net_user_ports_all_forwards_every_free_port_like_kubevirt_without_a_port_list
     (&typist).write_all(b"done\n").unwrap();
     let out = vm.wait();
     assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(
+        out.script_status(),
+        Some(0),
+        "{}",
+        podvm_tests::tail(&out.stdout, 3000)
+    );
     let line = out
         .stderr
         .lines()
@@ -754,8 +854,8 @@ fn net_user_ports_all_forwards_every_free_port_like_kubevirt_without_a_port_list
 /// A guest sending UDP as fast as it can through the NAT (a flood of frames on the TX
 /// queue, each a datagram the NAT sends on from a host socket to the pod's address, whose
 /// closed port answers each with an ICMP error) does not hold the event loop: the liveness
-/// probe keeps answering throughout, and the loop's longest silence stays below the
-/// liveness threshold. The measured figure is printed, not asserted against a budget.
+/// probe, which fails once the loop has been silent for `vmm::status::WEDGED_AFTER`, keeps
+/// answering throughout. The loop's longest silence is printed, not asserted (a duration).
 #[test]
 fn net_user_guest_flooding_tx_keeps_the_event_loop_and_probes_turning() {
     if !kvm_available() {
@@ -768,7 +868,8 @@ fn net_user_guest_flooding_tx_keeps_the_event_loop_and_probes_turning() {
     let script = "ip link set lo up\nip link set eth0 up\n\
                   ip addr add 10.0.2.2/24 dev eth0\nip route add default via 10.0.2.1\n\
                   echo FLOOD-START\n\
-                  dd if=/dev/zero bs=1400 count=50000 2>/dev/null | socat -b1400 -u - UDP-SENDTO:10.0.2.1:9 || true\n\
+                  dd if=/dev/zero bs=1400 count=50000 2>/dev/null | socat -b1400 -u - UDP-SENDTO:10.0.2.1:9 || \
+                  true # socat may stop on an ICMP error from the closed port: expected; the NAT's frame count is checked\n\
                   echo FLOOD-DONE\nread -r line\n";
     let mut vm = podvm_tests::SocketVm::start(
         "net-tx-flood",
@@ -808,6 +909,12 @@ fn net_user_guest_flooding_tx_keeps_the_event_loop_and_probes_turning() {
     (&typist).write_all(b"done\n").unwrap();
     let out = vm.wait();
     assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(
+        out.script_status(),
+        Some(0),
+        "{}",
+        podvm_tests::tail(&out.stdout, 3000)
+    );
     assert!(
         failed.is_empty(),
         "/healthz failed during the flood: {failed:?}"
@@ -816,16 +923,7 @@ fn net_user_guest_flooding_tx_keeps_the_event_loop_and_probes_turning() {
         frames >= 50_000.0,
         "the flood reached the NAT: {frames} frames"
     );
-    assert!(
-        longest < vmm_wedged_after_s(),
-        "the event loop went {longest} s without turning"
-    );
     eprintln!(
         "TX flood: {frames} frames, {probes} probes all answered, {budget} passes ended on their budget, longest event-loop silence {longest} s ({busy} s of it on the CPU)"
     );
-}
-
-/// The status endpoint's liveness threshold (`vmm::status::WEDGED_AFTER`).
-fn vmm_wedged_after_s() -> f64 {
-    10.0
 }

@@ -88,7 +88,7 @@ fn rng_guest_reads_entropy_from_virtio_rng_and_the_api_counts_the_bytes() {
     let _typist = type_line(&vm, "done\n");
     let out = vm.wait();
     assert!(out.status.success(), "{out}");
-    assert!(out.stdout.contains("PODVM-EXIT 0"), "{out}");
+    assert_eq!(out.script_status(), Some(0), "{out}");
 }
 
 #[test]
@@ -105,7 +105,9 @@ fn rng_without_the_flag_the_guest_has_no_hw_random_source_and_the_api_no_counter
     let counters = vm.api_json(&["counters"]);
     assert!(counters["rng"].is_null(), "{counters}");
     let _typist = type_line(&vm, "done\n");
-    assert!(vm.wait().status.success());
+    let out = vm.wait();
+    assert!(out.status.success(), "{out}");
+    assert_eq!(out.script_status(), Some(0), "{out}");
 }
 
 /// The (number, hex) of every complete RNG line of `log`.
@@ -177,6 +179,7 @@ fn rng_migrates_with_the_guest_and_serves_entropy_at_the_destination() {
     let _typist = type_line(&dst, "stop\n");
     let out = dst.wait();
     assert!(out.status.success(), "{out}");
+    assert_eq!(out.script_status(), Some(0), "{out}");
 
     // Every read on either side got 64 bytes, not all zero, and no two were alike.
     let all = reads(&format!("{}{}", src_out.stdout, out.stdout));

@@ -272,4 +272,5 @@ fn topology_with_gaps_in_the_apic_ids_survives_a_live_migration() {
     );
     let out = dst.wait();
     assert!(out.status.success(), "{out}");
+    assert_eq!(out.script_status(), Some(0), "{out}");
 }

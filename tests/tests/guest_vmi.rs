@@ -100,7 +100,7 @@ case "$1" in bound|renew)
 esac
 EOS
 chmod +x /tmp/dhcp.sh
-udhcpc -i eth0 -f -q -n -t 10 -T 2 -s /tmp/dhcp.sh || echo DHCP-FAILED
+udhcpc -i eth0 -f -q -n -t 10 -T 2 -s /tmp/dhcp.sh
 ping -c 1 -W 5 10.0.2.1 >/dev/null && echo PING-GATEWAY=ok
 printf 'written-by-the-guest' | dd of=/dev/vda bs=512 seek=4096 conv=fsync 2>/dev/null
 echo WAITING-FOR-CONSOLE
@@ -158,6 +158,7 @@ fn vmi_example_boots_with_pvc_cloud_init_empty_disk_network_and_console() {
     );
     let out = vm.wait();
     assert!(out.status.success(), "{out}");
+    assert_eq!(out.script_status(), Some(0), "{out}");
     assert_eq!(
         out.value("GOT").as_deref(),
         Some("[typed-on-the-console]"),

@@ -74,8 +74,11 @@ fn thread_cpu_us() -> u64 {
 impl Heartbeat {
     /// Called by one thread (the event loop) after every wake-up.
     pub fn beat(&self) {
-        let ms = self.start.elapsed().as_millis() as u64;
-        let cpu = thread_cpu_us();
+        self.beat_at(self.start.elapsed().as_millis() as u64, thread_cpu_us());
+    }
+
+    /// A beat at `ms` after the start, with the beating thread's CPU time at `cpu` µs.
+    fn beat_at(&self, ms: u64, cpu: u64) {
         let last = self.last_ms.swap(ms, Ordering::Relaxed);
         let last_cpu = self.last_cpu_us.swap(cpu, Ordering::Relaxed);
         // The first beat ends the VM's setup, not a silence of the loop.
@@ -99,7 +102,11 @@ impl Heartbeat {
 
     /// Time since the last beat.
     pub fn silence(&self) -> Duration {
-        let now = self.start.elapsed().as_millis() as u64;
+        self.silence_at(self.start.elapsed().as_millis() as u64)
+    }
+
+    /// Time since the last beat, at `now` ms after the start.
+    fn silence_at(&self, now: u64) -> Duration {
         Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
     }
 }
@@ -876,20 +883,31 @@ mod tests {
     fn status_heartbeat_keeps_the_longest_silence() {
         let h = Heartbeat::default();
         // Setup before the first beat is not a silence of the loop.
-        std::thread::sleep(Duration::from_millis(5));
-        h.beat();
+        h.beat_at(5, 100);
         assert_eq!(h.longest_silence(), Duration::ZERO);
-        std::thread::sleep(Duration::from_millis(30));
-        h.beat();
-        h.beat();
-        // At least the sleep (a sleep never ends early), and kept after shorter gaps.
-        assert!(h.longest_silence() >= Duration::from_millis(30));
+        h.beat_at(35, 2_100);
+        h.beat_at(36, 2_150);
+        // The longest gap, with the CPU time used during it, kept after a shorter gap.
+        assert_eq!(h.longest_silence(), Duration::from_millis(30));
+        assert_eq!(h.longest_silence_cpu(), Duration::from_micros(2_000));
+        h.beat_at(136, 2_200);
+        assert_eq!(h.longest_silence(), Duration::from_millis(100));
+        assert_eq!(h.longest_silence_cpu(), Duration::from_micros(50));
     }
 
     #[test]
     fn status_heartbeat_measures_silence() {
         let h = Heartbeat::default();
+        h.beat_at(1_000, 0);
+        assert_eq!(h.silence_at(1_000), Duration::ZERO);
+        assert_eq!(h.silence_at(4_500), Duration::from_millis(3_500));
+        h.beat_at(4_600, 0);
+        assert_eq!(h.silence_at(4_700), Duration::from_millis(100));
+        // The real clock: right after a beat, the silence is what has passed since, which
+        // cannot exceed the time since the heartbeat was made.
+        let made = std::time::Instant::now();
+        let h = Heartbeat::default();
         h.beat();
-        assert!(h.silence() < Duration::from_secs(1));
+        assert!(h.silence() <= made.elapsed());
     }
 }

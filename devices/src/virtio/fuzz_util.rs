@@ -482,13 +482,10 @@ pub(crate) fn inside_memory(addr: GuestAddress, len: u32) -> bool {
 #[cfg(test)]
 pub(crate) mod testing {
     use std::path::{Path, PathBuf};
-    use std::sync::mpsc;
-    use std::time::Duration;
 
     use super::FuzzInput;
 
-    /// Per-input time limit when replaying (a debug build serves any input in milliseconds).
-    pub(crate) const REPLAY_TIMEOUT: Duration = Duration::from_secs(30);
+    pub(crate) use crate::fuzz_replay::within_time_limit;
 
     /// The committed corpus of the fuzz target `target`.
     pub(crate) fn corpus_dir(target: &str) -> PathBuf {
@@ -497,41 +494,10 @@ pub(crate) mod testing {
             .join(target)
     }
 
-    /// Runs `f` on a thread; fails the test (naming `what`) if it panics or overruns.
-    pub(crate) fn within_time_limit(what: &str, f: impl FnOnce() + Send + 'static) {
-        let (tx, rx) = mpsc::channel();
-        let worker = std::thread::spawn(move || {
-            f();
-            let _ = tx.send(());
-        });
-        match rx.recv_timeout(REPLAY_TIMEOUT) {
-            Ok(()) => worker.join().unwrap(),
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                let _ = worker.join();
-                panic!("{what}: panicked");
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                panic!("{what}: still running after {REPLAY_TIMEOUT:?} (hang)")
-            }
-        }
-    }
-
     /// Runs `f` over every file of `target`'s corpus, each within the time limit; fails if
     /// the corpus is empty. Returns how many inputs ran.
     pub(crate) fn replay(target: &str, f: fn(&[u8])) -> usize {
-        let dir = corpus_dir(target);
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-            .map(|entry| entry.unwrap().path())
-            .filter(|p| p.is_file())
-            .collect();
-        files.sort();
-        assert!(!files.is_empty(), "{} is empty", dir.display());
-        for path in &files {
-            let data = std::fs::read(path).unwrap();
-            within_time_limit(&path.display().to_string(), move || f(&data));
-        }
-        files.len()
+        crate::fuzz_replay::replay_dir(&corpus_dir(target), f)
     }
 
     /// Runs `f` over `target`'s corpus, then over the encoded `seeds` (which may be newer

@@ -16,6 +16,23 @@ use std::time::{Duration, Instant};
 use kvm_bindings::kvm_clock_data;
 use kvm_ioctls::VmFd;
 
+/// The VM's KVM clock, which a pause freezes: read as the vCPUs park, written back as they
+/// resume. `VmFd` in podvm; a fake in the unit tests, which have no VM.
+trait VmClock {
+    fn get_clock(&self) -> Result<kvm_clock_data, kvm_ioctls::Error>;
+    fn set_clock(&self, clock: &kvm_clock_data) -> Result<(), kvm_ioctls::Error>;
+}
+
+impl VmClock for VmFd {
+    fn get_clock(&self) -> Result<kvm_clock_data, kvm_ioctls::Error> {
+        VmFd::get_clock(self)
+    }
+
+    fn set_clock(&self, clock: &kvm_clock_data) -> Result<(), kvm_ioctls::Error> {
+        VmFd::set_clock(self, clock)
+    }
+}
+
 /// How often a vCPU that has not answered yet is kicked again.
 const KICK_INTERVAL: Duration = Duration::from_millis(10);
 /// How long pausing waits for every vCPU to park.
@@ -279,6 +296,11 @@ impl VcpuControl {
     /// Parks every vCPU and freezes the KVM clock; returns once all are out of the guest.
     /// Pausing a paused VM does nothing.
     pub fn pause(&self, vm: &VmFd) -> Result<(), PauseError> {
+        self.pause_with(vm)
+    }
+
+    /// [`VcpuControl::pause`] with any [`VmClock`] (unit tests have no VM).
+    fn pause_with(&self, vm: &dyn VmClock) -> Result<(), PauseError> {
         let mut state = self.lock();
         if state.stop {
             return Err(PauseError::Stopping);
@@ -375,6 +397,11 @@ impl VcpuControl {
     /// Restores the KVM clock and lets the vCPUs run again. Resuming a running VM does
     /// nothing.
     pub fn resume(&self, vm: &VmFd) {
+        self.resume_with(vm)
+    }
+
+    /// [`VcpuControl::resume`] with any [`VmClock`] (unit tests have no VM).
+    fn resume_with(&self, vm: &dyn VmClock) {
         let mut state = self.lock();
         if !state.pause {
             return;
@@ -435,35 +462,63 @@ mod tests {
         (handles, turns)
     }
 
-    /// Asks for a pause and waits until `n` threads have parked: what `pause` does, without
-    /// the kicks and the KVM clock (there is no VM in a unit test).
-    fn park(control: &VcpuControl, n: usize) {
-        let mut state = control.lock();
-        state.pause = true;
-        control.attention.store(true, Ordering::Release);
-        while state.parked < n {
-            state = control.changed.wait(state).unwrap();
+    /// A KVM clock without a VM: it reads a fixed value with KVM_CLOCK_REALTIME set (as
+    /// KVM reports it) and records every value written back.
+    #[derive(Default)]
+    struct FakeClock {
+        reads: std::sync::atomic::AtomicU64,
+        writes: std::sync::Mutex<Vec<kvm_clock_data>>,
+    }
+
+    const FROZEN_NS: u64 = 123_456_789;
+
+    impl VmClock for FakeClock {
+        fn get_clock(&self) -> Result<kvm_clock_data, kvm_ioctls::Error> {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            Ok(kvm_clock_data {
+                clock: FROZEN_NS,
+                flags: kvm_bindings::KVM_CLOCK_REALTIME,
+                ..Default::default()
+            })
+        }
+
+        fn set_clock(&self, clock: &kvm_clock_data) -> Result<(), kvm_ioctls::Error> {
+            self.writes.lock().unwrap().push(*clock);
+            Ok(())
         }
     }
 
     #[test]
     fn pause_parks_every_thread_and_resume_releases_them() {
         let control = Arc::new(VcpuControl::new(2));
+        let clock = FakeClock::default();
         let (handles, turns) = spinners(&control, 2);
-        park(&control, 2);
+
+        // The real pause: it returns once every thread is parked, and freezes the clock then.
+        control.pause_with(&clock).unwrap();
         assert_eq!(control.run_state(), RunState::Paused);
+        assert_eq!(control.lock().parked, 2, "pause returned before all parked");
+        assert_eq!(clock.reads.load(Ordering::Relaxed), 1);
+        assert_eq!(control.paused_clock().map(|c| c.clock), Some(FROZEN_NS));
+        // Pausing again changes nothing.
+        control.pause_with(&clock).unwrap();
+        assert_eq!(clock.reads.load(Ordering::Relaxed), 1);
         let before = turns.load(Ordering::Relaxed);
-        std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(turns.load(Ordering::Relaxed), before, "a parked thread ran");
-        {
-            let mut state = control.lock();
-            state.pause = false;
-            control.attention.store(false, Ordering::Release);
-            control.changed.notify_all();
-        }
+
+        // The real resume: the clock goes back as it was read, without KVM_CLOCK_REALTIME
+        // (which would make KVM add the time spent paused), and the threads run again.
+        control.resume_with(&clock);
+        assert_eq!(control.run_state(), RunState::Running);
+        let writes = clock.writes.lock().unwrap().clone();
+        assert_eq!(writes.len(), 1, "{writes:?}");
+        assert_eq!((writes[0].clock, writes[0].flags), (FROZEN_NS, 0));
+        assert_eq!(control.paused_clock(), None);
         while turns.load(Ordering::Relaxed) == before {
             std::thread::yield_now();
         }
+        // Resuming a running VM changes nothing.
+        control.resume_with(&clock);
+        assert_eq!(clock.writes.lock().unwrap().len(), 1);
         control.request_stop();
         for h in handles {
             h.join().unwrap();
@@ -474,7 +529,7 @@ mod tests {
     fn stop_releases_parked_threads() {
         let control = Arc::new(VcpuControl::new(1));
         let (handles, _) = spinners(&control, 1);
-        park(&control, 1);
+        control.pause_with(&FakeClock::default()).unwrap();
         control.request_stop();
         for h in handles {
             h.join().unwrap();

@@ -411,22 +411,7 @@ pub fn seed_frames() -> Vec<(&'static str, Vec<u8>)> {
 mod tests {
     use super::*;
 
-    fn corpus(target: &str) -> std::path::PathBuf {
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("fuzz/corpus")
-            .join(target)
-    }
-
-    fn replay(target: &str, f: fn(&[u8])) {
-        let dir = corpus(target);
-        let mut n = 0;
-        for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
-            let path = entry.unwrap().path();
-            f(&std::fs::read(&path).unwrap());
-            n += 1;
-        }
-        assert!(n > 0, "{} is empty", dir.display());
-    }
+    use crate::virtio::fuzz_util::testing::{corpus_dir as corpus, replay, within_time_limit};
 
     /// Guest frames, via the fuzz corpus and the seeds, as a unit test.
     #[test]
@@ -441,7 +426,6 @@ mod tests {
     /// The DHCP servers, fed directly, via their fuzz corpora and the seeds, as a unit test.
     #[test]
     fn net_dhcp_fuzz_corpora_never_panic() {
-        use crate::virtio::fuzz_util::testing::{replay, within_time_limit};
         replay("net_dhcp4", fuzz_dhcp4);
         replay("net_dhcp6", fuzz_dhcp6);
         let (v4, v6) = seed_dhcp();
