@@ -19,11 +19,18 @@ tests/guest/build.sh
 benches/guest/build.sh
 # Integration tests start the podvm binary, which `cargo test` alone does not build.
 cargo build --workspace --bins
-# The container image's static podvm (the same command as resources/image/build.sh, which then
-# finds it built): one guest test of each feature family runs it (tests/src/lib.rs,
-# use_image_binary).
-RUSTFLAGS="-C target-feature=+crt-static" \
-    cargo build --release --locked -p launcher --target x86_64-unknown-linux-gnu
+# The container image (resources/image/build.sh: its static podvm, then the OCI layout):
+# one guest test of each feature family runs its static podvm (tests/src/lib.rs,
+# use_image_binary), and guest_image runs the image itself under crun. Without umoci only the
+# binary is built (the same command), and guest_image skips (fails under PODVM_REQUIRE_KVM=1).
+if command -v umoci >/dev/null; then
+    resources/image/build.sh target/image
+    export PODVM_IMAGE_OCI=$PWD/target/image/oci
+else
+    echo "tests/run.sh: umoci is missing (apt-get install umoci): no image for guest_image" >&2
+    RUSTFLAGS="-C target-feature=+crt-static" \
+        cargo build --release --locked -p launcher --target x86_64-unknown-linux-gnu
+fi
 export PODVM_IMAGE_BIN=$PWD/target/x86_64-unknown-linux-gnu/release/podvm
 # --no-fail-fast: one run reports every failing test binary, not only the first.
 status=0

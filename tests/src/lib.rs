@@ -447,7 +447,7 @@ fn guest_command_with_cmdline(cmdline: &str, extra: &[&str]) -> Command {
 pub const SCRIPT_START: &str = "PODVM-SCRIPT-START";
 
 /// How long a guest may take to reach its script before the harness calls the boot failed.
-pub(crate) fn boot_timeout() -> Duration {
+pub fn boot_timeout() -> Duration {
     let secs = std::env::var("PODVM_BOOT_TIMEOUT")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -1027,7 +1027,14 @@ impl Drop for SocketVm {
 /// One HTTP GET on podvm's status port (`--status-listen 127.0.0.1:PORT`): (status code,
 /// body).
 pub fn http_get(port: u16, path: &str) -> (u16, String) {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("status port");
+    http_get_at(std::net::SocketAddr::from(([127, 0, 0, 1], port)), path)
+}
+
+/// One HTTP GET on `addr` (a status port elsewhere: the pod's address, as the kubelet's
+/// probes reach it): (status code, body).
+pub fn http_get_at(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(30)).expect("status port");
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
