@@ -60,11 +60,13 @@ modules+=("${extra[@]}")
 # socat: UDP echo server, TCP client and server for the network tests;
 # iperf3: the network throughput benchmark; dhcpcd: a DHCPv6 client (busybox
 # has none), without its hook scripts or dhcpcd.conf; see README.md for the
-# command line.
+# command line; util-linux's blkdiscard: -z asks the disk to write zeroes
+# (BLKZEROOUT; busybox's blkdiscard only discards).
 programs=(
     socat:usr/bin/socat
     iperf3:usr/bin/iperf3
     dhcpcd-base:usr/sbin/dhcpcd
+    util-linux:sbin/blkdiscard
 )
 
 podvm_resolve_packages

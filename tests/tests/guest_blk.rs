@@ -177,6 +177,141 @@ fn blk_discard_leaves_holes_in_the_file() {
     assert!(std::fs::read(&disk).unwrap().iter().all(|&b| b == 0));
 }
 
+/// What the guest learns of its disk's discard and write-zeroes support, then the command,
+/// then whether write-zeroes is still on (Linux turns it off for a disk that failed one).
+fn range_script(command: &str) -> String {
+    format!(
+        "echo \"DISCARD-MAX=$(cat /sys/block/vda/queue/discard_max_bytes)\"\n\
+         echo \"ZEROES-MAX=$(cat /sys/block/vda/queue/write_zeroes_max_bytes)\"\n\
+         {command}\n\
+         echo \"ZEROES-MAX-AFTER=$(cat /sys/block/vda/queue/write_zeroes_max_bytes)\"\n\
+         echo \"READ-BACK=$(dd if=/dev/vda bs=1M skip=4 count=4 2>/dev/null | md5sum | cut -d' ' -f1)\"\n"
+    )
+}
+
+/// The md5 (hex) of `n` zero bytes, as the guest's md5sum prints it.
+fn zeros_md5(n: usize) -> String {
+    let out = Command::new("md5sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(&vec![0u8; n])?;
+            c.wait_with_output()
+        })
+        .expect("md5sum on the host");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// `bytes` holds zeros in [4 MiB, 8 MiB) and `original` everywhere else.
+fn assert_zeroed_4_to_8_mib(what: &str, bytes: &[u8], original: &[u8]) {
+    assert_eq!(bytes.len(), original.len(), "{what}: size changed");
+    assert!(
+        bytes[4 * MIB..8 * MIB].iter().all(|&b| b == 0),
+        "{what}: MiB 4-8 not zero"
+    );
+    assert!(
+        bytes[..4 * MIB] == original[..4 * MIB] && bytes[8 * MIB..] == original[8 * MIB..],
+        "{what}: data outside MiB 4-8 changed"
+    );
+}
+
+#[test]
+fn blk_write_zeroes_from_the_guest_reads_back_as_zeros_in_guest_and_file() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("blk-zeroes");
+    let original = pattern(16 * MIB, 21);
+    let disk = dir.file("disk.img", &original);
+    // util-linux's blkdiscard -z: BLKZEROOUT, which Linux sends as WRITE_ZEROES requests
+    // when the disk offers them (and writes zero pages itself when it does not).
+    let out = run_guest_script(
+        &range_script("/sbin/blkdiscard -z -o 4194304 -l 4194304 /dev/vda"),
+        &["--disk", &disk],
+    );
+    assert!(out.status.success(), "{out}");
+    assert_eq!(out.script_status(), Some(0), "{out}");
+    let max: u64 = out
+        .value("ZEROES-MAX")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(max > 0, "the disk offers no write-zeroes\n{out}");
+    assert_eq!(
+        out.value("ZEROES-MAX-AFTER"),
+        out.value("ZEROES-MAX"),
+        "a write-zeroes request failed (Linux turned them off)\n{out}"
+    );
+    assert_eq!(
+        out.value("READ-BACK"),
+        Some(zeros_md5(4 * MIB)),
+        "the guest read back something else than zeros\n{out}"
+    );
+    assert_zeroed_4_to_8_mib("the file", &std::fs::read(&disk).unwrap(), &original);
+}
+
+#[test]
+fn blk_discard_and_write_zeroes_on_a_block_device_reach_it() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("blk-dev-ranges");
+    let original = pattern(16 * MIB, 33);
+    for (what, command) in [
+        // busybox's blkdiscard: BLKDISCARD, sent as DISCARD requests; a loop device
+        // discards by punching its file, which then reads as zeros.
+        ("discard", "blkdiscard -o 4194304 -l 4194304 /dev/vda"),
+        (
+            "write-zeroes",
+            "/sbin/blkdiscard -z -o 4194304 -l 4194304 /dev/vda",
+        ),
+    ] {
+        let file = dir.file(&format!("{what}.img"), &original);
+        let Some(loopdev) = LoopDevice::attach(&file) else {
+            panic!("losetup failed: the test needs root and the loop module");
+        };
+        let out = run_guest_script(&range_script(command), &["--disk", &loopdev.0]);
+        assert!(out.status.success(), "{what}: {out}");
+        assert_eq!(out.script_status(), Some(0), "{what}: {out}");
+        let offered = |key| {
+            out.value(key)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        assert!(
+            offered("DISCARD-MAX") > 0,
+            "{what}: no discard offered\n{out}"
+        );
+        assert!(
+            offered("ZEROES-MAX") > 0,
+            "{what}: no write-zeroes offered\n{out}"
+        );
+        assert_eq!(
+            out.value("ZEROES-MAX-AFTER"),
+            out.value("ZEROES-MAX"),
+            "{what}: a write-zeroes request failed\n{out}"
+        );
+        assert_eq!(
+            out.value("READ-BACK"),
+            Some(zeros_md5(4 * MIB)),
+            "{what}: the guest read back something else than zeros\n{out}"
+        );
+        let device = std::fs::read(&loopdev.0).unwrap();
+        assert_zeroed_4_to_8_mib(&format!("{what}: {}", loopdev.0), &device, &original);
+        drop(loopdev);
+        assert_zeroed_4_to_8_mib(
+            &format!("{what}: its file"),
+            &std::fs::read(&file).unwrap(),
+            &original,
+        );
+    }
+}
+
 #[test]
 fn blk_serial_is_visible_in_sysfs() {
     if !kvm_available() {
