@@ -172,7 +172,9 @@ fn console_paste_of_4_kib_reaches_the_guest_byte_for_byte() {
         .collect();
     assert_eq!(got, lines, "the guest read something else than was pasted");
     assert!(back.contains("PASTE-END 4096"), "{back}");
-    let status = child.wait().expect("wait podvm");
+    let end = step("PODVM-EXIT");
+    assert!(end.contains("PODVM-EXIT 0"), "the script failed:\n{end}");
+    let status = podvm_tests::wait_within(&mut child, "podvm");
     assert!(status.success(), "podvm failed: {status}");
 }
 
@@ -269,6 +271,7 @@ fn console_attach_detach_100_times_loses_no_output() {
     (&typist).write_all(b"stop\n").unwrap();
     let out = vm.wait();
     assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(out.script_status(), Some(0), "{}", tail(&out.stdout));
 
     // Every number from 1 to the last, once each, in order.
     let log = out.stdout;
@@ -425,6 +428,7 @@ fn console_client_that_never_reads_does_not_hold_the_guest_back() {
     (&stuck).write_all(b"stop\n").unwrap();
     let out = vm.wait();
     assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(out.script_status(), Some(0), "{}", tail(&out.stdout));
     let (_, done) = assert_consecutive("the log", &out.stdout);
     eprintln!(
         "the guest printed {alone_rate:.0} lines/s with no client and {stuck_rate:.0} lines/s \
