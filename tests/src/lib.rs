@@ -566,9 +566,12 @@ pub struct VmiGuest {
 pub struct TempDir(pub PathBuf);
 
 impl TempDir {
-    /// A fresh directory under the system temp dir.
+    /// A fresh directory under the system temp dir, its own even when another of the process
+    /// has the same name (a test's and its VM's: the second one used to empty the first).
     pub fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("podvm-{name}-{}", std::process::id()));
+        static SERIAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = SERIAL.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("podvm-{name}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create temp dir");
         pod::give(&dir);
@@ -620,7 +623,11 @@ pub fn sha256_file(path: &str) -> String {
         .arg(path)
         .output()
         .expect("run sha256sum");
-    assert!(out.status.success(), "sha256sum {path} failed");
+    assert!(
+        out.status.success(),
+        "sha256sum {path} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
         .next()

@@ -209,7 +209,10 @@ fn remote_of(body: std::io::Result<String>) -> String {
         .lines()
         .find_map(|l| l.strip_prefix("REMOTE="))
         .unwrap_or_else(|| panic!("no REMOTE= in {body:?}"));
+    // busybox httpd writes IPv6 clients as [ADDR] (an IPv4 one on its dual-stack socket as
+    // [::ffff:A.B.C.D]).
     line.trim_start_matches("[::ffff:")
+        .trim_start_matches('[')
         .trim_end_matches(']')
         .to_string()
 }
@@ -358,6 +361,119 @@ fn net_user_ipv6_router_advert_and_dhcpv6_give_route_and_address_and_reach_a_v6_
     assert_eq!(value("DOWN6-SHA"), sha256_file(&data_file));
     let from = podvm_tests::join_within(server, "the server");
     assert_eq!(from.ip().to_string(), POD_IP6);
+}
+
+/// A UDP server on the peer: answers each datagram with it in upper case; records who sent.
+fn udp_upper(socket: UdpSocket, seen: Arc<Mutex<Vec<SocketAddr>>>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        socket
+            .set_read_timeout(Some(podvm_tests::run_timeout()))
+            .unwrap();
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            seen.lock().unwrap().push(from);
+            let _ = socket.send_to(&buf[..n].to_ascii_uppercase(), from);
+        }
+    })
+}
+
+#[test]
+fn net_user_ipv6_upload_udp_and_inbound_forwarding_cross_the_nat() {
+    if !kvm_available() {
+        return;
+    }
+    let net = PodNet::new();
+    let dir = TempDir::new("net-v6-more");
+    let upload_file = dir.0.join("upload6").display().to_string();
+    let (up, udp) = net.in_peer(|| {
+        (
+            TcpListener::bind((PEER_IP6, 0)).expect("bind v6 in the peer"),
+            UdpSocket::bind((PEER_IP6, 0)).expect("bind v6 UDP in the peer"),
+        )
+    });
+    let up_port = up.local_addr().unwrap().port();
+    let udp_port = udp.local_addr().unwrap().port();
+    let up = receive_once(up, upload_file.clone());
+    let udp_senders = Arc::new(Mutex::new(Vec::new()));
+    let _udp = udp_upper(udp, udp_senders.clone());
+    // The guest takes its IPv6 address as in the test above, uploads 2 MiB to the peer,
+    // asks the peer's UDP server (a datagram can be lost: up to five tries), then serves
+    // HTTP and upper-case UDP on IPv6 for the pod's forwarded ports.
+    let script = format!(
+        "ip link set lo up\n\
+         ip link set eth0 up\n\
+         for i in $(seq 100); do ip -6 route show default | grep -q fe80::1 && break; sleep 0.2; done\n\
+         dhcpcd -6 -1 -w -t 60 -q -f /dev/null -c '' eth0\n\
+         for i in $(seq 100); do ip -6 addr show dev eth0 | grep fd10 | grep -q tentative || break; sleep 0.2; done\n\
+         ip -6 addr show dev eth0 | grep -q 'inet6 fd10:0:2::2/' && echo V6-ADDR=fd10:0:2::2\n\
+         yes podvm-v6-upload | head -c 2097152 > /tmp/up6\n\
+         echo UP6-SHA=$(sha256sum </tmp/up6 | cut -d' ' -f1)\n\
+         echo UP6-REPLY=$(nc {peer} {up_port} </tmp/up6)\n\
+         for i in 1 2 3 4 5; do r=$(echo hello-udp6 | socat -T 3 - 'UDP6:[{peer}]:{udp_port}') && [ -n \"$r\" ] && break; done\n\
+         echo UDP6-REPLY=$r\n\
+         {servers}",
+        peer = PEER_IP6,
+        servers = SERVERS.replace("UDP-RECVFROM:123", "UDP6-RECVFROM:123"),
+    );
+    let mut vm = podvm_tests::SocketVm::start(
+        "net-v6-more",
+        &script,
+        &[
+            "--memory",
+            "512",
+            "--net",
+            "user,port=8080,port=1123:123/udp",
+        ],
+    );
+    vm.wait_log("SERVERS-READY");
+
+    // Inbound from the cluster over IPv6: the guest sees the real client, as for IPv4.
+    let pod = |port: u16| SocketAddr::new(POD_IP6.parse().unwrap(), port);
+    let (hello, who) = net.in_peer(|| {
+        (
+            http_get(pod(8080), "/hello.txt"),
+            http_get(pod(8080), "/cgi-bin/who"),
+        )
+    });
+    assert_eq!(hello.unwrap().trim(), "hello-from-the-guest");
+    assert_eq!(remote_of(who), PEER_IP6);
+    let reply = net.in_peer(|| {
+        let socket = UdpSocket::bind((PEER_IP6, 0)).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 128];
+        for _ in 0..20 {
+            socket.send_to(b"hello-udp\n", pod(1123)).unwrap();
+            if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                return Some((String::from_utf8_lossy(&buf[..n]).to_string(), from));
+            }
+        }
+        None
+    });
+    let (text, from) = reply.expect("no answer through the forwarded IPv6 UDP port");
+    assert_eq!((text.trim(), from), ("HELLO-UDP", pod(1123)));
+
+    let typist = std::os::unix::net::UnixStream::connect(&vm.console).unwrap();
+    (&typist).write_all(b"done\n").unwrap();
+    let out = vm.wait();
+    assert!(out.status.success(), "{}", out.stderr);
+    let log = podvm_tests::tail(&out.stdout, 3000);
+    assert_eq!(out.script_status(), Some(0), "{log}");
+    let value = |k: &str| out.value(k).unwrap_or_else(|| panic!("no {k}= in\n{log}"));
+    assert_eq!(value("V6-ADDR"), "fd10:0:2::2");
+    // Outbound over IPv6, masqueraded to the pod's IPv6 address: the upload arrived whole,
+    // and the UDP answer came back.
+    let (from, len) = podvm_tests::join_within(up, "the upload server");
+    assert_eq!((from.ip().to_string(), len), (POD_IP6.to_string(), 2 << 20));
+    assert_eq!(value("UP6-REPLY"), format!("GOT {}", 2 << 20));
+    assert_eq!(value("UP6-SHA"), sha256_file(&upload_file));
+    assert_eq!(value("UDP6-REPLY"), "HELLO-UDP6");
+    let senders = udp_senders.lock().unwrap().clone();
+    assert!(
+        !senders.is_empty() && senders.iter().all(|a| a.ip().to_string() == POD_IP6),
+        "UDP senders seen by the peer: {senders:?}"
+    );
 }
 
 /// Accepts connections until `want` are open at once (or `patience` has passed since the
