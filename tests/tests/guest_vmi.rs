@@ -387,3 +387,115 @@ spec:
         "the SIGTERM is logged\n{out}"
     );
 }
+
+/// A VMI whose disks are two containerDisks, KubeVirt's way (the image's one file under
+/// `disk/`): `root` writable, `tools` read-only.
+fn container_disk_vmi(g: &VmiGuest) -> String {
+    format!(
+        r#"apiVersion: kubevirt.io/v1
+kind: VirtualMachineInstance
+metadata:
+  name: cdvm
+spec:
+  domain:
+    memory: {{guest: 256Mi}}
+    firmware:
+      kernelBoot:
+        kernelArgs: "{args}"
+        container:
+          image: podvm/test-guest:latest
+          kernelPath: {kernel}
+          initrdPath: {initrd}
+    devices:
+      logSerialConsole: true
+      # No network: the subject is the disks (KubeVirt's default interface forwards every
+      # port, issue 18 item 5).
+      autoattachPodInterface: false
+      disks:
+        - name: root
+          disk: {{bus: virtio}}
+        - name: tools
+          disk: {{bus: virtio, readonly: true}}
+  volumes:
+    - name: root
+      containerDisk: {{image: registry.example/root-disk:1}}
+    - name: tools
+      containerDisk: {{image: registry.example/tools-disk:1}}
+"#,
+        args = g.kernel_args,
+        kernel = g.kernel,
+        initrd = g.initrd,
+    )
+}
+
+#[test]
+fn vmi_container_disks_boot_with_the_writable_one_copied_and_the_images_untouched() {
+    if !kvm_available() {
+        return;
+    }
+    // The images as the containerDisk containers give them: --container-disk-dir/<volume>/.
+    let images = TempDir::new("vmi-container-disks");
+    let image = |volume: &str, file: &str, bytes: &[u8]| {
+        let dir = images.0.join(volume).join("disk");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(file);
+        std::fs::write(&path, bytes).unwrap();
+        pod::give(&path);
+        path.display().to_string()
+    };
+    let root = pattern(4 << 20, 0xc0de);
+    let tools = pattern(2 << 20, 0x7001);
+    let root_image = image("root", "root.img", &root);
+    let tools_image = image("tools", "tools.img", &tools);
+    let (root_sha, tools_sha) = (
+        podvm_tests::sha256_file(&root_image),
+        podvm_tests::sha256_file(&tools_image),
+    );
+    let script = "echo \"VDA-SHA=$(sha256sum </dev/vda | cut -d' ' -f1)\"\n\
+        echo \"VDB-SHA=$(sha256sum </dev/vdb | cut -d' ' -f1)\"\n\
+        echo \"VDA-RO=$(cat /sys/block/vda/ro)\"\n\
+        echo \"VDB-RO=$(cat /sys/block/vdb/ro)\"\n\
+        printf 'written-by-the-guest' | dd of=/dev/vda bs=512 seek=16 conv=fsync 2>/dev/null\n\
+        echo CD-WRITTEN\n\
+        read -r line\n";
+    let images_dir = images.0.display().to_string();
+    let mut vm = SocketVm::start_vmi(
+        "vmi-cd",
+        script,
+        |_, g| container_disk_vmi(g),
+        &[
+            "--container-disk-dir",
+            &images_dir,
+            "--kernel-boot-root",
+            "/",
+        ],
+        &[],
+    );
+    vm.wait_log("CD-WRITTEN");
+    // The guest's write went to its copy in the run directory, not to the image.
+    let copy = std::fs::read(vm.dir.0.join("root.img")).expect("the writable copy");
+    assert_eq!(copy.len(), root.len());
+    assert_eq!(&copy[16 * 512..16 * 512 + 20], b"written-by-the-guest");
+    assert!(copy[..16 * 512] == root[..16 * 512] && copy[16 * 512 + 20..] == root[16 * 512 + 20..]);
+    assert!(
+        !vm.dir.0.join("tools.img").exists(),
+        "the read-only containerDisk was copied"
+    );
+    let typist = std::os::unix::net::UnixStream::connect(&vm.console).unwrap();
+    (&typist).write_all(b"done\n").unwrap();
+    let out = vm.wait();
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(out.script_status(), Some(0), "{}", out.stdout);
+    let value = |k: &str| {
+        out.value(k)
+            .unwrap_or_else(|| panic!("no {k}= in\n{}", out.stdout))
+    };
+    // The guest booted on both images, saw them whole, and the read-only one as read-only.
+    assert_eq!(value("VDA-SHA"), root_sha);
+    assert_eq!(value("VDB-SHA"), tools_sha);
+    assert_eq!(value("VDA-RO"), "0");
+    assert_eq!(value("VDB-RO"), "1");
+    // The images are as they were.
+    assert_eq!(podvm_tests::sha256_file(&root_image), root_sha);
+    assert_eq!(podvm_tests::sha256_file(&tools_image), tools_sha);
+}
