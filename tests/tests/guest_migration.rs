@@ -267,8 +267,12 @@ fn migration_failures_leave_the_source_running_and_a_later_migration_succeeds() 
     assert!(out.stderr.contains("did not start here"), "{out}");
     still_counting(&mut src);
 
-    // 2. A destination killed while memory flows: it is stopped first, so the source is
-    //    surely in the middle of sending (blocked on a full socket), then killed.
+    // 2. A destination that stops answering before it accepts (it is stopped: the kernel
+    //    queues the source's connection and its hello, and the source waits for the
+    //    destination's Accept before any memory moves), then is killed: the source gives
+    //    up and runs on. (A destination that dies while memory flows is case 3's fake one,
+    //    after 1 MiB of the stream.) The two seconds only let the source reach its wait;
+    //    killed earlier, the destination would refuse the connection instead (case 1's path).
     let (mut dst, addr) = SocketVm::incoming("migrate-fail-kill", COUNTER, &refs(&args));
     // SAFETY: signalling the podvm child this test started.
     assert_eq!(unsafe { libc::kill(dst.pid(), libc::SIGSTOP) }, 0);
