@@ -319,7 +319,7 @@ fn run_watched(
 /// What each thread of process `pid` is doing: name, state, kernel wait channel, system call
 /// and the top of its kernel stack, for the report of a VM that hangs (a vCPU in KVM_RUN,
 /// system call 16 = ioctl, runs its guest; a thread in futex waits for a lock).
-pub(crate) fn thread_report(pid: i32) -> String {
+pub fn thread_report(pid: i32) -> String {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", pid)) else {
         return String::new();
     };

@@ -146,10 +146,16 @@ fn console_paste_of_4_kib_reaches_the_guest_byte_for_byte() {
             read_until(&mut out, marker)
         }))
         .unwrap_or_else(|_| {
+            // podvm's threads first (a vCPU in KVM_RUN runs its guest, one in futex waits
+            // for a lock): a guest lost in the sandbox and a podvm deadlock look different.
+            let threads = podvm_tests::thread_report(child.id() as i32);
             let _ = child.kill();
             let mut stderr = String::new();
             let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
-            panic!("no {marker:?} on the console; podvm's stderr:\n{stderr}");
+            panic!(
+                "no {marker:?} on the console; podvm's threads (name, state, kernel wait, \
+                 system call, kernel stack):\n{threads}\npodvm's stderr:\n{stderr}"
+            );
         })
     };
     step("PASTE-READY");
