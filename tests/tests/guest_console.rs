@@ -121,8 +121,6 @@ fn console_paste_of_4_kib_reaches_the_guest_byte_for_byte() {
     if !kvm_available() {
         return;
     }
-    let dir = TempDir::new("console-paste");
-    let socket = dir.0.join("console.sock");
     // Echo off: the guest prints the paste back once, after it has all of it. The reader
     // is waiting in read(2) before the guest says it is ready: a canonical-mode tty with no
     // reader holds at most 4095 bytes and throws away what does not fit, which would be the
@@ -134,31 +132,12 @@ fn console_paste_of_4_kib_reaches_the_guest_byte_for_byte() {
         until grep -q ') S ' /proc/$reader/stat || [ ! -e /proc/$reader ]; do :; done\n\
         echo PASTE-READY\nwait $reader\n\
         echo PASTE-BEGIN\ncat /tmp/paste\necho \"PASTE-END $(wc -c < /tmp/paste)\"\n";
-    let mut child = spawn_on_console_socket(script, &socket, None);
-    let client = UnixStream::connect(&socket).expect("connect");
-    // A guest that stops short fails the test with what it printed, not a hang.
-    client
-        .set_read_timeout(Some(Duration::from_secs(300)))
-        .unwrap();
+    // Booted through the harness: a guest the KVM sandbox loses before its script is a
+    // stalled boot (booted again with retries on, a report of podvm's threads either way).
+    let mut vm = podvm_tests::SocketVm::start("console-paste", script, &[]);
+    vm.wait_log("PASTE-READY");
+    let client = UnixStream::connect(&vm.console).expect("connect");
     let mut out = BufReader::new(client.try_clone().unwrap());
-    let mut step = |marker: &str| {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            read_until(&mut out, marker)
-        }))
-        .unwrap_or_else(|_| {
-            // podvm's threads first (a vCPU in KVM_RUN runs its guest, one in futex waits
-            // for a lock): a guest lost in the sandbox and a podvm deadlock look different.
-            let threads = podvm_tests::thread_report(child.id() as i32);
-            let _ = child.kill();
-            let mut stderr = String::new();
-            let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
-            panic!(
-                "no {marker:?} on the console; podvm's threads (name, state, kernel wait, \
-                 system call, kernel stack):\n{threads}\npodvm's stderr:\n{stderr}"
-            );
-        })
-    };
-    step("PASTE-READY");
     // 64 lines of 63 letters and a newline, written in one go (a paste).
     let lines: Vec<String> = (0..64)
         .map(|i| {
@@ -170,18 +149,24 @@ fn console_paste_of_4_kib_reaches_the_guest_byte_for_byte() {
     let paste: String = lines.iter().map(|l| format!("{l}\n")).collect();
     assert_eq!(paste.len(), 4096);
     (&client).write_all(paste.as_bytes()).unwrap();
-    step("PASTE-BEGIN");
-    let back = step("PASTE-END");
-    let got: Vec<&str> = back
+    let back = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        read_until(&mut out, "PASTE-END")
+    })) {
+        Ok(text) => text,
+        Err(_) => vm.hang("no PASTE-END on the console after the paste"),
+    };
+    let echoed = back
+        .split_once("PASTE-BEGIN\n")
+        .map_or("", |(_, rest)| rest);
+    let got: Vec<&str> = echoed
         .lines()
         .filter(|l| !l.starts_with("PASTE-END"))
         .collect();
     assert_eq!(got, lines, "the guest read something else than was pasted");
     assert!(back.contains("PASTE-END 4096"), "{back}");
-    let end = step("PODVM-EXIT");
-    assert!(end.contains("PODVM-EXIT 0"), "the script failed:\n{end}");
-    let status = podvm_tests::wait_within(&mut child, "podvm");
-    assert!(status.success(), "podvm failed: {status}");
+    let out = vm.wait();
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(out.script_status(), Some(0), "{}", tail(&out.stdout));
 }
 
 /// A guest whose background loop prints `SEQ n` continuously until a line is typed on
@@ -594,16 +579,15 @@ fn console_keyboard_passes_to_the_next_client_when_its_holder_leaves() {
     if !kvm_available() {
         return;
     }
-    let dir = TempDir::new("console-handover");
-    let socket = dir.0.join("console.sock");
     let script =
         "echo HANDOVER-READY\nread -r a\necho \"GOT1=[$a]\"\nread -r b\necho \"GOT2=[$b]\"\n";
-    let mut child = spawn_on_console_socket(script, &socket, None);
+    let mut vm = podvm_tests::SocketVm::start("console-handover", script, &[]);
+    vm.wait_log("HANDOVER-READY");
 
-    let holder = UnixStream::connect(&socket).expect("connect the first client");
+    let holder = UnixStream::connect(&vm.console).expect("connect the first client");
     let mut holder_out = BufReader::new(holder.try_clone().unwrap());
     read_until(&mut holder_out, "HANDOVER-READY");
-    let next = UnixStream::connect(&socket).expect("connect the second client");
+    let next = UnixStream::connect(&vm.console).expect("connect the second client");
     let mut next_out = BufReader::new(next.try_clone().unwrap());
     read_until(&mut next_out, "read-only");
 
@@ -625,14 +609,12 @@ fn console_keyboard_passes_to_the_next_client_when_its_holder_leaves() {
     let seen = read_until(&mut next_out, "GOT2=[");
     assert!(seen.contains("GOT2=[from the next one]"), "{seen}");
 
-    let status = podvm_tests::wait_within(&mut child, "podvm");
-    let mut rest = String::new();
-    let _ = next_out.read_to_string(&mut rest);
-    let all = format!("{told}{seen}{rest}");
-    assert!(status.success(), "podvm failed: {status}");
+    let out = vm.wait();
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(out.script_status(), Some(0), "{}", tail(&out.stdout));
     assert!(
-        !all.contains("ignored"),
-        "the read-only client's keys reached the guest:\n{all}"
+        !out.stdout.contains("ignored"),
+        "the read-only client's keys reached the guest:\n{}",
+        out.stdout
     );
-    assert!(rest.contains("PODVM-EXIT 0"), "{rest}");
 }
