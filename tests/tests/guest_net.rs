@@ -283,20 +283,7 @@ fn net_user_forwards_pod_ports_to_the_guest_from_the_cluster_and_the_pod_loopbac
 
     // UDP: a datagram to the pod's 1123 reaches the guest's 123; the answer comes back from
     // the pod's 1123.
-    let reply = net.in_peer(|| {
-        let socket = UdpSocket::bind((PEER_IP, 0)).unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        let mut buf = [0u8; 128];
-        for _ in 0..20 {
-            socket.send_to(b"hello-udp\n", pod(1123)).unwrap();
-            if let Ok((n, from)) = socket.recv_from(&mut buf) {
-                return Some((String::from_utf8_lossy(&buf[..n]).to_string(), from));
-            }
-        }
-        None
-    });
+    let reply = net.in_peer(|| udp_ask(PEER_IP, pod(1123)));
     let (text, from) = reply.expect("no answer through the forwarded UDP port");
     assert_eq!((text.trim(), from), ("HELLO-UDP", pod(1123)));
 
@@ -361,6 +348,24 @@ fn net_user_ipv6_router_advert_and_dhcpv6_give_route_and_address_and_reach_a_v6_
     assert_eq!(value("DOWN6-SHA"), sha256_file(&data_file));
     let from = podvm_tests::join_within(server, "the server");
     assert_eq!(from.ip().to_string(), POD_IP6);
+}
+
+/// From `local` (an address of the calling thread's namespace), sends `hello-udp` to `to`
+/// until an answer comes (a datagram can be lost: up to 20 tries, 5 s each); returns the
+/// answer and where it came from.
+fn udp_ask(local: &str, to: SocketAddr) -> Option<(String, SocketAddr)> {
+    let socket = UdpSocket::bind((local, 0)).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 128];
+    for _ in 0..20 {
+        socket.send_to(b"hello-udp\n", to).unwrap();
+        if let Ok((n, from)) = socket.recv_from(&mut buf) {
+            return Some((String::from_utf8_lossy(&buf[..n]).to_string(), from));
+        }
+    }
+    None
 }
 
 /// A UDP server on the peer: answers each datagram with it in upper case; records who sent.
@@ -437,20 +442,7 @@ fn net_user_ipv6_upload_udp_and_inbound_forwarding_cross_the_nat() {
     });
     assert_eq!(hello.unwrap().trim(), "hello-from-the-guest");
     assert_eq!(remote_of(who), PEER_IP6);
-    let reply = net.in_peer(|| {
-        let socket = UdpSocket::bind((PEER_IP6, 0)).unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        let mut buf = [0u8; 128];
-        for _ in 0..20 {
-            socket.send_to(b"hello-udp\n", pod(1123)).unwrap();
-            if let Ok((n, from)) = socket.recv_from(&mut buf) {
-                return Some((String::from_utf8_lossy(&buf[..n]).to_string(), from));
-            }
-        }
-        None
-    });
+    let reply = net.in_peer(|| udp_ask(PEER_IP6, pod(1123)));
     let (text, from) = reply.expect("no answer through the forwarded IPv6 UDP port");
     assert_eq!((text.trim(), from), ("HELLO-UDP", pod(1123)));
 
