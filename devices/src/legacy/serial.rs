@@ -61,8 +61,7 @@ impl Serial {
 
     /// Whether the guest has the received-data interrupt on (IER, outside baud-rate setup).
     pub fn received_data_enabled(&self) -> bool {
-        let state = self.uart.state();
-        state.line_control & LCR_DLAB == 0 && state.interrupt_enable & IER_RDA != 0
+        received_data_on(&self.uart.state())
     }
 
     /// Asserts the received-data interrupt again, if the guest has it enabled and data
@@ -82,10 +81,7 @@ impl Serial {
         const IER: u8 = 1;
         const IIR_RDA: u8 = 0x04;
         let state = self.uart.state();
-        if state.line_control & LCR_DLAB != 0
-            || state.interrupt_enable & IER_RDA == 0
-            || state.in_buffer.is_empty()
-        {
+        if !received_data_on(&state) || state.in_buffer.is_empty() {
             return false;
         }
         let raised = if state.interrupt_identification & IIR_RDA == 0 {
@@ -160,6 +156,12 @@ impl Serial {
             Err(e) => Err(format!("bad serial state: {e:?}")),
         }
     }
+}
+
+/// Whether `state` has the received-data interrupt on: IER's bit, outside baud-rate setup
+/// (with DLAB set the IER offset is the divisor's high byte).
+fn received_data_on(state: &vm_superio::serial::SerialState) -> bool {
+    state.line_control & LCR_DLAB == 0 && state.interrupt_enable & IER_RDA != 0
 }
 
 /// COM1's state in a migration stream.
